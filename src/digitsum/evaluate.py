@@ -1,0 +1,156 @@
+"""Metrics of a model: loss and accuracy of both heads, the (image x number) grid, per-class accuracy.
+
+`measure()` is what training uses for validation; `evaluate_checkpoint()` is `digitsum evaluate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from digitsum import checkpoint, plots
+from digitsum.errors import DigitsumError
+from digitsum.data import NUM_NUMBERS, Split, batches, load_split, write_atomic
+from digitsum.model import DigitSumNet
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; anything else is passed to torch.device after a check."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DigitsumError("--device cuda was asked for but no CUDA GPU is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DigitsumError("--device mps was asked for but MPS is not available")
+    if name not in ("cpu", "cuda", "mps"):
+        raise DigitsumError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast runs fast here (AVX-512 BF16/AMX on CPU, Ampere+ on CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on `device` when enabled (a no-op context otherwise)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def predict_split(model: DigitSumNet, split: Split, batch_size: int = 1000, bf16: bool = False) -> dict:
+    """Digit logits, sum logits and per-example losses for a whole split (model in eval mode)."""
+    device = split.images.device
+    digit_logits, sum_logits = [], []
+    for images, numbers, _, _ in batches(split, batch_size):
+        with autocast(device, bf16):
+            d, s = model(images, numbers)
+        digit_logits.append(d.float())
+        sum_logits.append(s.float())
+    return {"digit_logits": torch.cat(digit_logits), "sum_logits": torch.cat(sum_logits)}
+
+
+def measure(model: DigitSumNet, split: Split, batch_size: int = 1000, bf16: bool = False) -> dict:
+    """Mean loss (digit CE + sum CE) and both accuracies on a split; restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    out = predict_split(model, split, batch_size, bf16)
+    model.train(was_training)
+    digit_loss = F.cross_entropy(out["digit_logits"], split.digits)
+    sum_loss = F.cross_entropy(out["sum_logits"], split.sums)
+    return {
+        "loss": float(digit_loss + sum_loss),
+        "digit_accuracy": float((out["digit_logits"].argmax(1) == split.digits).float().mean()),
+        "sum_accuracy": float((out["sum_logits"].argmax(1) == split.sums).float().mean()),
+    }
+
+
+@torch.no_grad()
+def grid_metrics(model: DigitSumNet, digit_logits: torch.Tensor, digits: torch.Tensor) -> dict:
+    """Every image with every number 0..9: accuracies and addition errors (digit right, sum wrong).
+
+    The CNN runs once per image; only the small sum block runs ten times.
+    """
+    model.eval()
+    digit_right = digit_logits.argmax(1) == digits  # (N,)
+    sums_right, addition_errors = 0, 0
+    for number in range(NUM_NUMBERS):
+        numbers = torch.full_like(digits, number)
+        sum_right = model.add(digit_logits, numbers).argmax(1) == digits + number
+        sums_right += int(sum_right.sum())
+        addition_errors += int((digit_right & ~sum_right).sum())
+    pairs = len(digits) * NUM_NUMBERS
+    return {"digit_accuracy": float(digit_right.float().mean()), "sum_accuracy": sums_right / pairs,
+            "addition_errors": addition_errors, "pairs": pairs}
+
+
+def confusion_matrix(predicted: torch.Tensor, truth: torch.Tensor, classes: int = 10) -> torch.Tensor:
+    """(classes, classes) counts, rows = true class, columns = predicted class."""
+    return torch.bincount(truth * classes + predicted, minlength=classes * classes).reshape(classes, classes)
+
+
+def evaluate_model(model: DigitSumNet, test: Split, bf16: bool = False) -> tuple[dict, dict]:
+    """(metrics in the `digitsum evaluate --json` shape, raw outputs for figures)."""
+    model.eval()
+    out = predict_split(model, test, bf16=bf16)
+    digit_pred = out["digit_logits"].argmax(1)
+    sum_pred = out["sum_logits"].argmax(1)
+    loss = F.cross_entropy(out["digit_logits"], test.digits) + F.cross_entropy(out["sum_logits"], test.sums)
+    confusion = confusion_matrix(digit_pred.cpu(), test.digits.cpu())
+    per_class = {str(d): round(float(confusion[d, d] / confusion[d].sum()), 6) for d in range(10)}
+    metrics = {
+        "test": {"digit_accuracy": float((digit_pred == test.digits).float().mean()),
+                 "sum_accuracy": float((sum_pred == test.sums).float().mean()),
+                 "loss": float(loss)},
+        "grid": grid_metrics(model, out["digit_logits"], test.digits),
+        "per_class": per_class,
+    }
+    return metrics, {"digit_pred": digit_pred.cpu(), "sum_pred": sum_pred.cpu(), "confusion": confusion}
+
+
+def evaluate_checkpoint(path: str | os.PathLike, data_root=None, device: str = "auto", out_dir=None,
+                        figures: bool = True) -> dict:
+    """`digitsum evaluate`: test + grid metrics of a checkpoint; writes eval.json and figures.
+
+    Files go next to the checkpoint unless `out_dir` is given.
+    """
+    start = time.perf_counter()
+    model, metadata = checkpoint.load_model(path)
+    torch_device = resolve_device(device)
+    model.to(torch_device)
+    test = load_split("test", data_root).to(torch_device)
+    metrics, raw = evaluate_model(model, test)
+    metrics["checkpoint"] = str(path)
+    metrics["seconds"] = round(time.perf_counter() - start, 3)
+    out = Path(out_dir) if out_dir is not None else Path(path).parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "eval.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    if figures:
+        test_cpu = test.to("cpu")
+        plots.confusion(raw["confusion"], out / "confusion.png")
+        plots.mistakes(test_cpu, raw["digit_pred"], raw["sum_pred"], out / "mistakes.png")
+    return metrics
+
+
+def summary_line(metrics: dict) -> str:
+    """One human line for a metrics dict of `evaluate_model`."""
+    test, grid = metrics["test"], metrics["grid"]
+    return (f"test: digit {100 * test['digit_accuracy']:.2f}%  sum {100 * test['sum_accuracy']:.2f}%  "
+            f"loss {test['loss']:.4f} | grid of {grid['pairs']:,} pairs: sum {100 * grid['sum_accuracy']:.3f}%, "
+            f"{grid['addition_errors']} addition errors")

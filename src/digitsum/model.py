@@ -1,0 +1,130 @@
+"""DigitSumNet: an image and a number in, digit logits and sum logits out.
+
+    image (B,1,28,28) -> CNN trunk -> digit logits (B,10)
+    [digit representation (B,10) ; one_hot(number) (B,10)] = (B,20) -> FC block -> sum logits (B,19)
+
+This file imports nothing from the project, so it can be read (and copied) on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NUM_DIGITS, NUM_NUMBERS, NUM_SUMS = 10, 10, 19
+IMAGE_SIZE = 28
+SUM_INPUTS = ("softmax", "logits", "log_softmax")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that decides the architecture (saved in every checkpoint)."""
+
+    # One stage = `convs_per_stage` 3x3 conv+BN+ReLU layers, then a 2x2 max-pool.
+    channels: tuple[int, ...] = (32, 64, 128)
+    convs_per_stage: int = 1
+    dropout: float = 0.0  # before the digit classifier
+    # What of the digit head feeds the sum block, and whether the sum loss trains the CNN too.
+    sum_input: str = "softmax"
+    sum_hidden: int = 128  # 0 = the original single linear layer 20 -> 19
+    detach_sum_input: bool = False
+
+    def __post_init__(self):
+        # JSON round trips turn tuples into lists; keep the dataclass hashable and comparable.
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.sum_input not in SUM_INPUTS:
+            raise ValueError(f"sum_input must be one of {SUM_INPUTS}, got {self.sum_input!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model settings: {sorted(unknown)}")
+        return cls(**values)
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    # bias=False: BatchNorm's shift makes a conv bias redundant.
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DigitSumNet(nn.Module):
+    """CNN digit classifier plus a fully connected block that adds the digit to a number."""
+
+    def __init__(self, config: ModelConfig = ModelConfig()):
+        super().__init__()
+        self.config = config
+        layers, in_channels, size = [], 1, IMAGE_SIZE
+        for out_channels in config.channels:
+            for _ in range(config.convs_per_stage):
+                layers.append(conv_block(in_channels, out_channels))
+                in_channels = out_channels
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        self.trunk = nn.Sequential(*layers)
+        self.digit_head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(config.dropout),
+            nn.Linear(in_channels * size * size, NUM_DIGITS),  # derived, never a magic number
+        )
+        sum_in = NUM_DIGITS + NUM_NUMBERS  # 20
+        if config.sum_hidden > 0:
+            self.sum_block = nn.Sequential(
+                nn.Linear(sum_in, config.sum_hidden), nn.ReLU(inplace=True),
+                nn.Linear(config.sum_hidden, NUM_SUMS),
+            )
+        else:
+            self.sum_block = nn.Linear(sum_in, NUM_SUMS)
+
+    def digit_representation(self, digit_logits: torch.Tensor) -> torch.Tensor:
+        """What of the digit head the sum block sees (config.sum_input)."""
+        if self.config.detach_sum_input:
+            digit_logits = digit_logits.detach()
+        if self.config.sum_input == "softmax":
+            return digit_logits.float().softmax(dim=1)
+        if self.config.sum_input == "log_softmax":
+            return digit_logits.float().log_softmax(dim=1)
+        return digit_logits.float()
+
+    def add(self, digit_logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        """Sum logits (B,19) from digit logits (B,10) and numbers (B,) in 0..9."""
+        one_hot = F.one_hot(numbers, NUM_NUMBERS).to(torch.float32)  # (B,10)
+        pair = torch.cat([self.digit_representation(digit_logits), one_hot], dim=1)  # (B,20)
+        return self.sum_block(pair)  # (B,19)
+
+    def forward(self, image: torch.Tensor, number: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image (B,1,28,28) normalised, number (B,) int64 -> (digit_logits (B,10), sum_logits (B,19))."""
+        digit_logits = self.digit_head(self.trunk(image))  # (B,10)
+        return digit_logits, self.add(digit_logits, number)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def training_flops_per_image(config: ModelConfig) -> int:
+    """Multiply-add FLOPs (x2) of conv/linear layers for forward+backward of one image.
+
+    Backward costs about twice the forward (gradients w.r.t. inputs and weights), so x3.
+    """
+    flops, in_channels, size = 0, 1, IMAGE_SIZE
+    for out_channels in config.channels:
+        for _ in range(config.convs_per_stage):
+            flops += 2 * size * size * out_channels * in_channels * 9
+            in_channels = out_channels
+        size //= 2
+    flops += 2 * in_channels * size * size * NUM_DIGITS
+    sum_in = NUM_DIGITS + NUM_NUMBERS
+    flops += 2 * (sum_in * config.sum_hidden + config.sum_hidden * NUM_SUMS) if config.sum_hidden else 2 * sum_in * NUM_SUMS
+    return 3 * flops

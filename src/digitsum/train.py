@@ -1,0 +1,375 @@
+"""The training loop, written out: presets, one epoch, checkpoints, resume, the run folder.
+
+    train(config, ...) -> runs/<name>/{config.json, metrics.csv, model.pt, last.pt, curves.png,
+                                        samples.png, eval.json, confusion.png, mistakes.png}
+
+Loss = digit_loss_weight * CE(digit) + sum_loss_weight * CE(sum). The data lives on the device
+as uint8 tensors and batches are made by indexing a random permutation (see data.batches).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+import digitsum
+from digitsum import checkpoint, plots
+from digitsum.data import Split, batches, load_split, random_affine, write_atomic
+from digitsum.errors import DigitsumError, Interrupted
+from digitsum.evaluate import (autocast, bf16_supported, evaluate_checkpoint, measure, resolve_device,
+                               summary_line)
+from digitsum.model import DigitSumNet, ModelConfig
+
+RUN_FILES = ("config.json", "metrics.csv", "model.pt", "last.pt")
+METRIC_COLUMNS = ("epoch", "train_loss", "train_digit_accuracy", "train_sum_accuracy", "val_loss",
+                  "val_digit_accuracy", "val_sum_accuracy", "lr", "seconds")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run (saved in config.json and in every checkpoint)."""
+
+    preset: str = "default"
+    epochs: int = 8
+    batch_size: int = 256
+    optimizer: str = "sgd"  # sgd (Nesterov momentum 0.9) or adamw
+    lr: float = 0.2  # peak of the one-cycle schedule
+    sum_lr_scale: float = 1.0  # the sum block's learning rate relative to lr
+    warmup: float = 0.2  # fraction of steps spent rising to the peak
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    digit_loss_weight: float = 1.0
+    sum_loss_weight: float = 1.0
+    # Batch augmentation (0 = off): degrees, +-fraction, degrees, pixels.
+    rotate: float = 0.0
+    scale: float = 0.0
+    shear: float = 0.0
+    translate: float = 0.0
+    redraw_numbers: bool = False  # fresh numbers each batch instead of the stored ones
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
+    val_size: int = 5000
+    train_limit: int = 0  # train on the first N training images only (0 = all)
+    seed: int = 0
+    device: str = "auto"
+    bf16: str = "auto"  # auto: bf16 autocast where the hardware runs it fast; on; off
+    channels_last: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["model"] = self.model.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        values = dict(values)
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise DigitsumError(f"unknown training settings: {sorted(unknown)}")
+        values["model"] = ModelConfig.from_dict(values.get("model", {}))
+        return cls(**values)
+
+
+# Named recipes. Explicit flags override a preset's values.
+PRESETS: dict[str, TrainConfig] = {
+    "default": TrainConfig(),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """A preset's TrainConfig with `overrides` applied (model settings via model=ModelConfig)."""
+    if name not in PRESETS:
+        raise DigitsumError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return replace(PRESETS[name], preset=name, **overrides)
+
+
+def describe(config: TrainConfig) -> str:
+    """The settings as one readable block (printed at the start of a run)."""
+    values = config.to_dict()
+    model = values.pop("model")
+    lines = [f"  {k} = {v}" for k, v in values.items()] + [f"  model.{k} = {v}" for k, v in model.items()]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- pieces of the loop
+
+
+def one_cycle(step: int, total: int, warmup: float) -> float:
+    """LR factor: linear rise over the first `warmup` fraction of steps, then linear decay to 0."""
+    rise = max(1, round(total * warmup))
+    if step < rise:
+        return (step + 1) / rise
+    return max(0.0, (total - step) / max(1, total - rise))
+
+
+def build_optimizer(model: DigitSumNet, config: TrainConfig, steps: int):
+    """SGD (Nesterov) or AdamW with a one-cycle schedule; no weight decay on BN weights and biases."""
+    sum_params = set(model.sum_block.parameters())
+    groups = []
+    for in_sum_block in (False, True):
+        params = [p for p in model.parameters() if (p in sum_params) == in_sum_block]
+        lr = config.lr * (config.sum_lr_scale if in_sum_block else 1.0)
+        groups.append({"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay, "lr": lr})
+        groups.append({"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr})
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+    elif config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    else:
+        raise DigitsumError(f"optimizer must be sgd or adamw, got {config.optimizer!r}")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(one_cycle, total=steps, warmup=config.warmup))
+    return optimizer, scheduler
+
+
+def loss_fn(digit_logits, sum_logits, digits, sums, config: TrainConfig) -> torch.Tensor:
+    """The joint loss; logits are cast to float32 so bf16 autocast never reaches the softmax."""
+    digit_loss = F.cross_entropy(digit_logits.float(), digits, label_smoothing=config.label_smoothing)
+    sum_loss = F.cross_entropy(sum_logits.float(), sums, label_smoothing=config.label_smoothing)
+    return config.digit_loss_weight * digit_loss + config.sum_loss_weight * sum_loss
+
+
+def augmenter(config: TrainConfig, generator: torch.Generator):
+    """The batch augmentation a config asks for, or None."""
+    if not (config.rotate or config.scale or config.shear or config.translate):
+        return None
+    return partial(random_affine, generator=generator, rotate=config.rotate, scale=config.scale,
+                   shear=config.shear, translate=config.translate)
+
+
+def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: TrainConfig,
+                    generator: torch.Generator, bf16: bool, ema=None, progress: bool = False) -> dict:
+    """One pass over the training split; returns mean loss and accuracies (as seen while training)."""
+    model.train()
+    device = train_split.images.device
+    totals = torch.zeros(3, device=device)  # loss * B, digit hits, sum hits: summed on device, no sync
+    steps = len(train_split) // config.batch_size
+    bar = tqdm(total=steps, disable=not progress, leave=False, unit="batch", dynamic_ncols=True)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    for images, numbers, digits, sums in batches(train_split, config.batch_size, shuffle=True,
+                                                 generator=generator, drop_last=True,
+                                                 augment=augmenter(config, generator),
+                                                 redraw_numbers=config.redraw_numbers):
+        images = images.contiguous(memory_format=memory_format)
+        with autocast(device, bf16):
+            digit_logits, sum_logits = model(images, numbers)
+        loss = loss_fn(digit_logits, sum_logits, digits, sums, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        with torch.no_grad():
+            totals += torch.stack([loss.detach() * len(digits),
+                                   (digit_logits.argmax(1) == digits).sum(),
+                                   (sum_logits.argmax(1) == sums).sum()]).float()
+        bar.update()
+    bar.close()
+    seen = steps * config.batch_size
+    loss_sum, digit_hits, sum_hits = totals.tolist()
+    return {"loss": loss_sum / seen, "digit_accuracy": digit_hits / seen, "sum_accuracy": sum_hits / seen}
+
+
+# ----------------------------------------------------------------------------- run folder
+
+
+def default_run_dir(config: TrainConfig, runs_root: Path = Path("runs")) -> Path:
+    return runs_root / f"{datetime.now():%Y%m%d-%H%M%S}-{config.preset}"
+
+
+def point_latest(run_dir: Path) -> None:
+    """runs/latest -> this run (a relative symlink, replaced atomically)."""
+    latest = run_dir.parent / "latest"
+    temporary = run_dir.parent / f".latest-{os.getpid()}"
+    if temporary.is_symlink() or temporary.exists():
+        temporary.unlink()
+    temporary.symlink_to(run_dir.name)
+    os.replace(temporary, latest)
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, buffer.getvalue().encode())
+
+
+def environment(device: torch.device, bf16: bool) -> dict:
+    import torchvision
+
+    return {"digitsum": digitsum.__version__, "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "python": platform.python_version(),
+            "platform": platform.platform(), "device": str(device), "bf16": bf16,
+            "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to train into a folder that already holds a run, unless overwrite is asked for."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DigitsumError(f"output {run_dir} exists and is not a folder")
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise DigitsumError(f"{run_dir} already holds a run ({', '.join(existing)}); "
+                            "pass --overwrite to replace it or choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DigitsumError(f"cannot create output folder {run_dir} ({error.strerror or error})") from None
+    if not os.access(run_dir, os.W_OK):
+        raise DigitsumError(f"output folder {run_dir} is not writable")
+
+
+def load_resume_state(path: Path) -> tuple[TrainConfig, dict]:
+    """The config and state saved in a last.pt, with clear errors for finished or foreign runs."""
+    payload = checkpoint.read(path)
+    if "optimizer" not in payload or "train_config" not in payload:
+        raise DigitsumError(f"{path} is not resumable (it holds weights only; pass a run's last.pt)")
+    try:
+        config = TrainConfig.from_dict(payload["train_config"])
+    except (TypeError, ValueError) as error:
+        raise DigitsumError(f"{path} holds settings this version does not know ({error})") from None
+    if payload["epoch"] >= config.epochs:
+        raise DigitsumError(f"{path} is a finished run ({payload['epoch']}/{config.epochs} epochs); nothing to resume")
+    return config, payload
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_root=None, overwrite: bool = False,
+          resume: str | os.PathLike | None = None, log=print, progress: bool | None = None,
+          stop_after: int | None = None, evaluate_test: bool = True, figures: bool = True) -> dict:
+    """Train a DigitSumNet, write the run folder, evaluate on the test set; return a summary.
+
+    `resume` continues from a last.pt (its saved settings win; `config` is ignored).
+    `stop_after` ends after that many epochs of this call with a resumable last.pt (for tests).
+    """
+    if resume is not None:
+        resume = Path(resume)
+        config, state = load_resume_state(resume)
+        run_dir = resume.parent
+    else:
+        state = None
+        run_dir = Path(out_dir) if out_dir is not None else default_run_dir(config)
+        check_run_dir(run_dir, overwrite)
+    if progress is None:
+        progress = sys.stderr.isatty()
+
+    device = resolve_device(config.device)
+    bf16 = {"auto": bf16_supported(device), "on": True, "off": False}.get(config.bf16)
+    if bf16 is None:
+        raise DigitsumError(f"bf16 must be auto, on or off, got {config.bf16!r}")
+
+    train_split = load_split("train", data_root, config.val_size, config.seed,
+                             limit=config.train_limit or None).to(device)
+    val_split = load_split("val", data_root, config.val_size, config.seed).to(device) if config.val_size else None
+    if len(train_split) < config.batch_size:
+        raise DigitsumError(f"batch size {config.batch_size} is larger than the {len(train_split)} training images")
+
+    torch.manual_seed(config.seed)
+    model = DigitSumNet(config.model).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    steps_per_epoch = len(train_split) // config.batch_size
+    optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * config.epochs)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+           if config.ema else None)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+
+    rows: list[dict] = []
+    best_score, start_epoch = None, 0
+    if state is not None:
+        model.load_state_dict(state["model_train"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, rows = state["epoch"], list(state["rows"])
+        best_score = tuple(state["best_score"]) if state["best_score"] is not None else None
+        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{config.epochs}")
+    else:
+        log(f"training into {run_dir} on {device} (bf16 autocast: {'on' if bf16 else 'off'}), settings:")
+        log(describe(config))
+        write_atomic(run_dir / "config.json", (json.dumps(
+            {"train": config.to_dict(), "environment": environment(device, bf16),
+             "data_root": str(data_root) if data_root else None, "train_images": len(train_split),
+             "val_images": len(val_split) if val_split is not None else 0}, indent=2) + "\n").encode())
+        if figures:
+            plots.samples(train_split.to("cpu"), run_dir / "samples.png")
+
+    def eval_model() -> DigitSumNet:
+        return ema.module if ema is not None else model
+
+    def save_last(epoch: int) -> None:
+        checkpoint.save(run_dir / "last.pt", {
+            "model_config": config.model.to_dict(), "model": eval_model().state_dict(),
+            "model_train": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
+            "rows": rows, "best_score": list(best_score) if best_score is not None else None,
+            "train_config": config.to_dict(), "metadata": {"epoch": epoch}})
+
+    if state is None:
+        save_last(0)  # so that even an interrupted first epoch leaves something to resume
+    point_latest(run_dir)
+    try:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            start = time.perf_counter()
+            train_metrics = train_one_epoch(model, optimizer, scheduler, train_split, config, generator,
+                                            bf16, ema, progress)
+            seconds = time.perf_counter() - start
+            val_metrics = measure(eval_model(), val_split) if val_split is not None else {}
+            row = {"epoch": epoch, "seconds": round(seconds, 3), "lr": f"{scheduler.get_last_lr()[0]:.6g}",
+                   **{f"train_{k}": f"{v:.6f}" for k, v in train_metrics.items()},
+                   **{f"val_{k}": f"{v:.6f}" for k, v in val_metrics.items()}}
+            rows.append(row)
+            log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_metrics['loss']:.4f} "
+                f"digit {100 * train_metrics['digit_accuracy']:.2f}% sum {100 * train_metrics['sum_accuracy']:.2f}%"
+                + (f" | val loss {val_metrics['loss']:.4f} digit {100 * val_metrics['digit_accuracy']:.2f}% "
+                   f"sum {100 * val_metrics['sum_accuracy']:.2f}%" if val_metrics else "")
+                + f" | lr {scheduler.get_last_lr()[0]:.4f} | {seconds:.1f}s")
+            # Best by validation (sum accuracy, then digit accuracy, then lower loss; later epoch on ties).
+            score = ((val_metrics["sum_accuracy"], val_metrics["digit_accuracy"], -val_metrics["loss"])
+                     if val_metrics else (epoch,))
+            if best_score is None or score >= best_score:
+                best_score = score
+                checkpoint.save(run_dir / "model.pt", {
+                    "model_config": config.model.to_dict(), "model": eval_model().state_dict(),
+                    "metadata": {"epoch": epoch, "val": val_metrics, "train_config": config.to_dict(),
+                                 "environment": environment(device, bf16), "run": str(run_dir)}})
+            write_metrics(run_dir / "metrics.csv", rows)
+            save_last(epoch)
+            if stop_after is not None and epoch - start_epoch >= stop_after and epoch < config.epochs:
+                return {"run_dir": run_dir, "epochs": epoch, "stopped": True}
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {run_dir / 'last.pt'} holds the last finished epoch "
+                          f"(resume with: digitsum train --resume {run_dir / 'last.pt'})") from None
+
+    if figures:
+        plots.curves(run_dir / "metrics.csv", run_dir / "curves.png")
+    summary = {"run_dir": run_dir, "epochs": config.epochs,
+               "train_seconds": round(sum(float(r["seconds"]) for r in rows), 2)}
+    log(f"trained {config.epochs} epochs in {summary['train_seconds']:.1f}s of training time")
+    if evaluate_test:
+        metrics = evaluate_checkpoint(run_dir / "model.pt", data_root, config.device, figures=figures)
+        log(summary_line(metrics))
+        summary["metrics"] = metrics
+    return summary

@@ -145,6 +145,60 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- predict
+
+
+def _numbers_list(text: str) -> list[int]:
+    """argparse type for --numbers 3,7,...: integers (their range is checked per image)."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--numbers takes integers separated by commas, got {text!r}") from None
+
+
+def cmd_predict(args) -> int:
+    from digitsum.checkpoint import load_model
+    from digitsum.predict import predict
+
+    if (args.number is None) == (args.numbers is None):
+        raise DigitsumError("give --number N (for every image) or --numbers N1,N2,... (one per image)")
+    if args.numbers is not None and len(args.numbers) != len(args.images):
+        raise DigitsumError(f"--numbers has {len(args.numbers)} values for {len(args.images)} images")
+    model, _ = load_model(args.checkpoint)
+    views: list = []
+    results = predict(model, args.images, args.number if args.numbers is None else args.numbers, views)
+    if args.show or args.show_dir:
+        from PIL import Image
+
+        for result, view in zip(results, views):
+            if view is not None:
+                image = Path(result["image"])
+                folder = Path(args.show_dir) if args.show_dir else image.parent
+                folder.mkdir(parents=True, exist_ok=True)
+                result["view"] = str(folder / f"{image.stem}.28x28.png")
+                Image.fromarray(view).save(result["view"])
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for result in results:
+        if "error" in result:
+            print(f"digitsum predict: error: {result['error']}", file=sys.stderr)
+        elif not args.json:
+            print(f"{result['image']}: digit {result['digit']} ({100 * result['digit_probability']:.1f}%)  "
+                  f"{result['digit']} + {result['number']} = {result['sum']} ({100 * result['sum_probability']:.1f}%)"
+                  + (f"  [28x28 view: {result['view']}]" if "view" in result else ""))
+    return 2 if any("error" in result for result in results) else 0
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args) -> int:
+    from digitsum.serve import run
+
+    run(args.checkpoint, host=args.host, port=args.port, access_log=args.access_log)
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -199,6 +253,34 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-root", default=None, help=_data_root_help())
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="predict the digit and the sum for image files",
+                                  description="Read each image (PNG, JPEG, BMP, GIF, WebP, TIFF), turn it into an "
+                                  "MNIST-style 28x28 digit (polarity, ink bounding box scaled to 20 px, centre of "
+                                  "mass centred) and print the predicted digit and digit + number with their "
+                                  "probabilities. Images that cannot be used are reported one line each (exit "
+                                  "code 2); the others are still predicted.")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    predict.add_argument("--number", type=_number, default=None, help="the number 0..9 added to every image's digit")
+    predict.add_argument("--numbers", type=_numbers_list, default=None, metavar="N1,N2,...",
+                         help="one number 0..9 per image, comma-separated (instead of --number)")
+    predict.add_argument("--checkpoint", default=str(LATEST_MODEL), help=f"model checkpoint (default: {LATEST_MODEL})")
+    predict.add_argument("--json", action="store_true", help="print a JSON list (one object per image, with top-3)")
+    predict.add_argument("--show", action="store_true",
+                         help="write the 28x28 image the model saw as NAME.28x28.png next to each image")
+    predict.add_argument("--show-dir", default=None, metavar="DIR",
+                         help="like --show, but write the 28x28 images into DIR")
+    predict.set_defaults(func=cmd_predict)
+
+    serve = commands.add_parser("serve", help="HTTP API and drawing page (needs the [serve] extra)",
+                                description="Serve POST /api/predict, GET /api/health, the drawing page at / and "
+                                "the OpenAPI docs at /docs with FastAPI + uvicorn.")
+    serve.add_argument("--checkpoint", default=str(LATEST_MODEL), help=f"model checkpoint (default: {LATEST_MODEL})")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                       help="log every request (default: on)")
+    serve.set_defaults(func=cmd_serve)
 
     return parser
 

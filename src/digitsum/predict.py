@@ -169,6 +169,7 @@ def mnist_layout(ink: np.ndarray) -> np.ndarray:
     # (A box that is already 20 px is returned unchanged, so MNIST round-trips exactly.)
     box = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
     box = np.clip(box, 0.0, 1.0)
+    box = np.where(_grow(box >= NOISE_FLOOR), box, 0.0)  # LANCZOS ringing: faint specks off the strokes
     mass = box.sum()
     if mass <= 0:
         box, mass = np.ones_like(box), box.size  # a speck that vanished in resampling: keep its box

@@ -250,9 +250,9 @@ def run(checkpoint_path: str | os.PathLike, host: str = "127.0.0.1", port: int =
         import uvicorn
     except ImportError:
         raise DigitsumError("serving needs FastAPI and uvicorn: pip install 'digitsum[serve]'") from None
+    app = create_app(checkpoint_path)
     # One intra-op thread: requests are single images, and extra threads only fight over the cores.
     torch.set_num_threads(1)
-    app = create_app(checkpoint_path)
     print(f"digitsum serving {checkpoint_path} on http://{host}:{port}/ (API docs at /docs); Ctrl-C stops",
           flush=True)
     uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info")

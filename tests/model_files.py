@@ -6,6 +6,7 @@ accuracy, enough to read drawn digits) and shared by every test module that asks
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -27,7 +28,12 @@ def random_checkpoint(path: Path) -> Path:
 
 
 def trained_checkpoint(folder: Path) -> Path:
-    """A small really-trained model.pt (trained on first use in this session, then reused)."""
+    """A small really-trained model.pt (trained on first use in this session, then reused).
+
+    Set DIGITSUM_TEST_CHECKPOINT to a model.pt to use that instead of training (e.g. runs/latest/model.pt).
+    """
+    if "path" not in _trained and os.environ.get("DIGITSUM_TEST_CHECKPOINT"):
+        _trained["path"] = Path(os.environ["DIGITSUM_TEST_CHECKPOINT"])
     if "path" not in _trained:
         from digitsum.train import preset, train
 

@@ -113,11 +113,14 @@ def grayscale(image: Image.Image) -> np.ndarray:
     if image.mode == "1":
         image = image.convert("L")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        image = image.convert("RGBA")
+        if image.getchannel("A").getextrema()[0] == 255:  # opaque after all (e.g. a canvas export)
+            has_alpha = False
     if not has_alpha:
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
-    alpha = rgba[..., 3]
-    luminance = np.asarray(image.convert("RGBA").convert("L"), dtype=np.float32) / 255.0
+    alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
+    luminance = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     # Put the drawing on a background that contrasts with it: dark strokes on a transparent
     # canvas go onto white, light strokes onto black. Alpha-weighted mean of what is visible.
     visible = alpha.sum()

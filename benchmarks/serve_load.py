@@ -1,0 +1,158 @@
+"""Load test of `digitsum serve`: requests/s, p50/p99 latency, errors and memory across runs.
+
+Starts the server (uvicorn, its own process, one torch thread, no access log), then from this
+process sends `--requests` multipart predict requests (a 280x280 drawing like the page sends)
+with `--concurrency` in flight over keep-alive connections, `--runs` times, reading the
+server's resident memory after each run. The client is a few lines of asyncio that write
+prebuilt HTTP/1.1 requests, so it costs the shared CPU as little as possible.
+
+    python benchmarks/serve_load.py [--checkpoint runs/latest/model.pt] [--requests 2000] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+BOUNDARY = "digitsumloadtest"
+
+
+def drawing_png() -> bytes:
+    """A '7' drawn on a white 280x280 RGBA canvas, as the page's canvas.toBlob() produces."""
+    image = Image.new("RGBA", (280, 280), (255, 255, 255, 255))
+    ImageDraw.Draw(image).line([(70, 60), (210, 60), (120, 230)], fill=(17, 17, 17, 255), width=23, joint="curve")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def predict_request(host: str, port: int, image: bytes, number: int) -> bytes:
+    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"number\"\r\n\r\n{number}\r\n"
+            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"drawing.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+    head = (f"POST /api/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; "
+            f"boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+async def load(host: str, port: int, request: bytes, total: int, concurrency: int) -> tuple[list[float], int, float]:
+    """(latencies in s, error count, wall seconds) for `total` requests, `concurrency` at a time."""
+    latencies: list[float] = []
+    errors = 0
+    remaining = total
+
+    async def connection():
+        nonlocal remaining, errors
+        reader, writer = await asyncio.open_connection(host, port)
+        while remaining > 0:
+            remaining -= 1
+            start = time.perf_counter()
+            try:
+                writer.write(request)
+                status = int((await reader.readline()).split()[1])
+                length, close = 0, False
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    if name.lower() == "content-length":
+                        length = int(value)
+                    close |= name.lower() == "connection" and "close" in value.lower()
+                body = await reader.readexactly(length)
+                latencies.append(time.perf_counter() - start)
+                if status != 200 or b'"digit"' not in body:
+                    errors += 1
+                if close:
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+                errors += 1
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+        writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - start
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(checkpoint: str, port: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "digitsum.cli", "serve", "--checkpoint", checkpoint,
+                                "--port", str(port), "--no-access-log"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            sys.exit(f"server exited with {process.returncode}: {process.stderr.read().strip()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1) as response:
+                if json.load(response)["model_loaded"]:
+                    return process
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                sys.exit("server did not answer /api/health within 60 s")
+            time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="runs/latest/model.pt", help="model checkpoint (default: runs/latest/model.pt)")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per run (default: 2000)")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: 16)")
+    parser.add_argument("--runs", type=int, default=3, help="repeated runs, to see whether memory grows (default: 3)")
+    parser.add_argument("--warmup", type=int, default=200, help="requests before measuring (default: 200)")
+    args = parser.parse_args(argv)
+
+    port = free_port()
+    server = start_server(args.checkpoint, port)
+    request = predict_request("127.0.0.1", port, drawing_png(), number=5)
+    rows = []
+    try:
+        asyncio.run(load("127.0.0.1", port, request, args.warmup, args.concurrency))
+        rss_before = rss_mib(server.pid)
+        for run in range(1, args.runs + 1):
+            latencies, errors, seconds = asyncio.run(load("127.0.0.1", port, request, args.requests, args.concurrency))
+            ms = 1000 * np.array(latencies)
+            rows.append((run, len(latencies) / seconds, np.percentile(ms, 50), np.percentile(ms, 99), errors,
+                         rss_mib(server.pid)))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+    print(f"`digitsum serve` on 127.0.0.1, {args.requests:,} multipart predict requests per run (280x280 PNG "
+          f"drawing), {args.concurrency} in flight from another process; server RSS after warm-up "
+          f"{rss_before:.1f} MiB\n")
+    print("| run | requests/s | p50 ms | p99 ms | errors | server RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for run, rate, p50, p99, errors, rss in rows:
+        print(f"| {run} | {rate:.0f} | {p50:.1f} | {p99:.1f} | {errors} | {rss:.1f} |")
+    growth = rows[-1][-1] - rows[0][-1]
+    print(f"\nRSS change from run 1 to run {len(rows)}: {growth:+.1f} MiB")
+    return 0 if all(row[4] == 0 for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,7 +28,7 @@ def _image_grid(images, titles, path: Path, columns: int = 10, title: str | None
     for axis in axes.flat:
         axis.axis("off")
     for axis, image, text in zip(axes.flat, images, titles):
-        axis.imshow(image, cmap="gray", vmin=0, vmax=255 if image.dtype == torch.uint8 else 1)
+        axis.imshow(image.numpy(), cmap="gray", vmin=0, vmax=255 if image.dtype == torch.uint8 else 1)
         axis.set_title(text, fontsize=8)
     if title:
         figure.suptitle(title, fontsize=10)
@@ -77,7 +77,7 @@ def confusion(matrix: torch.Tensor, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(5.2, 4.6))
     off_diagonal = matrix.clone().float()
     off_diagonal.fill_diagonal_(0)
-    axis.imshow(off_diagonal, cmap="Reds")
+    axis.imshow(off_diagonal.numpy(), cmap="Reds")
     for t in range(matrix.shape[0]):
         for p in range(matrix.shape[1]):
             value = int(matrix[t, p])

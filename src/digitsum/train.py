@@ -295,13 +295,17 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
     rows: list[dict] = []
     best_score, start_epoch = None, 0
     if state is not None:
-        model.load_state_dict(state["model_train"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            model.load_state_dict(state["model_train"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            reason = str(error).strip().splitlines()[0][:120]
+            raise DigitsumError(f"{resume} does not match the run's saved settings ({reason})") from None
         start_epoch, rows = state["epoch"], list(state["rows"])
         best_score = tuple(state["best_score"]) if state["best_score"] is not None else None
         log(f"resuming {run_dir} at epoch {start_epoch + 1}/{config.epochs}")
@@ -341,11 +345,6 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
                    **{f"train_{k}": f"{v:.6f}" for k, v in train_metrics.items()},
                    **{f"val_{k}": f"{v:.6f}" for k, v in val_metrics.items()}}
             rows.append(row)
-            log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_metrics['loss']:.4f} "
-                f"digit {100 * train_metrics['digit_accuracy']:.2f}% sum {100 * train_metrics['sum_accuracy']:.2f}%"
-                + (f" | val loss {val_metrics['loss']:.4f} digit {100 * val_metrics['digit_accuracy']:.2f}% "
-                   f"sum {100 * val_metrics['sum_accuracy']:.2f}%" if val_metrics else "")
-                + f" | lr {scheduler.get_last_lr()[0]:.4f} | {seconds:.1f}s")
             # Best by validation (sum accuracy, then digit accuracy, then lower loss; later epoch on ties).
             score = ((val_metrics["sum_accuracy"], val_metrics["digit_accuracy"], -val_metrics["loss"])
                      if val_metrics else (epoch,))
@@ -357,6 +356,11 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
                                  "environment": environment(device, bf16), "run": str(run_dir)}})
             write_metrics(run_dir / "metrics.csv", rows)
             save_last(epoch)
+            log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_metrics['loss']:.4f} "
+                f"digit {100 * train_metrics['digit_accuracy']:.2f}% sum {100 * train_metrics['sum_accuracy']:.2f}%"
+                + (f" | val loss {val_metrics['loss']:.4f} digit {100 * val_metrics['digit_accuracy']:.2f}% "
+                   f"sum {100 * val_metrics['sum_accuracy']:.2f}%" if val_metrics else "")
+                + f" | lr {scheduler.get_last_lr()[0]:.4f} | {seconds:.1f}s")
             if stop_after is not None and epoch - start_epoch >= stop_after and epoch < config.epochs:
                 return {"run_dir": run_dir, "epochs": epoch, "stopped": True}
     except KeyboardInterrupt:

@@ -1,0 +1,108 @@
+"""The command line: exit codes, one-line errors, machine-readable output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from digitsum import cli, data
+
+FAST = ["--epochs", "1", "--batch-size", "50", "--val-size", "100", "--bf16", "off"]
+
+
+def one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exited:
+        sys.exit(cli.main(argv))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("data", "train", "evaluate"):
+        assert command in out
+
+
+def test_train_then_evaluate_json_has_the_documented_shape(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data-root", str(synthetic_root), "--out", str(out), *FAST]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(out / "model.pt"), "--data-root", str(synthetic_root), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics["test"]) == {"digit_accuracy", "sum_accuracy", "loss"}
+    assert set(metrics["grid"]) == {"digit_accuracy", "sum_accuracy", "addition_errors", "pairs"}
+    assert metrics["grid"]["pairs"] == 200 * 10
+    assert set(metrics["per_class"]) == {str(d) for d in range(10)}
+    assert metrics["checkpoint"].endswith("model.pt") and metrics["seconds"] >= 0
+    assert (out / "confusion.png").exists() and (out / "mistakes.png").exists()
+
+
+def test_train_into_a_folder_with_a_run_exits_2_and_keeps_it(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    cli.main(["train", "--data-root", str(synthetic_root), "--out", str(out), *FAST])
+    before = (out / "model.pt").read_bytes()
+    err = one_line_error(capsys, ["train", "--data-root", str(synthetic_root), "--out", str(out), *FAST])
+    assert "already holds a run" in err
+    assert (out / "model.pt").read_bytes() == before
+
+
+def test_resume_with_training_flags_is_refused(synthetic_root, tmp_path, capsys):
+    err = one_line_error(capsys, ["train", "--resume", str(tmp_path / "last.pt"), "--epochs", "3"])
+    assert "--resume" in err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--epochs", "zero"], "positive integer"),
+    (["train", "--epochs", "0"], "positive integer"),
+    (["train", "--lr", "-1"], "> 0"),
+    (["train", "--preset", "nope"], "invalid choice"),
+    (["data", "--source", "ftp"], "invalid choice"),
+])
+def test_bad_flag_values_exit_2_with_one_line(capsys, argv, fragment):
+    assert fragment in one_line_error(capsys, argv)
+
+
+def test_number_outside_0_to_9_or_not_an_integer_is_rejected():
+    assert cli._number("7") == 7
+    for bad in ("10", "-1", "3.5", "seven"):
+        with pytest.raises(Exception, match="number must be"):
+            cli._number(bad)
+
+
+def test_evaluate_a_missing_checkpoint_exits_2(capsys, tmp_path):
+    assert "does not exist" in one_line_error(capsys, ["evaluate", str(tmp_path / "missing.pt")])
+
+
+def test_evaluate_a_file_that_is_not_a_checkpoint_exits_2(capsys, tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"\x00" * 100)
+    assert "not a readable checkpoint" in one_line_error(capsys, ["evaluate", str(tmp_path / "model.pt")])
+
+
+def test_data_reports_a_corrupted_file_by_name_and_exits_2(synthetic_root, capsys):
+    path = data.raw_folder(synthetic_root) / "t10k-labels-idx1-ubyte"
+    raw = bytearray(path.read_bytes())
+    raw[20] ^= 0x04
+    path.write_bytes(bytes(raw))
+    err = one_line_error(capsys, ["data", "--data-root", str(synthetic_root), "--source", "local"])
+    assert "t10k-labels-idx1-ubyte" in err and "MD5" in err
+
+
+def test_data_root_that_is_not_writable_exits_2(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    err = one_line_error(capsys, ["data", "--data-root", str(tmp_path / "file" / "data")])
+    assert "not writable" in err
+
+
+def test_the_installed_console_script_reports_errors_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "digitsum.cli", "evaluate", str(tmp_path / "none.pt")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr

@@ -1,0 +1,123 @@
+"""DigitSumNet: shapes, the sum block variants, learning, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from digitsum import checkpoint
+from digitsum.checkpoint import CheckpointError
+from digitsum.model import DigitSumNet, ModelConfig, training_flops_per_image
+
+SMALL = ModelConfig(channels=(8, 16), sum_hidden=32)
+
+
+def batch(size=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(size, 1, 28, 28, generator=generator)
+    numbers = torch.randint(0, 10, (size,), generator=generator)
+    digits = torch.randint(0, 10, (size,), generator=generator)
+    return images, numbers, digits
+
+
+@pytest.mark.parametrize("config", [ModelConfig(), SMALL, ModelConfig(channels=(8, 16, 32, 64)),
+                                    ModelConfig(channels=(8,), convs_per_stage=2, sum_hidden=0),
+                                    ModelConfig(sum_input="logits"), ModelConfig(sum_input="log_softmax")])
+def test_forward_gives_10_digit_and_19_sum_logits(config):
+    images, numbers, _ = batch(5)
+    digit_logits, sum_logits = DigitSumNet(config)(images, numbers)
+    assert digit_logits.shape == (5, 10) and sum_logits.shape == (5, 19)
+
+
+def test_sum_block_sees_20_values_from_the_digit_head_and_the_one_hot_number():
+    model = DigitSumNet(ModelConfig(sum_hidden=0))
+    assert model.sum_block.in_features == 20 and model.sum_block.out_features == 19
+
+
+def test_detached_sum_input_sends_no_sum_gradient_into_the_cnn():
+    model = DigitSumNet(ModelConfig(channels=(8,), detach_sum_input=True))
+    images, numbers, digits = batch()
+    _, sum_logits = model(images, numbers)
+    F.cross_entropy(sum_logits, digits + numbers).backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.trunk.parameters())
+
+
+def test_one_training_step_lowers_the_loss():
+    torch.manual_seed(0)
+    model = DigitSumNet(SMALL)
+    images, numbers, digits = batch(32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.0)
+
+    def loss():
+        digit_logits, sum_logits = model(images, numbers)
+        return F.cross_entropy(digit_logits, digits) + F.cross_entropy(sum_logits, digits + numbers)
+
+    model.train()
+    before = loss()
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    assert loss().item() < before.item()
+
+
+def test_training_flops_count_the_convolutions_from_the_config():
+    one_stage = ModelConfig(channels=(4,), sum_hidden=0)
+    conv = 2 * 28 * 28 * 4 * 1 * 9
+    classifier = 2 * 4 * 14 * 14 * 10
+    sum_block = 2 * 20 * 19
+    assert training_flops_per_image(one_stage) == 3 * (conv + classifier + sum_block)
+
+
+def save_small(path, model):
+    checkpoint.save(path, {"model_config": model.config.to_dict(), "model": model.state_dict(), "metadata": {"epoch": 1}})
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(1)
+    model = DigitSumNet(SMALL).eval()
+    save_small(tmp_path / "model.pt", model)
+    loaded, metadata = checkpoint.load_model(tmp_path / "model.pt")
+    images, numbers, _ = batch()
+    assert metadata == {"epoch": 1}
+    for a, b in zip(model(images, numbers), loaded(images, numbers)):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    save_small(tmp_path / "model.pt", DigitSumNet(SMALL))
+    payload = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert payload["format"] == checkpoint.FORMAT
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.load_model(tmp_path / "nope.pt")
+
+
+def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        checkpoint.load_model(tmp_path / "notes.pt")
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    save_small(tmp_path / "model.pt", DigitSumNet(SMALL))
+    raw = (tmp_path / "model.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        checkpoint.load_model(tmp_path / "cut.pt")
+
+
+def test_a_torch_file_that_is_not_ours_is_a_clear_error(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a digitsum checkpoint"):
+        checkpoint.load_model(tmp_path / "other.pt")
+
+
+def test_checkpoint_of_a_different_architecture_is_a_clear_error(tmp_path):
+    model = DigitSumNet(SMALL)
+    payload = {"model_config": {**SMALL.to_dict(), "channels": [8, 32]}, "model": model.state_dict(), "metadata": {}}
+    checkpoint.save(tmp_path / "mixed.pt", payload)
+    with pytest.raises(CheckpointError, match="does not match the DigitSumNet architecture"):
+        checkpoint.load_model(tmp_path / "mixed.pt")

@@ -17,11 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_short_run_on_a_few_thousand_real_images_beats_chance_clearly(real_root, tmp_path):
-    config = preset("default", epochs=2, train_limit=4000, val_size=1000, batch_size=128)
+    config = preset("default", epochs=3, train_limit=5000, val_size=1000, batch_size=64)
     summary = train(config, out_dir=tmp_path / "run", data_root=real_root, log=lambda *a: None,
                     progress=False, figures=False)
     test = summary["metrics"]["test"]
-    assert test["digit_accuracy"] > 0.90 and test["sum_accuracy"] > 0.80
+    assert test["digit_accuracy"] > 0.90 and test["sum_accuracy"] > 0.85  # chance: 0.10 and about 0.10
 
 
 def test_ctrl_c_during_training_exits_cleanly_with_a_resumable_last_pt(real_root, tmp_path):

@@ -48,7 +48,7 @@ class TrainConfig:
     batch_size: int = 256
     optimizer: str = "sgd"  # sgd (Nesterov momentum 0.9) or adamw
     lr: float = 0.2  # peak of the one-cycle schedule
-    sum_lr_scale: float = 1.0  # the sum block's learning rate relative to lr
+    sum_lr_scale: float = 20.0  # the sum block learns addition slowly at the CNN's rate (see README)
     warmup: float = 0.2  # fraction of steps spent rising to the peak
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0

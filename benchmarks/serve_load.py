@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -92,6 +93,12 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -134,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(load("127.0.0.1", port, request, args.warmup, args.concurrency))
         rss_before = rss_mib(server.pid)
         for run in range(1, args.runs + 1):
+            cpu_before = cpu_seconds(server.pid)
             latencies, errors, seconds = asyncio.run(load("127.0.0.1", port, request, args.requests, args.concurrency))
+            cpu_ms = 1000 * (cpu_seconds(server.pid) - cpu_before) / args.requests
             ms = 1000 * np.array(latencies)
             rows.append((run, len(latencies) / seconds, np.percentile(ms, 50), np.percentile(ms, 99), errors,
-                         rss_mib(server.pid)))
+                         cpu_ms, rss_mib(server.pid)))
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -145,12 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"`digitsum serve` on 127.0.0.1, {args.requests:,} multipart predict requests per run (280x280 PNG "
           f"drawing), {args.concurrency} in flight from another process; server RSS after warm-up "
           f"{rss_before:.1f} MiB\n")
-    print("| run | requests/s | p50 ms | p99 ms | errors | server RSS MiB |")
-    print("|---|---|---|---|---|---|")
-    for run, rate, p50, p99, errors, rss in rows:
-        print(f"| {run} | {rate:.0f} | {p50:.1f} | {p99:.1f} | {errors} | {rss:.1f} |")
+    print("| run | requests/s | p50 ms | p99 ms | errors | server CPU ms/request | server RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for run, rate, p50, p99, errors, cpu_ms, rss in rows:
+        print(f"| {run} | {rate:.0f} | {p50:.1f} | {p99:.1f} | {errors} | {cpu_ms:.2f} | {rss:.1f} |")
     growth = rows[-1][-1] - rows[0][-1]
-    print(f"\nRSS change from run 1 to run {len(rows)}: {growth:+.1f} MiB")
+    print(f"\nRSS change from run 1 to run {len(rows)}: {growth:+.1f} MiB; load average during the runs "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     return 0 if all(row[4] == 0 for row in rows) else 1
 
 

@@ -38,7 +38,8 @@ def trained_checkpoint(folder: Path) -> Path:
         from digitsum.train import preset, train
 
         run_dir = folder / "trained-small"
-        train(preset("default", epochs=2, train_limit=20000, val_size=1000), out_dir=run_dir, figures=False,
-              evaluate_test=False, log=lambda *_: None, progress=False)
+        data_root = Path(os.environ.get("DIGITSUM_DATA", Path(__file__).resolve().parents[1] / "data"))
+        train(preset("default", epochs=2, train_limit=20000, val_size=1000), out_dir=run_dir, data_root=data_root,
+              figures=False, evaluate_test=False, log=lambda *_: None, progress=False)
         _trained["path"] = run_dir / "model.pt"
     return _trained["path"]

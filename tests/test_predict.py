@@ -296,10 +296,10 @@ def trained_model(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_mnist_test_images_saved_as_png_get_the_tensor_paths_predictions(trained_model):
+def test_mnist_test_images_saved_as_png_get_the_tensor_paths_predictions(trained_model, real_root):
     from digitsum.data import load_split
 
-    test = load_split("test", limit=500)
+    test = load_split("test", real_root, limit=500)
     with torch.inference_mode():
         tensor_digits = trained_model(normalize(test.images), test.numbers)[0].argmax(1)
     results = predict(trained_model, [encoded(Image.fromarray(image.numpy())) for image in test.images],

@@ -152,13 +152,19 @@ def augmenter(config: TrainConfig, generator: torch.Generator):
 
 
 def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: TrainConfig,
-                    generator: torch.Generator, bf16: bool, ema=None, progress: bool = False) -> dict:
-    """One pass over the training split; returns mean loss and accuracies (as seen while training)."""
+                    generator: torch.Generator, bf16: bool, ema=None, progress: bool = False,
+                    on_step=None) -> dict:
+    """One pass over the training split; returns mean loss and accuracies (as seen while training).
+
+    `on_step(model)`, if given, runs after every optimizer step; returning True ends the epoch
+    early (benchmarks use it to measure time-to-accuracy).
+    """
     model.train()
     device = train_split.images.device
     totals = torch.zeros(3, device=device)  # loss * B, digit hits, sum hits: summed on device, no sync
     steps = len(train_split) // config.batch_size
     bar = tqdm(total=steps, disable=not progress, leave=False, unit="batch", dynamic_ncols=True)
+    seen = 0
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     for images, numbers, digits, sums in batches(train_split, config.batch_size, shuffle=True,
                                                  generator=generator, drop_last=True,
@@ -179,8 +185,10 @@ def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: Tra
                                    (digit_logits.argmax(1) == digits).sum(),
                                    (sum_logits.argmax(1) == sums).sum()]).float()
         bar.update()
+        seen += len(digits)
+        if on_step is not None and on_step(model):
+            break
     bar.close()
-    seen = steps * config.batch_size
     loss_sum, digit_hits, sum_hits = totals.tolist()
     return {"loss": loss_sum / seen, "digit_accuracy": digit_hits / seen, "sum_accuracy": sum_hits / seen}
 
@@ -249,6 +257,55 @@ def load_resume_state(path: Path) -> tuple[TrainConfig, dict]:
     return config, payload
 
 
+@dataclass
+class Setup:
+    """Everything a run trains with, built from a TrainConfig by `prepare`."""
+
+    device: torch.device
+    bf16: bool
+    train_split: Split
+    val_split: Split | None
+    model: DigitSumNet
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: AveragedModel | None
+    generator: torch.Generator
+
+    def epoch(self, config: "TrainConfig", progress: bool = False, on_step=None) -> dict:
+        """Train one epoch with this setup (see train_one_epoch)."""
+        return train_one_epoch(self.model, self.optimizer, self.scheduler, self.train_split, config,
+                               self.generator, self.bf16, self.ema, progress, on_step)
+
+    @property
+    def eval_model(self) -> DigitSumNet:
+        """The weights to evaluate: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def prepare(config: TrainConfig, data_root=None) -> Setup:
+    """Data on the device, a seeded model, optimizer, schedule and weight average for `config`."""
+    device = resolve_device(config.device)
+    bf16 = {"auto": bf16_supported(device), "on": True, "off": False}.get(config.bf16)
+    if bf16 is None:
+        raise DigitsumError(f"bf16 must be auto, on or off, got {config.bf16!r}")
+    train_split = load_split("train", data_root, config.val_size, config.seed,
+                             limit=config.train_limit or None).to(device)
+    val_split = load_split("val", data_root, config.val_size, config.seed).to(device) if config.val_size else None
+    if len(train_split) < config.batch_size:
+        raise DigitsumError(f"batch size {config.batch_size} is larger than the {len(train_split)} training images")
+
+    torch.manual_seed(config.seed)
+    model = DigitSumNet(config.model).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    steps_per_epoch = len(train_split) // config.batch_size
+    optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * config.epochs)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+           if config.ema else None)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    return Setup(device, bf16, train_split, val_split, model, optimizer, scheduler, ema, generator)
+
+
 # ----------------------------------------------------------------------------- the whole run
 
 
@@ -271,26 +328,10 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
     if progress is None:
         progress = sys.stderr.isatty()
 
-    device = resolve_device(config.device)
-    bf16 = {"auto": bf16_supported(device), "on": True, "off": False}.get(config.bf16)
-    if bf16 is None:
-        raise DigitsumError(f"bf16 must be auto, on or off, got {config.bf16!r}")
-
-    train_split = load_split("train", data_root, config.val_size, config.seed,
-                             limit=config.train_limit or None).to(device)
-    val_split = load_split("val", data_root, config.val_size, config.seed).to(device) if config.val_size else None
-    if len(train_split) < config.batch_size:
-        raise DigitsumError(f"batch size {config.batch_size} is larger than the {len(train_split)} training images")
-
-    torch.manual_seed(config.seed)
-    model = DigitSumNet(config.model).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    steps_per_epoch = len(train_split) // config.batch_size
-    optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * config.epochs)
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
-           if config.ema else None)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    setup = prepare(config, data_root)
+    device, bf16, train_split, val_split = setup.device, setup.bf16, setup.train_split, setup.val_split
+    model, optimizer, scheduler, ema, generator = (setup.model, setup.optimizer, setup.scheduler, setup.ema,
+                                                   setup.generator)
 
     rows: list[dict] = []
     best_score, start_epoch = None, 0
@@ -319,12 +360,9 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
         if figures:
             plots.samples(train_split.to("cpu"), run_dir / "samples.png")
 
-    def eval_model() -> DigitSumNet:
-        return ema.module if ema is not None else model
-
     def save_last(epoch: int) -> None:
         checkpoint.save(run_dir / "last.pt", {
-            "model_config": config.model.to_dict(), "model": eval_model().state_dict(),
+            "model_config": config.model.to_dict(), "model": setup.eval_model.state_dict(),
             "model_train": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
@@ -337,10 +375,9 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             start = time.perf_counter()
-            train_metrics = train_one_epoch(model, optimizer, scheduler, train_split, config, generator,
-                                            bf16, ema, progress)
+            train_metrics = setup.epoch(config, progress)
             seconds = time.perf_counter() - start
-            val_metrics = measure(eval_model(), val_split) if val_split is not None else {}
+            val_metrics = measure(setup.eval_model, val_split) if val_split is not None else {}
             row = {"epoch": epoch, "seconds": round(seconds, 3), "lr": f"{scheduler.get_last_lr()[0]:.6g}",
                    **{f"train_{k}": f"{v:.6f}" for k, v in train_metrics.items()},
                    **{f"val_{k}": f"{v:.6f}" for k, v in val_metrics.items()}}
@@ -351,7 +388,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
             if best_score is None or score >= best_score:
                 best_score = score
                 checkpoint.save(run_dir / "model.pt", {
-                    "model_config": config.model.to_dict(), "model": eval_model().state_dict(),
+                    "model_config": config.model.to_dict(), "model": setup.eval_model.state_dict(),
                     "metadata": {"epoch": epoch, "val": val_metrics, "train_config": config.to_dict(),
                                  "environment": environment(device, bf16), "run": str(run_dir)}})
             write_metrics(run_dir / "metrics.csv", rows)

@@ -1,0 +1,67 @@
+"""Accuracy of the presets over several seeds: the table behind the README's results.
+
+    python benchmarks/accuracy.py --presets best --seeds 0,1,2 [--out runs/accuracy]
+
+Each (preset, seed) is a full `digitsum train` run (model selection on the validation split,
+then one evaluation on the test set) written to OUT/<preset>-seed<seed>/. Prints a markdown
+table: seed, test digit accuracy, test sum accuracy, grid addition errors, training minutes,
+then mean and standard deviation per preset. An existing finished run is reused, not retrained,
+so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from digitsum.train import PRESETS, preset, train
+
+
+def run_or_reuse(name: str, seed: int, out: Path, data_root) -> dict:
+    run_dir = out / f"{name}-seed{seed}"
+    if (run_dir / "eval.json").exists():
+        metrics = json.loads((run_dir / "eval.json").read_text())
+        rows = (run_dir / "metrics.csv").read_text().splitlines()[1:]
+        seconds = sum(float(row.split(",")[-1]) for row in rows)
+    else:
+        summary = train(preset(name, seed=seed), out_dir=run_dir, data_root=data_root, overwrite=True,
+                        log=lambda line: print(f"  [{name} seed {seed}] {line}", flush=True)
+                        if line.startswith(("epoch", "test")) else None)
+        metrics, seconds = summary["metrics"], summary["train_seconds"]
+    return {"seed": seed, "digit": metrics["test"]["digit_accuracy"], "sum": metrics["test"]["sum_accuracy"],
+            "errors": metrics["grid"]["addition_errors"], "minutes": seconds / 60}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="best", help=f"comma-separated, from {', '.join(PRESETS)}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--out", default="runs/accuracy", help="folder for the runs")
+    parser.add_argument("--data-root", default=None)
+    args = parser.parse_args()
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    tables = {}
+    for name in args.presets.split(","):
+        tables[name] = [run_or_reuse(name, seed, Path(args.out), args.data_root) for seed in seeds]
+
+    print("| preset | seed | test digit accuracy | test sum accuracy | grid addition errors | training minutes |")
+    print("|---|---|---|---|---|---|")
+    for name, rows in tables.items():
+        for row in rows:
+            print(f"| {name} | {row['seed']} | {100 * row['digit']:.2f}% | {100 * row['sum']:.2f}% "
+                  f"| {row['errors']} | {row['minutes']:.1f} |")
+
+        def spread(key, scale=100.0):
+            values = [scale * row[key] for row in rows]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.mean(values):.3f} ± {std:.3f}"
+
+        print(f"| {name} | mean ± std of {len(rows)} | {spread('digit')}% | {spread('sum')}% "
+              f"| {spread('errors', 1.0)} | {spread('minutes', 1.0)} |")
+
+
+if __name__ == "__main__":
+    main()

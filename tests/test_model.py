@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from digitsum import checkpoint
 from digitsum.checkpoint import CheckpointError
-from digitsum.model import DigitSumNet, ModelConfig, training_flops_per_image
+from digitsum.model import DigitSumNet, ModelConfig, fold_batchnorm, training_flops_per_image
 
 SMALL = ModelConfig(channels=(8, 16), sum_hidden=32)
 
@@ -121,3 +121,18 @@ def test_checkpoint_of_a_different_architecture_is_a_clear_error(tmp_path):
     checkpoint.save(tmp_path / "mixed.pt", payload)
     with pytest.raises(CheckpointError, match="does not match the DigitSumNet architecture"):
         checkpoint.load_model(tmp_path / "mixed.pt")
+
+
+def test_folding_batchnorm_keeps_the_outputs():
+    torch.manual_seed(2)
+    model = DigitSumNet(SMALL)
+    model.train()
+    for _ in range(3):  # give BatchNorm non-trivial running statistics
+        model(*batch(16, seed=_)[:2])
+    model.eval()
+    folded = fold_batchnorm(model)
+    images, numbers, _ = batch()
+    with torch.no_grad():
+        for a, b in zip(model(images, numbers), folded(images, numbers)):
+            assert torch.allclose(a, b, atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())

@@ -157,14 +157,13 @@ def _numbers_list(text: str) -> list[int]:
 
 
 def cmd_predict(args) -> int:
-    from digitsum.checkpoint import load_model
-    from digitsum.predict import predict
+    from digitsum.predict import load_predictor, predict
 
     if (args.number is None) == (args.numbers is None):
         raise DigitsumError("give --number N (for every image) or --numbers N1,N2,... (one per image)")
     if args.numbers is not None and len(args.numbers) != len(args.images):
         raise DigitsumError(f"--numbers has {len(args.numbers)} values for {len(args.images)} images")
-    model, _ = load_model(args.checkpoint)
+    model, _ = load_predictor(args.checkpoint)
     views: list = []
     results = predict(model, args.images, args.number if args.numbers is None else args.numbers, views)
     if args.show or args.show_dir:

@@ -26,10 +26,9 @@ import torch
 from PIL import Image
 
 from digitsum import __version__
-from digitsum.checkpoint import load_model
 from digitsum.data import NUM_NUMBERS
 from digitsum.errors import DigitsumError
-from digitsum.predict import ImageError, NotAnImageError, classify, preprocess
+from digitsum.predict import ImageError, NotAnImageError, classify, load_predictor, preprocess
 
 try:
     from fastapi import FastAPI, Request
@@ -187,7 +186,7 @@ def create_app(checkpoint_path: str | os.PathLike) -> "FastAPI":
     if FastAPI is None:
         raise DigitsumError("serving needs FastAPI and uvicorn: pip install 'digitsum[serve]'")
     path = Path(checkpoint_path)
-    model, metadata = load_model(path)
+    model, metadata = load_predictor(path)
     identity = model_id(path)
 
     app = FastAPI(title="digitsum", version=__version__,

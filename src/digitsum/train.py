@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import digitsum
 from digitsum import checkpoint, plots
-from digitsum.data import Split, batches, load_split, random_affine, write_atomic
+from digitsum.data import NUM_NUMBERS, Split, batches, load_split, random_affine, write_atomic
 from digitsum.errors import DigitsumError, Interrupted
 from digitsum.evaluate import (autocast, bf16_supported, evaluate_checkpoint, measure, resolve_device,
                                summary_line)
@@ -44,22 +44,23 @@ class TrainConfig:
     """Every setting of a training run (saved in config.json and in every checkpoint)."""
 
     preset: str = "default"
-    epochs: int = 8
+    epochs: int = 16
     batch_size: int = 256
     optimizer: str = "sgd"  # sgd (Nesterov momentum 0.9) or adamw
-    lr: float = 0.2  # peak of the one-cycle schedule
-    sum_lr_scale: float = 20.0  # the sum block learns addition slowly at the CNN's rate (see README)
+    lr: float = 0.3  # peak of the one-cycle schedule
+    sum_lr_scale: float = 13.0  # the sum block learns addition slowly at the CNN's rate (see README)
     warmup: float = 0.2  # fraction of steps spent rising to the peak
     weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     digit_loss_weight: float = 1.0
     sum_loss_weight: float = 1.0
     # Batch augmentation (0 = off): degrees, +-fraction, degrees, pixels.
-    rotate: float = 0.0
-    scale: float = 0.0
+    rotate: float = 8.0
+    scale: float = 0.08
     shear: float = 0.0
-    translate: float = 0.0
+    translate: float = 1.5
     redraw_numbers: bool = False  # fresh numbers each batch instead of the stored ones
+    sum_all_numbers: bool = False  # train the sum block on every image with every number 0..9
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
     val_size: int = 5000
     train_limit: int = 0  # train on the first N training images only (0 = all)
@@ -85,9 +86,16 @@ class TrainConfig:
         return cls(**values)
 
 
-# Named recipes. Explicit flags override a preset's values.
+# Named recipes. Explicit flags override a preset's values. Each was chosen on the validation
+# split; the README lists the measurements behind them.
 PRESETS: dict[str, TrainConfig] = {
+    # What `make train` runs: 99.5% in about 80 s of training on a 2-core CPU.
     "default": TrainConfig(),
+    # Time-to-99%: two epochs of the same small CNN, no augmentation, light weight decay.
+    "fast": TrainConfig(preset="fast", epochs=2, weight_decay=1e-4, rotate=0.0, scale=0.0, translate=0.0),
+    # Accuracy: a deeper, wider CNN and stronger augmentation for longer.
+    "best": TrainConfig(preset="best", epochs=15, lr=0.2, sum_lr_scale=20.0, rotate=10.0, scale=0.1, translate=2.0,
+                        model=ModelConfig(channels=(32, 64, 128), convs_per_stage=2)),
 }
 
 
@@ -173,7 +181,15 @@ def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: Tra
         images = images.contiguous(memory_format=memory_format)
         with autocast(device, bf16):
             digit_logits, sum_logits = model(images, numbers)
-        loss = loss_fn(digit_logits, sum_logits, digits, sums, config)
+        if config.sum_all_numbers:
+            # The sum block also sees each image with all ten numbers (the whole grid): ten times
+            # the addition practice for a block that costs next to nothing next to the CNN.
+            grid_numbers = torch.arange(NUM_NUMBERS, device=device).repeat(len(digits))  # (B*10,)
+            grid_sum_logits = model.add(digit_logits.repeat_interleave(NUM_NUMBERS, 0), grid_numbers)
+            loss = loss_fn(digit_logits, grid_sum_logits, digits,
+                           digits.repeat_interleave(NUM_NUMBERS) + grid_numbers, config)
+        else:
+            loss = loss_fn(digit_logits, sum_logits, digits, sums, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

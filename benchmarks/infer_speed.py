@@ -2,8 +2,11 @@
 
     python benchmarks/infer_speed.py [--checkpoint runs/latest/model.pt] [--seconds 3]
 
-Throughput: images/s of `model(images, numbers)` at batch 1,024 (the whole forward: digit and
-sum heads). Latency: one image + one number, median and p99 over repeated single calls.
+Throughput: images/s for a batch of 1,024 images + numbers (the whole forward: digit and sum
+heads), two ways: "plain" = one `model(images, numbers)` call on the training-mode layout, and
+"predict path" = what `digitsum predict`/`serve` run (`load_predictor`: BatchNorm folded into the
+convolutions; `classify`: the batch in chunks of 128 so activations stay in cache).
+Latency: one image + one number through the predict path's model, median and p99.
 Both in fp32 and, where the CPU runs it fast, bf16 autocast; channels_last; inference mode.
 Weights do not change speed, so presets are measured with their architecture freshly built;
 `--checkpoint` adds a row for a trained model.
@@ -18,7 +21,8 @@ import time
 import torch
 
 from digitsum.evaluate import autocast, bf16_supported
-from digitsum.model import DigitSumNet, count_parameters, training_flops_per_image
+from digitsum.model import DigitSumNet, count_parameters, fold_batchnorm, training_flops_per_image
+from digitsum.predict import INFERENCE_CHUNK, classify
 from digitsum.train import PRESETS
 
 
@@ -27,15 +31,22 @@ def prepared(model: DigitSumNet) -> DigitSumNet:
 
 
 @torch.inference_mode()
-def throughput(model, batch: int, bf16: bool, seconds: float) -> float:
+def throughput(model, batch: int, bf16: bool, seconds: float, chunk: int | None = None) -> float:
     images = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     numbers = torch.randint(0, 10, (batch,))
+
+    def run():
+        if chunk is None:
+            model(images, numbers)
+        else:
+            classify(model, images, numbers.tolist(), chunk=chunk)
+
     with autocast(torch.device("cpu"), bf16):
         for _ in range(3):  # warm-up: oneDNN picks and caches its kernels on first use
-            model(images, numbers)
+            run()
         calls, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            model(images, numbers)
+            run()
             calls += 1
     return calls * batch / (time.perf_counter() - start)
 
@@ -73,17 +84,19 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.seconds:.0f} s per cell\n")
-    print(f"| model | parameters | forward MFLOP/image | precision | images/s at batch {args.batch} "
-          "| single image median (ms) | single image p99 (ms) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | parameters | forward MFLOP/image | precision | plain: images/s at batch "
+          f"{args.batch} | predict path: images/s at batch {args.batch} | single image median (ms) | single image p99 (ms) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, model in models.items():
-        model = prepared(model)
+        plain = prepared(model)
+        folded = prepared(fold_batchnorm(model))
         forward_mflop = training_flops_per_image(model.config) / 3 / 1e6
         for bf16 in precisions:
-            rate = throughput(model, args.batch, bf16, args.seconds)
-            median, p99 = latency_ms(model, bf16, args.seconds)
+            plain_rate = throughput(plain, args.batch, bf16, args.seconds)
+            path_rate = throughput(folded, args.batch, bf16, args.seconds, chunk=INFERENCE_CHUNK)
+            median, p99 = latency_ms(folded, bf16, args.seconds)
             print(f"| {name} | {count_parameters(model):,} | {forward_mflop:.1f} | {'bf16' if bf16 else 'fp32'} "
-                  f"| {rate:,.0f} | {median:.3f} | {p99:.3f} |", flush=True)
+                  f"| {plain_rate:,.0f} | {path_rate:,.0f} | {median:.3f} | {p99:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

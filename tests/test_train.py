@@ -127,3 +127,20 @@ def test_resuming_a_last_pt_whose_weights_do_not_fit_its_settings_is_refused(syn
     checkpoint.save(path, {k: v for k, v in state.items() if k != "format"})
     with pytest.raises(DigitsumError, match="does not match"):
         run(None, synthetic_root, None, resume=path)
+
+
+def test_grid_training_of_the_sum_block_learns_the_synthetic_sums(synthetic_root, tmp_path):
+    config = TrainConfig(**{**TINY.__dict__, "epochs": 6, "sum_all_numbers": True})
+    summary = run(config, synthetic_root, tmp_path / "run")
+    grid = summary["metrics"]["grid"]
+    assert summary["metrics"]["test"]["sum_accuracy"] > 0.5 and grid["sum_accuracy"] > 0.5
+
+
+def test_presets_differ_only_where_they_say_and_flags_override_them():
+    from digitsum.train import PRESETS, preset
+
+    assert preset("fast").epochs == PRESETS["fast"].epochs and preset("fast").preset == "fast"
+    assert preset("best", epochs=3, seed=7).epochs == 3 and preset("best", seed=7).seed == 7
+    assert preset("best").model.channels != preset("default").model.channels
+    with pytest.raises(DigitsumError, match="unknown preset"):
+        preset("quickest")

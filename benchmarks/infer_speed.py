@@ -75,7 +75,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     args = parser.parse_args()
 
-    models = {f"preset {name}": DigitSumNet(config.model) for name, config in PRESETS.items()}
+    names_by_architecture: dict = {}
+    for name, config in PRESETS.items():  # presets that share an architecture are measured once
+        names_by_architecture.setdefault(config.model, []).append(name)
+    models = {"preset " + " = ".join(names): DigitSumNet(model_config)
+              for model_config, names in names_by_architecture.items()}
     if args.checkpoint:
         from digitsum.checkpoint import load_model
 

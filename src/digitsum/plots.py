@@ -60,7 +60,8 @@ def curves(metrics_csv: Path, path: Path) -> None:
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
     loss_axis.plot(epochs, column("train_loss"), "o-", label="train")
     loss_axis.plot(epochs, column("val_loss"), "o-", label="validation")
-    loss_axis.set(xlabel="epoch", ylabel="loss (digit CE + sum CE)", yscale="log", title="loss")
+    loss_axis.set(xlabel="epoch", ylabel="loss (digit CE + sum CE)", yscale="log",
+                  title="loss (train: with label smoothing, augmented)")
     loss_axis.legend()
     for name, style in (("digit", "-"), ("sum", "--")):
         acc_axis.plot(epochs, [100 * v for v in column(f"train_{name}_accuracy")], "o" + style, label=f"train {name}")

@@ -4,7 +4,8 @@
 
 Every test image is transformed the same way for every model (fixed seed): rotation by a
 random angle in +-15 degrees, a random shift of up to +-3 px, thicker strokes (3x3 grey
-dilation) and thinner strokes (3x3 grey erosion). Prints a markdown table.
+dilation) and thinner strokes (the mean of each pixel and its 3x3 grey erosion: the stroke's
+edges fade to half). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def thicker(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def thinner(pixels: torch.Tensor) -> torch.Tensor:
-    return -F.max_pool2d(-pixels, 3, stride=1, padding=1)
+    # A full 3x3 erosion removes most of a 2-3 px MNIST stroke; half of it is a mild thinning.
+    return (pixels - F.max_pool2d(-pixels, 3, stride=1, padding=1)) / 2
 
 
 def shifts(seed: int = 0) -> dict:

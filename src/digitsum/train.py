@@ -388,7 +388,6 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
 
     if state is None:
         save_last(0)  # so that even an interrupted first epoch leaves something to resume
-    point_latest(run_dir)
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             start = time.perf_counter()
@@ -410,6 +409,8 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
                                  "environment": environment(device, bf16), "run": str(run_dir)}})
             write_metrics(run_dir / "metrics.csv", rows)
             save_last(epoch)
+            if epoch == start_epoch + 1:
+                point_latest(run_dir)  # only once the run holds a model.pt that commands can use
             log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_metrics['loss']:.4f} "
                 f"digit {100 * train_metrics['digit_accuracy']:.2f}% sum {100 * train_metrics['sum_accuracy']:.2f}%"
                 + (f" | val loss {val_metrics['loss']:.4f} digit {100 * val_metrics['digit_accuracy']:.2f}% "

@@ -21,45 +21,23 @@ def _data_root_help() -> str:
     return "where MNIST lives (default: $DIGITSUM_DATA or ./data)"
 
 
-def _number(text: str) -> int:
-    """argparse type for a number 0..9."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"number must be an integer 0..9, got {text!r}") from None
-    if not 0 <= value <= 9:
-        raise argparse.ArgumentTypeError(f"number must be in 0..9, got {value}")
-    return value
+def _checked(convert, accept, expected: str):
+    """An argparse type: `convert` the text, and reject it unless `accept(value)`, naming what is expected."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text}")
+        return value
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
+_number = _checked(int, lambda v: 0 <= v <= 9, "number must be an integer in 0..9")
+_positive_int = _checked(int, lambda v: v >= 1, "expected a positive integer")
+_non_negative_int = _checked(int, lambda v: v >= 0, "expected an integer >= 0")
+_positive_float = _checked(float, lambda v: v > 0, "expected a number > 0")
 
 
 class _Parser(argparse.ArgumentParser):

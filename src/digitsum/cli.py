@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from digitsum.errors import DigitsumError, Interrupted
@@ -79,7 +78,6 @@ TRAIN_FLAGS = {
 
 
 def _train_config(args):
-    from digitsum.model import ModelConfig
     from digitsum.train import preset
 
     overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}

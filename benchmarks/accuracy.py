@@ -12,6 +12,7 @@ so an interrupted benchmark continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 from pathlib import Path
@@ -23,8 +24,8 @@ def run_or_reuse(name: str, seed: int, out: Path, data_root) -> dict:
     run_dir = out / f"{name}-seed{seed}"
     if (run_dir / "eval.json").exists():
         metrics = json.loads((run_dir / "eval.json").read_text())
-        rows = (run_dir / "metrics.csv").read_text().splitlines()[1:]
-        seconds = sum(float(row.split(",")[-1]) for row in rows)
+        with open(run_dir / "metrics.csv", newline="") as f:
+            seconds = sum(float(row["seconds"]) for row in csv.DictReader(f))
     else:
         summary = train(preset(name, seed=seed), out_dir=run_dir, data_root=data_root, overwrite=True,
                         log=lambda line: print(f"  [{name} seed {seed}] {line}", flush=True)

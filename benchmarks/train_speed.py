@@ -54,6 +54,14 @@ class Clock:
         return self.reached is not None
 
 
+def test_accuracy(model, test) -> tuple[float, float]:
+    """(digit, sum) accuracy on the test split; the same `measure` for our models and the classic one."""
+    from digitsum.evaluate import measure
+
+    metrics = measure(model, test)
+    return metrics["digit_accuracy"], metrics["sum_accuracy"]
+
+
 def matmul_peak_gflops(size: int = 4096, repeats: int = 5) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.matmul(a, b)
@@ -68,7 +76,6 @@ def matmul_peak_gflops(size: int = 4096, repeats: int = 5) -> float:
 
 def run_ours(preset_name: str, seed: int, check_every: int, data_root) -> dict:
     from digitsum.data import load_split
-    from digitsum.evaluate import measure
     from digitsum.model import training_flops_per_image
     from digitsum.train import preset, prepare
 
@@ -76,11 +83,7 @@ def run_ours(preset_name: str, seed: int, check_every: int, data_root) -> dict:
     setup = prepare(config, data_root)
     test = load_split("test", data_root).to(setup.device)
 
-    def evaluate(model):
-        metrics = measure(setup.eval_model, test)
-        return metrics["digit_accuracy"], metrics["sum_accuracy"]
-
-    clock = Clock(check_every, evaluate)
+    clock = Clock(check_every, lambda model: test_accuracy(setup.eval_model, test))
     for _ in range(config.epochs):
         setup.epoch(config, on_step=lambda model: clock.step(model, config.batch_size))
         if clock.reached:
@@ -138,7 +141,7 @@ def run_classic(seed: int, check_every: int, epochs: int, data_root) -> dict:
     import torchvision
     from torchvision import transforms
 
-    from digitsum.data import default_root, draw_numbers, ensure_mnist, load_split, normalize
+    from digitsum.data import default_root, draw_numbers, ensure_mnist, load_split
 
     root = data_root or default_root()
     ensure_mnist(root)
@@ -151,20 +154,7 @@ def run_classic(seed: int, check_every: int, epochs: int, data_root) -> dict:
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
     test = load_split("test", root)
-    test_images = normalize(test.images)
-
-    @torch.no_grad()
-    def evaluate(model):
-        model.eval()
-        digit_hits = sum_hits = 0
-        for start in range(0, len(test), 1000):
-            d, s = model(test_images[start : start + 1000], test.numbers[start : start + 1000])
-            digit_hits += int((d.argmax(1) == test.digits[start : start + 1000]).sum())
-            sum_hits += int((s.argmax(1) == test.sums[start : start + 1000]).sum())
-        model.train()
-        return digit_hits / len(test), sum_hits / len(test)
-
-    clock = Clock(check_every, evaluate)
+    clock = Clock(check_every, lambda model: test_accuracy(model, test))
     model.train()
     for _ in range(epochs):
         for batch in loader:

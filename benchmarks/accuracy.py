@@ -6,7 +6,8 @@ Each (preset, seed) is a full `digitsum train` run (model selection on the valid
 then one evaluation on the test set) written to OUT/<preset>-seed<seed>/. Prints a markdown
 table: seed, test digit accuracy, test sum accuracy, grid addition errors, training minutes,
 then mean and standard deviation per preset. An existing finished run is reused, not retrained,
-so an interrupted benchmark continues where it stopped.
+so an interrupted benchmark continues where it stopped (only if its config.json matches the
+preset's current settings).
 """
 
 from __future__ import annotations
@@ -20,14 +21,23 @@ from pathlib import Path
 from digitsum.train import PRESETS, preset, train
 
 
+def same_recipe(run_dir: Path, config) -> bool:
+    """Whether a finished run was trained with `config` (all settings but the device)."""
+    saved = json.loads((run_dir / "config.json").read_text())["train"]
+    wanted = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, as in the saved file
+    ignore = ("device", "preset")
+    return {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in wanted.items() if k not in ignore}
+
+
 def run_or_reuse(name: str, seed: int, out: Path, data_root) -> dict:
     run_dir = out / f"{name}-seed{seed}"
-    if (run_dir / "eval.json").exists():
+    config = preset(name, seed=seed)
+    if (run_dir / "eval.json").exists() and same_recipe(run_dir, config):
         metrics = json.loads((run_dir / "eval.json").read_text())
         with open(run_dir / "metrics.csv", newline="") as f:
             seconds = sum(float(row["seconds"]) for row in csv.DictReader(f))
     else:
-        summary = train(preset(name, seed=seed), out_dir=run_dir, data_root=data_root, overwrite=True,
+        summary = train(config, out_dir=run_dir, data_root=data_root, overwrite=True,
                         log=lambda line: print(f"  [{name} seed {seed}] {line}", flush=True)
                         if line.startswith(("epoch", "test")) else None)
         metrics, seconds = summary["metrics"], summary["train_seconds"]

@@ -38,7 +38,8 @@ def test_train_then_evaluate_json_has_the_documented_shape(synthetic_root, tmp_p
     assert cli.main(["evaluate", str(out / "model.pt"), "--data-root", str(synthetic_root), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics["test"]) == {"digit_accuracy", "sum_accuracy", "loss"}
-    assert set(metrics["grid"]) == {"digit_accuracy", "sum_accuracy", "addition_errors", "pairs"}
+    assert set(metrics["grid"]) == {"digit_accuracy", "sum_accuracy", "addition_errors", "pairs",
+                                      "addition_table_correct"}
     assert metrics["grid"]["pairs"] == 200 * 10
     assert set(metrics["per_class"]) == {str(d) for d in range(10)}
     assert metrics["checkpoint"].endswith("model.pt") and metrics["seconds"] >= 0

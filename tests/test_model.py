@@ -23,7 +23,8 @@ def batch(size=8, seed=0):
 
 @pytest.mark.parametrize("config", [ModelConfig(), SMALL, ModelConfig(channels=(8, 16, 32, 64)),
                                     ModelConfig(channels=(8,), convs_per_stage=2, sum_hidden=0),
-                                    ModelConfig(sum_input="logits"), ModelConfig(sum_input="log_softmax")])
+                                    ModelConfig(sum_input="softmax"), ModelConfig(sum_input="logits"),
+                                    ModelConfig(sum_input="log_softmax"), ModelConfig(batchnorm=False)])
 def test_forward_gives_10_digit_and_19_sum_logits(config):
     images, numbers, _ = batch(5)
     digit_logits, sum_logits = DigitSumNet(config)(images, numbers)
@@ -33,6 +34,25 @@ def test_forward_gives_10_digit_and_19_sum_logits(config):
 def test_sum_block_sees_20_values_from_the_digit_head_and_the_one_hot_number():
     model = DigitSumNet(ModelConfig(sum_hidden=0))
     assert model.sum_block.in_features == 20 and model.sum_block.out_features == 19
+
+
+def test_onehot_sum_input_is_exactly_the_predicted_digit_and_passes_the_softmax_gradient():
+    model = DigitSumNet(ModelConfig(channels=(8,), sum_input="onehot"))
+    logits = torch.tensor([[0.1, 2.0, 1.9] + [0.0] * 7, [5.0] + [0.0] * 9], requires_grad=True)
+    representation = model.digit_representation(logits)
+    assert torch.equal(representation, F.one_hot(torch.tensor([1, 0]), 10).float())  # exact, not 0.99999
+    (representation * torch.arange(10.0)).sum().backward()  # straight-through: d/dlogits of softmax
+    soft = logits.detach().softmax(1)
+    expected = soft * (torch.arange(10.0) - (soft * torch.arange(10.0)).sum(1, keepdim=True))
+    assert torch.allclose(logits.grad, expected, atol=1e-6)
+
+
+def test_onehot_sum_input_trains_the_cnn_through_the_sum_loss():
+    model = DigitSumNet(ModelConfig(channels=(8,), sum_input="onehot"))
+    images, numbers, digits = batch()
+    _, sum_logits = model(images, numbers)
+    F.cross_entropy(sum_logits, digits + numbers).backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.trunk.parameters())
 
 
 def test_detached_sum_input_sends_no_sum_gradient_into_the_cnn():
@@ -136,3 +156,22 @@ def test_folding_batchnorm_keeps_the_outputs():
         for a, b in zip(model(images, numbers), folded(images, numbers)):
             assert torch.allclose(a, b, atol=1e-4)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+
+
+def test_addition_table_finds_the_one_wrong_entry_and_the_grid_counts_its_images():
+    from digitsum.evaluate import addition_table, grid_metrics
+
+    model = DigitSumNet(ModelConfig(channels=(8,), sum_hidden=0, sum_input="onehot")).eval()
+    with torch.no_grad():  # a linear sum block that adds exactly: score_s = -(s - d - n)^2 expanded
+        s, d = torch.arange(19.0)[:, None], torch.arange(10.0)[None, :]
+        model.sum_block.weight.copy_(torch.cat([2 * s * d, 2 * s * d], dim=1))
+        model.sum_block.bias.copy_(-torch.arange(19.0) ** 2)
+    assert addition_table(model).all()
+    digits = torch.tensor([3, 3, 5, 7])
+    logits = 4.0 * F.one_hot(torch.tensor([3, 3, 5, 1]), 10).float()  # three right, one wrong digit
+    assert grid_metrics(model, logits, digits)["addition_errors"] == 0
+    with torch.no_grad():
+        model.sum_block.weight[7, 3] -= 100.0  # now 3 + 4 is no longer 7
+    table = addition_table(model)
+    assert int(table.sum()) == 99 and not table[3, 4]
+    assert grid_metrics(model, logits, digits)["addition_errors"] == 2  # the two right 3s, with number 4

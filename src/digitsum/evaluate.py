@@ -97,7 +97,23 @@ def grid_metrics(model: DigitSumNet, digit_logits: torch.Tensor, digits: torch.T
         addition_errors += int((digit_right & ~sum_right).sum())
     pairs = len(digits) * NUM_NUMBERS
     return {"digit_accuracy": float(digit_right.float().mean()), "sum_accuracy": sums_right / pairs,
-            "addition_errors": addition_errors, "pairs": pairs}
+            "addition_errors": addition_errors, "pairs": pairs,
+            "addition_table_correct": int(addition_table(model).sum())}
+
+
+def addition_table(model: DigitSumNet) -> torch.Tensor:
+    """(10, 10) bool: whether the sum block adds digit d (row) and number n (column) correctly.
+
+    The digit head is replaced by a sure one (logits = 30 * one_hot(d)). For the `onehot` sum input
+    this is exhaustive: whatever the image, the sum block sees one of exactly these 100 inputs, so
+    a full table means no image whose digit is right can get a wrong sum.
+    """
+    device = next(model.parameters()).device
+    digits = torch.arange(NUM_NUMBERS, device=device).repeat_interleave(NUM_NUMBERS)  # 0,0,..,1,1,..
+    numbers = torch.arange(NUM_NUMBERS, device=device).repeat(NUM_NUMBERS)  # 0,1,..,9,0,1,..
+    with torch.no_grad():
+        sums = model.add(30.0 * F.one_hot(digits, NUM_NUMBERS).float(), numbers).argmax(1)
+    return (sums == digits + numbers).reshape(NUM_NUMBERS, NUM_NUMBERS).cpu()
 
 
 def confusion_matrix(predicted: torch.Tensor, truth: torch.Tensor, classes: int = 10) -> torch.Tensor:
@@ -153,4 +169,4 @@ def summary_line(metrics: dict) -> str:
     test, grid = metrics["test"], metrics["grid"]
     return (f"test: digit {100 * test['digit_accuracy']:.2f}%  sum {100 * test['sum_accuracy']:.2f}%  "
             f"loss {test['loss']:.4f} | grid of {grid['pairs']:,} pairs: sum {100 * grid['sum_accuracy']:.3f}%, "
-            f"{grid['addition_errors']} addition errors")
+            f"{grid['addition_errors']} addition errors; addition table {grid['addition_table_correct']}/100")

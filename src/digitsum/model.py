@@ -18,7 +18,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 NUM_DIGITS, NUM_NUMBERS, NUM_SUMS = 10, 10, 19
 IMAGE_SIZE = 28
-SUM_INPUTS = ("softmax", "logits", "log_softmax")
+SUM_INPUTS = ("softmax", "onehot", "logits", "log_softmax")
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,10 @@ class ModelConfig:
     # One stage = `convs_per_stage` 3x3 conv+BN+ReLU layers, then a 2x2 max-pool.
     channels: tuple[int, ...] = (16, 32, 64)
     convs_per_stage: int = 1
+    batchnorm: bool = True  # False: plain conv (with bias) + ReLU, for the ablation in benchmarks/recipe.py
     dropout: float = 0.0  # before the digit classifier
     # What of the digit head feeds the sum block, and whether the sum loss trains the CNN too.
-    sum_input: str = "softmax"
+    sum_input: str = "onehot"
     sum_hidden: int = 128  # 0 = the original single linear layer 20 -> 19
     detach_sum_input: bool = False
 
@@ -52,11 +53,11 @@ class ModelConfig:
         return cls(**values)
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    # bias=False: BatchNorm's shift makes a conv bias redundant.
+def conv_block(in_channels: int, out_channels: int, batchnorm: bool = True) -> nn.Sequential:
+    # bias=False with BatchNorm: its shift makes a conv bias redundant.
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=not batchnorm),
+        nn.BatchNorm2d(out_channels) if batchnorm else nn.Identity(),
         nn.ReLU(inplace=True),
     )
 
@@ -70,7 +71,7 @@ class DigitSumNet(nn.Module):
         layers, in_channels, size = [], 1, IMAGE_SIZE
         for out_channels in config.channels:
             for _ in range(config.convs_per_stage):
-                layers.append(conv_block(in_channels, out_channels))
+                layers.append(conv_block(in_channels, out_channels, config.batchnorm))
                 in_channels = out_channels
             layers.append(nn.MaxPool2d(2))
             size //= 2
@@ -95,6 +96,12 @@ class DigitSumNet(nn.Module):
             digit_logits = digit_logits.detach()
         if self.config.sum_input == "softmax":
             return digit_logits.float().softmax(dim=1)
+        if self.config.sum_input == "onehot":
+            # The predicted digit as a one-hot vector, with the softmax's gradient (straight-through
+            # estimator): the forward pass is exactly one of ten inputs, the backward pass is smooth.
+            soft = digit_logits.float().softmax(dim=1)
+            hard = F.one_hot(soft.argmax(dim=1), NUM_DIGITS).to(soft.dtype)
+            return hard + (soft - soft.detach())  # parenthesised so the value is exactly `hard`
         if self.config.sum_input == "log_softmax":
             return digit_logits.float().log_softmax(dim=1)
         return digit_logits.float()

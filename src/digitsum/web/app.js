@@ -167,7 +167,10 @@ function show(body) {
   document.getElementById("digit").textContent = String(body.digit);
   document.getElementById("sum").textContent = String(body.sum);
   document.getElementById("digit-p").textContent = `${(100 * body.digit_probabilities[body.digit]).toFixed(1)}% sure it is ${body.digit}`;
-  document.getElementById("sum-p").textContent = `${(100 * body.sum_probabilities[body.sum]).toFixed(1)}% sure it is ${body.sum}`;
+  // The sum block adds the digit the CNN read (one-hot) to the number, so its probability is the
+  // confidence of that addition; how sure the model is of the image is the digit's probability.
+  document.getElementById("sum-p").textContent =
+    `${(100 * body.sum_probabilities[body.sum]).toFixed(1)}% sure of ${body.digit} + ${body.number}`;
   setBars(document.getElementById("digit-bars"), body.digit_probabilities);
   setBars(document.getElementById("sum-bars"), body.sum_probabilities);
   document.getElementById("view").src = body.image_28x28;

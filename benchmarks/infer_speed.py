@@ -3,11 +3,14 @@
     python benchmarks/infer_speed.py [--checkpoint runs/latest/model.pt] [--seconds 3]
 
 Throughput: images/s for a batch of 1,024 images + numbers (the whole forward: digit and sum
-heads), two ways: "plain" = one `model(images, numbers)` call on the training-mode layout, and
-"predict path" = what `digitsum predict`/`serve` run (`load_predictor`: BatchNorm folded into the
-convolutions; `classify`: the batch in chunks of 128 so activations stay in cache).
+heads), two ways: "plain" = one `model(images, numbers)` call of the model as trained (eval mode,
+channels-last), and "predict path" = what `digitsum predict`/`serve` run (`load_predictor` ->
+`model.inference_model`: BatchNorm folded into the convs, ReLU after the max-pool, a faster
+max-pool; `predict.classify`: the batch in chunks of 256 so activations stay in cache).
 Latency: one image + one number through the predict path's model, median and p99.
-Both in fp32 and, where the CPU runs it fast, bf16 autocast; channels_last; inference mode.
+Both in fp32 and, where the CPU runs it fast, bf16 autocast (what classify picks by default).
+This shared machine's speed drifts by up to 2x from minute to minute, so each cell is measured
+`--rounds` times, interleaved, and the median round is reported with the range.
 Weights do not change speed, so presets are measured with their architecture freshly built;
 `--checkpoint` adds a row for a trained model.
 """
@@ -20,8 +23,8 @@ import time
 
 import torch
 
-from digitsum.evaluate import autocast, bf16_supported
-from digitsum.model import DigitSumNet, count_parameters, fold_batchnorm, training_flops_per_image
+from digitsum.device import autocast, bf16_supported
+from digitsum.model import DigitSumNet, count_parameters, inference_model, training_flops_per_image
 from digitsum.predict import INFERENCE_CHUNK, classify
 from digitsum.train import PRESETS
 
@@ -32,38 +35,38 @@ def prepared(model: DigitSumNet) -> DigitSumNet:
 
 @torch.inference_mode()
 def throughput(model, batch: int, bf16: bool, seconds: float, chunk: int | None = None) -> float:
+    """images/s of one forward of `batch` images: one plain call, or predict.classify in chunks."""
     images = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     numbers = torch.randint(0, 10, (batch,))
 
     def run():
         if chunk is None:
-            model(images, numbers)
+            with autocast(torch.device("cpu"), bf16):
+                model(images, numbers)
         else:
-            classify(model, images, numbers.tolist(), chunk=chunk)
+            classify(model, images, numbers.tolist(), chunk=chunk, bf16=bf16)
 
-    with autocast(torch.device("cpu"), bf16):
-        for _ in range(3):  # warm-up: oneDNN picks and caches its kernels on first use
-            run()
-        calls, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            run()
-            calls += 1
+    for _ in range(3):  # warm-up: oneDNN picks and caches its kernels on first use
+        run()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        run()
+        calls += 1
     return calls * batch / (time.perf_counter() - start)
 
 
 @torch.inference_mode()
 def latency_ms(model, bf16: bool, seconds: float) -> tuple[float, float]:
+    """Median and p99 of one image + one number through predict.classify."""
     image = torch.randn(1, 1, 28, 28)
-    number = torch.tensor([3])
     times = []
-    with autocast(torch.device("cpu"), bf16):
-        for _ in range(20):
-            model(image, number)
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            model(image, number)
-            times.append(time.perf_counter() - start)
+    for _ in range(20):
+        classify(model, image, [3], bf16=bf16)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        classify(model, image, [3], bf16=bf16)
+        times.append(time.perf_counter() - start)
     times.sort()
     return 1000 * statistics.median(times), 1000 * times[int(0.99 * (len(times) - 1))]
 
@@ -71,7 +74,8 @@ def latency_ms(model, bf16: bool, seconds: float) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="also measure this trained checkpoint")
-    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per cell")
+    parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per cell and round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per cell (median reported)")
     parser.add_argument("--batch", type=int, default=1024)
     args = parser.parse_args()
 
@@ -86,21 +90,31 @@ def main() -> None:
         models[f"checkpoint {args.checkpoint}"] = load_model(args.checkpoint)[0]
     precisions = [False] + ([True] if bf16_supported(torch.device("cpu")) else [])
 
+    cells = {}  # (name, bf16) -> {"plain": [...], "path": [...], "latency": [...]}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            plain, fast = prepared(model), inference_model(model)
+            for bf16 in precisions:
+                cell = cells.setdefault((name, bf16), {"plain": [], "path": [], "latency": []})
+                cell["plain"].append(throughput(plain, args.batch, bf16, args.seconds))
+                cell["path"].append(throughput(fast, args.batch, bf16, args.seconds, chunk=INFERENCE_CHUNK))
+                cell["latency"].append(latency_ms(fast, bf16, args.seconds))
+
+    def rate(values):
+        return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"{args.seconds:.0f} s per cell\n")
+          f"{args.rounds} interleaved rounds of {args.seconds:.0f} s per cell: median (min-max)\n")
     print("| model | parameters | forward MFLOP/image | precision | plain: images/s at batch "
           f"{args.batch} | predict path: images/s at batch {args.batch} | single image median (ms) | single image p99 (ms) |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, model in models.items():
-        plain = prepared(model)
-        folded = prepared(fold_batchnorm(model))
+    for (name, bf16), cell in cells.items():
+        model = models[name]
         forward_mflop = training_flops_per_image(model.config) / 3 / 1e6
-        for bf16 in precisions:
-            plain_rate = throughput(plain, args.batch, bf16, args.seconds)
-            path_rate = throughput(folded, args.batch, bf16, args.seconds, chunk=INFERENCE_CHUNK)
-            median, p99 = latency_ms(folded, bf16, args.seconds)
-            print(f"| {name} | {count_parameters(model):,} | {forward_mflop:.1f} | {'bf16' if bf16 else 'fp32'} "
-                  f"| {plain_rate:,.0f} | {path_rate:,.0f} | {median:.3f} | {p99:.3f} |", flush=True)
+        median = statistics.median(m for m, _ in cell["latency"])
+        p99 = statistics.median(p for _, p in cell["latency"])
+        print(f"| {name} | {count_parameters(model):,} | {forward_mflop:.1f} | {'bf16' if bf16 else 'fp32'} "
+              f"| {rate(cell['plain'])} | {rate(cell['path'])} | {median:.3f} | {p99:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

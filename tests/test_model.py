@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from digitsum import checkpoint
 from digitsum.checkpoint import CheckpointError
-from digitsum.model import DigitSumNet, ModelConfig, fold_batchnorm, training_flops_per_image
+from digitsum.model import (DigitSumNet, MaxPool2x2, ModelConfig, fold_batchnorm, inference_model,
+                            training_flops_per_image)
 
 SMALL = ModelConfig(channels=(8, 16), sum_hidden=32)
 
@@ -81,6 +82,17 @@ def test_one_training_step_lowers_the_loss():
     assert loss().item() < before.item()
 
 
+def test_first_stride_2_replaces_the_first_pool_and_counts_its_flops():
+    config = ModelConfig(channels=(4,), sum_hidden=0, first_stride=2)
+    model = DigitSumNet(config)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.trunk)
+    assert model.digit_head[-1].in_features == 4 * 14 * 14
+    conv = 2 * 14 * 14 * 4 * 1 * 9
+    assert training_flops_per_image(config) == 3 * (conv + 2 * 4 * 14 * 14 * 10 + 2 * 20 * 19)
+    with pytest.raises(ValueError, match="first_stride"):
+        DigitSumNet(ModelConfig(first_stride=3))
+
+
 def test_training_flops_count_the_convolutions_from_the_config():
     one_stage = ModelConfig(channels=(4,), sum_hidden=0)
     conv = 2 * 28 * 28 * 4 * 1 * 9
@@ -141,6 +153,30 @@ def test_checkpoint_of_a_different_architecture_is_a_clear_error(tmp_path):
     checkpoint.save(tmp_path / "mixed.pt", payload)
     with pytest.raises(CheckpointError, match="does not match the DigitSumNet architecture"):
         checkpoint.load_model(tmp_path / "mixed.pt")
+
+
+@pytest.mark.parametrize("size", [28, 14, 7, 3])
+def test_maxpool2x2_equals_maxpool2d_exactly(size):
+    x = torch.randn(3, 8, size, size).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(MaxPool2x2()(x), torch.nn.MaxPool2d(2)(x))
+
+
+@pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(channels=(8, 16), convs_per_stage=2),
+                                    ModelConfig(first_stride=2), ModelConfig(batchnorm=False)])
+def test_inference_model_gives_the_same_outputs_and_keeps_the_original(config):
+    torch.manual_seed(3)
+    model = DigitSumNet(config)
+    model.train()
+    for step in range(2):  # non-trivial BatchNorm statistics
+        model(*batch(16, seed=step)[:2])
+    model.eval()
+    fast = inference_model(model)
+    images, numbers, _ = batch(6)
+    with torch.no_grad():
+        for a, b in zip(model(images, numbers), fast(images, numbers)):
+            assert torch.allclose(a, b, atol=1e-4)
+    assert isinstance(fast.trunk[-2], MaxPool2x2) and isinstance(fast.trunk[-1], torch.nn.ReLU)  # ReLU after pool
+    assert any(isinstance(m, torch.nn.MaxPool2d) for m in model.trunk)  # the original is untouched
 
 
 def test_folding_batchnorm_keeps_the_outputs():

@@ -312,3 +312,20 @@ def test_mnist_test_images_saved_as_png_get_the_tensor_paths_predictions(trained
 def test_a_drawn_seven_saved_as_jpeg_is_read_as_seven_and_added(trained_model):
     [result] = predict(trained_model, [encoded(drawn_seven().convert("RGB"), "JPEG", quality=75)], [5])
     assert (result["digit"], result["sum"]) == (7, 12)
+
+
+def test_classify_in_chunks_and_in_bf16_matches_the_plain_model(model):
+    from digitsum.model import inference_model
+    from digitsum.predict import classify
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(10, 1, 28, 28, generator=generator)
+    numbers = torch.randint(0, 10, (10,), generator=generator).tolist()
+    fast = inference_model(model)
+    with torch.no_grad():
+        digit_logits, sum_logits = model(images, torch.tensor(numbers))
+    chunked = classify(fast, images, numbers, chunk=3, bf16=False)
+    assert torch.allclose(chunked[0], digit_logits.softmax(1), atol=1e-5)
+    assert torch.allclose(chunked[1], sum_logits.softmax(1), atol=1e-5)
+    bf16 = classify(fast, images, numbers, chunk=4, bf16=True)  # bf16 keeps ~3 significant digits
+    assert torch.allclose(bf16[0], chunked[0], atol=0.05)

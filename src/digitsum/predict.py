@@ -24,7 +24,8 @@ from PIL import Image, UnidentifiedImageError
 from digitsum.data import NUM_NUMBERS, normalize
 from digitsum.errors import DigitsumError
 from digitsum.checkpoint import load_model
-from digitsum.model import IMAGE_SIZE, DigitSumNet, fold_batchnorm
+from digitsum.device import autocast, bf16_supported
+from digitsum.model import IMAGE_SIZE, DigitSumNet, inference_model
 
 MAX_SIDE = 4096  # larger images are refused before decoding (decompression bomb guard)
 DIGIT_BOX = 20  # MNIST fits the digit's longer side into 20 px ...
@@ -216,26 +217,34 @@ def _top(probabilities: torch.Tensor, k: int = 3) -> list[dict]:
 
 
 def load_predictor(path: str | os.PathLike) -> tuple[DigitSumNet, dict]:
-    """(model ready for inference, metadata) from a checkpoint: eval mode, BatchNorm folded in."""
+    """(model ready for inference, metadata) from a checkpoint: eval mode, BatchNorm folded in,
+    ReLU after max-pool, channels-last (model.inference_model)."""
     model, metadata = load_model(path)
-    return fold_batchnorm(model), metadata
+    return inference_model(model), metadata
 
 
-INFERENCE_CHUNK = 128  # images per forward pass: keeps a small CNN's activations in the CPU's cache
+INFERENCE_CHUNK = 256  # images per forward pass: keeps a small CNN's activations in the CPU's cache
+BF16_MIN_BATCH = 64  # measured on a 2-core AVX-512 BF16 CPU: 1 image 0.31 ms fp32 vs 0.55 bf16; 64: 2.0 vs 1.7
 
 
 @torch.inference_mode()
 def classify(model: DigitSumNet, inputs: torch.Tensor, numbers: Sequence[int],
-             chunk: int = INFERENCE_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+             chunk: int = INFERENCE_CHUNK, bf16: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(digit probabilities (B, 10), sum probabilities (B, 19)) for normalised inputs (B, 1, 28, 28).
 
-    Large batches run in chunks of `chunk` images: on a CPU, 128 images of this model fit in the
-    cache while 1,024 do not, which makes the chunked pass about twice as fast.
+    Large batches run in chunks of `chunk` images: on a CPU, a few hundred images of this model
+    fit in the cache while 1,024 do not, which makes the chunked pass about twice as fast.
+    `bf16=None` runs the CNN under bfloat16 autocast for batches of BF16_MIN_BATCH or more where the
+    hardware is fast at it (as training does; for a few images the casts cost more than they save);
+    the softmax and the sum block stay in float32.
     """
     device = next(model.parameters()).device
+    if bf16 is None:
+        bf16 = len(inputs) >= BF16_MIN_BATCH and bf16_supported(device)
     numbers = torch.as_tensor(list(numbers), dtype=torch.long, device=device)
-    digit_logits, sum_logits = zip(*(model(images.to(device), chunk_numbers) for images, chunk_numbers
-                                     in zip(inputs.split(chunk), numbers.split(chunk))))
+    with autocast(device, bf16):
+        digit_logits, sum_logits = zip(*(model(images.to(device), chunk_numbers) for images, chunk_numbers
+                                         in zip(inputs.split(chunk), numbers.split(chunk))))
     return torch.cat(digit_logits).float().softmax(1).cpu(), torch.cat(sum_logits).float().softmax(1).cpu()
 
 

@@ -104,7 +104,7 @@ def main() -> None:
         return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"{args.rounds} interleaved rounds of {args.seconds:.0f} s per cell: median (min-max)\n")
+          f"{args.rounds} interleaved rounds of {args.seconds:g} s per cell: median (min-max)\n")
     print("| model | parameters | forward MFLOP/image | precision | plain: images/s at batch "
           f"{args.batch} | predict path: images/s at batch {args.batch} | single image median (ms) | single image p99 (ms) |")
     print("|---|---|---|---|---|---|---|---|")

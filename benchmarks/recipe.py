@@ -19,6 +19,7 @@ VARIANTS = {
     "the preset as it is": {},
     "no BatchNorm (conv bias instead)": {"model": {"batchnorm": False}},
     "no BatchNorm, peak lr 0.1": {"model": {"batchnorm": False}, "lr": 0.1},
+    "no dropout": {"model": {"dropout": 0.0}},
     "dropout 0.25 before the digit classifier": {"model": {"dropout": 0.25}},
     "no label smoothing": {"label_smoothing": 0.0},
     "EMA of the weights, decay 0.999": {"ema": 0.999},

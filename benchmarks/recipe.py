@@ -10,10 +10,7 @@ is chosen on; the test set is not looked at. The `default` preset stands in for 
 
 from __future__ import annotations
 
-import argparse
-import statistics
-
-from sum_block import run  # same folder: one training run with a change, validation metrics
+from sum_block import ablation_args, variant_results  # same folder: training runs with one change each
 
 VARIANTS = {
     "the preset as it is": {},
@@ -46,22 +43,12 @@ def change_for(preset_name: str, change: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="default")
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--data-root", default=None)
-    args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"preset {args.preset}, seeds {seeds} (means over seeds), validation split\n")
+    args = ablation_args(__doc__, "default")
+    print(f"preset {args.preset}, seeds {args.seeds} (means over seeds), validation split\n")
     print("| change | val digit accuracy | val sum accuracy | training minutes |")
     print("|---|---|---|---|")
-    for name, change in VARIANTS.items():
-        results = [run(args.preset, seed, change_for(args.preset, change), args.data_root) for seed in seeds]
-
-        def mean(key):
-            return statistics.mean(r[key] for r in results)
-
-        print(f"| {name} | {100 * mean('val_digit'):.2f}% | {100 * mean('val_sum'):.2f}% | {mean('minutes'):.1f} |",
+    for name, mean, _ in variant_results(args, VARIANTS, resolve=change_for):
+        print(f"| {name} | {100 * mean['val_digit']:.2f}% | {100 * mean['val_sum']:.2f}% | {mean['minutes']:.1f} |",
               flush=True)
 
 

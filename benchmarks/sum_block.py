@@ -45,23 +45,32 @@ def run(preset_name: str, seed: int, change: dict, data_root) -> dict:
             "minutes": summary["train_seconds"] / 60}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="fast")
+def ablation_args(doc: str, default_preset: str):
+    """The command line shared by the ablation scripts: --preset, --seeds, --data-root."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=default_preset)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"preset {args.preset}, seeds {seeds} (means over seeds)\n")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    return args
+
+
+def variant_results(args, variants: dict, resolve=lambda preset_name, change: change):
+    """For each variant: (name, means over the seeds of run()'s values, the per-seed results)."""
+    for name, change in variants.items():
+        results = [run(args.preset, seed, resolve(args.preset, change), args.data_root) for seed in args.seeds]
+        yield name, {key: statistics.mean(r[key] for r in results) for key in results[0]}, results
+
+
+def main() -> None:
+    args = ablation_args(__doc__, "fast")
+    print(f"preset {args.preset}, seeds {args.seeds} (means over seeds)\n")
     print("| sum block variant | val digit accuracy | val sum accuracy | test grid addition errors | addition table |")
     print("|---|---|---|---|---|")
-    for name, change in VARIANTS.items():
-        results = [run(args.preset, seed, change, args.data_root) for seed in seeds]
-        def mean(key):
-            return statistics.mean(r[key] for r in results)
-        print(f"| {name} | {100 * mean('val_digit'):.2f}% | {100 * mean('val_sum'):.2f}% | {mean('errors'):,.0f} "
-              f"| {min(r['table'] for r in results)}/100 |",
-              flush=True)
+    for name, mean, results in variant_results(args, VARIANTS):
+        print(f"| {name} | {100 * mean['val_digit']:.2f}% | {100 * mean['val_sum']:.2f}% | {mean['errors']:,.0f} "
+              f"| {min(r['table'] for r in results)}/100 |", flush=True)
 
 
 if __name__ == "__main__":

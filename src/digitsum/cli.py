@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-root", default=None, help=_data_root_help())
     for name, (kind, text) in TRAIN_FLAGS.items():
         train.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text + " (default: preset's)")
-    train.add_argument("--sum-input", default=None, choices=["onehot", "softmax", "logits", "log_softmax"],  # model.SUM_INPUTS (no torch import for --help)
+    # The choices are model.SUM_INPUTS, spelled out so that --help does not import torch.
+    train.add_argument("--sum-input", default=None, choices=["onehot", "softmax", "logits", "log_softmax"],
                        help="what of the digit head feeds the sum block: onehot = the predicted digit, "
                             "trained through the softmax (default: preset's)")
     train.add_argument("--sum-hidden", type=_non_negative_int, default=None,

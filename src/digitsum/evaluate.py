@@ -17,7 +17,7 @@ from digitsum import checkpoint, plots
 from digitsum.errors import DigitsumError
 from digitsum.data import NUM_NUMBERS, Split, batches, load_split, write_atomic
 from digitsum.device import autocast, resolve_device
-from digitsum.model import DigitSumNet
+from digitsum.model import NUM_DIGITS, DigitSumNet
 
 
 @torch.no_grad()
@@ -76,11 +76,11 @@ def addition_table(model: DigitSumNet) -> torch.Tensor:
     a full table means no image whose digit is right can get a wrong sum.
     """
     device = next(model.parameters()).device
-    digits = torch.arange(NUM_NUMBERS, device=device).repeat_interleave(NUM_NUMBERS)  # 0,0,..,1,1,..
-    numbers = torch.arange(NUM_NUMBERS, device=device).repeat(NUM_NUMBERS)  # 0,1,..,9,0,1,..
+    digits = torch.arange(NUM_DIGITS, device=device).repeat_interleave(NUM_NUMBERS)  # 0,0,..,1,1,..
+    numbers = torch.arange(NUM_NUMBERS, device=device).repeat(NUM_DIGITS)  # 0,1,..,9,0,1,..
     with torch.no_grad():
-        sums = model.add(30.0 * F.one_hot(digits, NUM_NUMBERS).float(), numbers).argmax(1)
-    return (sums == digits + numbers).reshape(NUM_NUMBERS, NUM_NUMBERS).cpu()
+        sums = model.add(30.0 * F.one_hot(digits, NUM_DIGITS).float(), numbers).argmax(1)
+    return (sums == digits + numbers).reshape(NUM_DIGITS, NUM_NUMBERS).cpu()
 
 
 def confusion_matrix(predicted: torch.Tensor, truth: torch.Tensor, classes: int = 10) -> torch.Tensor:

@@ -25,7 +25,9 @@ def batch(size=8, seed=0):
 @pytest.mark.parametrize("config", [ModelConfig(), SMALL, ModelConfig(channels=(8, 16, 32, 64)),
                                     ModelConfig(channels=(8,), convs_per_stage=2, sum_hidden=0),
                                     ModelConfig(sum_input="softmax"), ModelConfig(sum_input="logits"),
-                                    ModelConfig(sum_input="log_softmax"), ModelConfig(batchnorm=False)])
+                                    ModelConfig(sum_input="log_softmax"), ModelConfig(batchnorm=False),
+                                    ModelConfig(first_stride=2, norm_after_pool=True),
+                                    ModelConfig(channels=(4, 8), convs_per_stage=2, norm_after_pool=True)])
 def test_forward_gives_10_digit_and_19_sum_logits(config):
     images, numbers, _ = batch(5)
     digit_logits, sum_logits = DigitSumNet(config)(images, numbers)
@@ -91,6 +93,19 @@ def test_first_stride_2_replaces_the_first_pool_and_counts_its_flops():
     assert training_flops_per_image(config) == 3 * (conv + 2 * 4 * 14 * 14 * 10 + 2 * 20 * 19)
     with pytest.raises(ValueError, match="first_stride"):
         DigitSumNet(ModelConfig(first_stride=3))
+
+
+def test_norm_after_pool_puts_batchnorm_and_relu_after_each_pool():
+    model = DigitSumNet(ModelConfig(channels=(4, 8), convs_per_stage=2, norm_after_pool=True))
+    kinds = [[type(m).__name__ for m in block] for block in model.trunk]
+    assert kinds == [["Conv2d", "BatchNorm2d", "ReLU"], ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]] * 2
+    # With a stride-2 first conv the first stage has no pool, so its BatchNorm follows the conv.
+    model = DigitSumNet(ModelConfig(channels=(4, 8), first_stride=2, norm_after_pool=True))
+    kinds = [[type(m).__name__ for m in block] for block in model.trunk]
+    assert kinds == [["Conv2d", "BatchNorm2d", "ReLU"], ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]]
+    assert model.digit_head[-1].in_features == 8 * 7 * 7
+    # The layout does not change the FLOPs (BatchNorm and pools are not counted).
+    assert training_flops_per_image(model.config) == training_flops_per_image(ModelConfig(channels=(4, 8), first_stride=2))
 
 
 def test_training_flops_count_the_convolutions_from_the_config():
@@ -162,7 +177,8 @@ def test_maxpool2x2_equals_maxpool2d_exactly(size):
 
 
 @pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(channels=(8, 16), convs_per_stage=2),
-                                    ModelConfig(first_stride=2), ModelConfig(batchnorm=False)])
+                                    ModelConfig(first_stride=2), ModelConfig(batchnorm=False),
+                                    ModelConfig(first_stride=2, norm_after_pool=True)])
 def test_inference_model_gives_the_same_outputs_and_keeps_the_original(config):
     torch.manual_seed(3)
     model = DigitSumNet(config)
@@ -175,8 +191,10 @@ def test_inference_model_gives_the_same_outputs_and_keeps_the_original(config):
     with torch.no_grad():
         for a, b in zip(model(images, numbers), fast(images, numbers)):
             assert torch.allclose(a, b, atol=1e-4)
-    assert isinstance(fast.trunk[-2], MaxPool2x2) and isinstance(fast.trunk[-1], torch.nn.ReLU)  # ReLU after pool
-    assert any(isinstance(m, torch.nn.MaxPool2d) for m in model.trunk)  # the original is untouched
+    pools = [m for m in fast.modules() if isinstance(m, (MaxPool2x2, torch.nn.MaxPool2d))]
+    assert pools and all(isinstance(m, MaxPool2x2) for m in pools)
+    assert isinstance(list(fast.trunk.modules())[-1], torch.nn.ReLU)  # the last stage ends in its ReLU, after the pool
+    assert any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())  # the original is untouched
 
 
 def test_folding_batchnorm_keeps_the_outputs():

@@ -72,7 +72,7 @@ TRAIN_FLAGS = {
     "train_limit": (_non_negative_int, "train on the first N training images only (0 = all)"),
     "seed": (int, "seed for the split, the numbers, initialisation and shuffling"),
     "device": (str, "auto (cuda, then mps, then cpu), cpu, cuda or mps"),
-    "bf16": (str, "bfloat16 autocast: auto (where the hardware is fast at it), on, off"),
+    "bf16": (str, "bfloat16 autocast: auto (where measured faster than fp32 on this machine), on, off"),
     "ema": (float, "decay of the weight moving average used for evaluation (0 = off)"),
 }
 

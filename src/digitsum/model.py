@@ -32,6 +32,11 @@ class ModelConfig:
     # skips the one full-resolution activation, the memory-bound part of a small CNN. Measured on
     # `default`: ~1.3x inference images/s but -0.08 and -0.18 validation points, so no preset uses it.
     first_stride: int = 1
+    # True: each stage's last BatchNorm+ReLU come after its max-pool (conv -> pool -> BN -> ReLU), so
+    # they touch a quarter of the values - in training, where BN cannot be folded away, that is most
+    # of the memory-bound work. A different net (BN normalises pooled values), not a rewrite of the
+    # same one; `fast` uses it with first_stride=2 (benchmarks/train_speed.py).
+    norm_after_pool: bool = False
     batchnorm: bool = True  # False: plain conv (with bias) + ReLU, for the ablation in benchmarks/recipe.py
     dropout: float = 0.0  # before the digit classifier
     # What of the digit head feeds the sum block, and whether the sum loss trains the CNN too.
@@ -57,13 +62,13 @@ class ModelConfig:
         return cls(**values)
 
 
-def conv_block(in_channels: int, out_channels: int, batchnorm: bool = True, stride: int = 1) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, batchnorm: bool = True, stride: int = 1,
+               pool: bool = False) -> nn.Sequential:
+    """3x3 conv -> BN -> ReLU, or with `pool` conv -> 2x2 max-pool -> BN -> ReLU."""
     # bias=False with BatchNorm: its shift makes a conv bias redundant.
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=not batchnorm),
-        nn.BatchNorm2d(out_channels) if batchnorm else nn.Identity(),
-        nn.ReLU(inplace=True),
-    )
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=not batchnorm)
+    norm = nn.BatchNorm2d(out_channels) if batchnorm else nn.Identity()
+    return nn.Sequential(conv, *([nn.MaxPool2d(2)] if pool else []), norm, nn.ReLU(inplace=True))
 
 
 class DigitSumNet(nn.Module):
@@ -76,11 +81,13 @@ class DigitSumNet(nn.Module):
             raise ValueError(f"first_stride must be 1 or 2, got {config.first_stride}")
         layers, in_channels, size = [], 1, IMAGE_SIZE
         for stage, out_channels in enumerate(config.channels):
+            pooled = not (stage == 0 and config.first_stride == 2)  # a stride-2 first conv is the pool
             for conv in range(config.convs_per_stage):
                 stride = config.first_stride if stage == conv == 0 else 1
-                layers.append(conv_block(in_channels, out_channels, config.batchnorm, stride))
+                pool_inside = pooled and config.norm_after_pool and conv == config.convs_per_stage - 1
+                layers.append(conv_block(in_channels, out_channels, config.batchnorm, stride, pool_inside))
                 in_channels = out_channels
-            if not (stage == 0 and config.first_stride == 2):
+            if pooled and not config.norm_after_pool:
                 layers.append(nn.MaxPool2d(2))
             size //= 2
         self.trunk = nn.Sequential(*layers)
@@ -160,6 +167,8 @@ def inference_model(model: DigitSumNet) -> DigitSumNet:
     BatchNorm folded into the convs (fold_batchnorm); each stage's last ReLU moved after its
     max-pool (ReLU and max commute, and the ReLU then touches a quarter of the values); the pool
     computed by MaxPool2x2; channels-last memory format, which the CPU convolutions prefer.
+    A BatchNorm after a pool (norm_after_pool) stays: in eval mode it is a per-channel affine map
+    on a quarter of the values, and it cannot move into the conv across the max.
     """
     folded = fold_batchnorm(model)
     layers = []
@@ -168,6 +177,8 @@ def inference_model(model: DigitSumNet) -> DigitSumNet:
             relu = layers[-1][2]  # the preceding conv block's ReLU
             layers[-1] = nn.Sequential(*layers[-1][:2])
             layers += [MaxPool2x2(), relu]
+        elif isinstance(layer[1], nn.MaxPool2d):  # norm_after_pool: conv -> pool -> BN -> ReLU
+            layers.append(nn.Sequential(layer[0], MaxPool2x2(), *layer[2:]))
         else:
             layers.append(layer)
     folded.trunk = nn.Sequential(*layers)

@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from digitsum.data import NUM_NUMBERS, normalize
 from digitsum.errors import DigitsumError
 from digitsum.checkpoint import load_model
-from digitsum.device import autocast, bf16_supported
+from digitsum.device import autocast, bf16_pays_off
 from digitsum.model import IMAGE_SIZE, DigitSumNet, inference_model
 
 MAX_SIDE = 4096  # larger images are refused before decoding (decompression bomb guard)
@@ -234,13 +234,14 @@ def classify(model: DigitSumNet, inputs: torch.Tensor, numbers: Sequence[int],
 
     Large batches run in chunks of `chunk` images: on a CPU, a few hundred images of this model
     fit in the cache while 1,024 do not, which makes the chunked pass about twice as fast.
-    `bf16=None` runs the CNN under bfloat16 autocast for batches of BF16_MIN_BATCH or more where the
-    hardware is fast at it (as training does; for a few images the casts cost more than they save);
+    `bf16=None` runs the CNN under bfloat16 autocast for batches of BF16_MIN_BATCH or more where bf16
+    is faster on this machine (device.bf16_pays_off, as training does; for a few images the casts
+    cost more than they save);
     the softmax and the sum block stay in float32.
     """
     device = next(model.parameters()).device
     if bf16 is None:
-        bf16 = len(inputs) >= BF16_MIN_BATCH and bf16_supported(device)
+        bf16 = len(inputs) >= BF16_MIN_BATCH and bf16_pays_off(device)
     numbers = torch.as_tensor(list(numbers), dtype=torch.long, device=device)
     with autocast(device, bf16):
         digit_logits, sum_logits = zip(*(model(images.to(device), chunk_numbers) for images, chunk_numbers

@@ -8,7 +8,8 @@ channels-last), and "predict path" = what `digitsum predict`/`serve` run (`load_
 `model.inference_model`: BatchNorm folded into the convs, ReLU after the max-pool, a faster
 max-pool; `predict.classify`: the batch in chunks of 256 so activations stay in cache).
 Latency: one image + one number through the predict path's model, median and p99.
-Both in fp32 and, where the CPU runs it fast, bf16 autocast (what classify picks by default).
+Both in fp32 and, where the CPU has bf16 kernels, bf16 autocast; the line under the table says which
+of the two `classify` picks by default on this machine (device.bf16_pays_off measures it).
 This shared machine's speed drifts by up to 2x from minute to minute, so each cell is measured
 `--rounds` times, interleaved, and the median round is reported with the range.
 Weights do not change speed, so presets are measured with their architecture freshly built;
@@ -23,9 +24,9 @@ import time
 
 import torch
 
-from digitsum.device import autocast, bf16_supported
+from digitsum.device import autocast, bf16_pays_off, bf16_supported, cpu_bf16_speedup, reuse_freed_memory
 from digitsum.model import DigitSumNet, count_parameters, inference_model, training_flops_per_image
-from digitsum.predict import INFERENCE_CHUNK, classify
+from digitsum.predict import BF16_MIN_BATCH, INFERENCE_CHUNK, classify
 from digitsum.train import PRESETS
 
 
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per cell (median reported)")
     parser.add_argument("--batch", type=int, default=1024)
     args = parser.parse_args()
+    reuse_freed_memory()  # as predict.load_predictor does
 
     names_by_architecture: dict = {}
     for name, config in PRESETS.items():  # presets that share an architecture are measured once
@@ -115,6 +117,11 @@ def main() -> None:
         p99 = statistics.median(p for _, p in cell["latency"])
         print(f"| {name} | {count_parameters(model):,} | {forward_mflop:.1f} | {'bf16' if bf16 else 'fp32'} "
               f"| {rate(cell['plain'])} | {rate(cell['path'])} | {median:.3f} | {p99:.3f} |", flush=True)
+    cpu = torch.device("cpu")
+    probe = (f"bf16 measured {cpu_bf16_speedup():.2f}x as fast as fp32 by device.cpu_bf16_speedup"
+             if bf16_supported(cpu) else "no bf16 kernels")
+    choice = f"bf16 for batches of {BF16_MIN_BATCH} or more, fp32 below" if bf16_pays_off(cpu) else "fp32"
+    print(f"\nclassify's default precision on this machine: {choice} ({probe})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Recipe ablations: one change at a time to a preset, judged on the validation split.
 
-    python benchmarks/recipe.py [--preset default] [--seeds 0]
+    python benchmarks/recipe.py [--preset default] [--seeds 0] [--only TEXT,...]
 
 Each variant trains the preset (a full run, about 90 s for `default` on a 2-core CPU) with one
 change and reports the last epoch's validation digit and sum accuracy, which is what the recipe
@@ -24,6 +24,8 @@ VARIANTS = {
     "1.5x the epochs": {"more_epochs": True},
     "2x wider CNN (channels x2)": {"wider": True},
     "2 convs per stage": {"model": {"convs_per_stage": 2}},
+    "layout: BatchNorm after each pool": {"model": {"norm_after_pool": True}},
+    "layout: stride-2 first conv, BatchNorm after each pool (fast's)": {"model": {"first_stride": 2, "norm_after_pool": True}},
 }
 
 

@@ -46,10 +46,11 @@ def run(preset_name: str, seed: int, change: dict, data_root) -> dict:
 
 
 def ablation_args(doc: str, default_preset: str):
-    """The command line shared by the ablation scripts: --preset, --seeds, --data-root."""
+    """The command line shared by the ablation scripts: --preset, --seeds, --only, --data-root."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=default_preset)
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--only", default="", help="comma-separated texts: run only the variants whose names contain one")
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -59,6 +60,8 @@ def ablation_args(doc: str, default_preset: str):
 def variant_results(args, variants: dict, resolve=lambda preset_name, change: change):
     """For each variant: (name, means over the seeds of run()'s values, the per-seed results)."""
     for name, change in variants.items():
+        if not any(text.lower() in name.lower() for text in args.only.split(",")):
+            continue
         results = [run(args.preset, seed, resolve(args.preset, change), args.data_root) for seed in args.seeds]
         yield name, {key: statistics.mean(r[key] for r in results) for key in results[0]}, results
 

@@ -183,6 +183,9 @@ def finish(clock: Clock, flops_per_image: int, batch_size: str) -> dict:
 
 
 def child(args) -> None:
+    from digitsum.device import reuse_freed_memory
+
+    reuse_freed_memory()  # the same process environment for every recipe (our prepare() sets it anyway)
     if args.recipe == "classic":
         result = run_classic(args.seed, args.check_every, args.classic_epochs, args.data_root)
     else:

@@ -33,3 +33,19 @@ def test_auto_takes_bf16_on_a_cpu_only_when_supported_and_clearly_faster(monkeyp
     monkeypatch.setattr(device, "cpu_bf16_speedup", lambda: 10.0)
     assert not device.bf16_pays_off(cpu)
     assert not device.bf16_pays_off(torch.device("meta"))
+
+
+def test_freed_memory_is_kept_where_glibc_allows_it_and_calling_twice_is_harmless():
+    import sys
+
+    first = device.reuse_freed_memory()
+    assert device.reuse_freed_memory() == first
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").mallopt
+        except (OSError, AttributeError):
+            return  # not glibc
+        assert first  # glibc accepted both thresholds
+    torch.ones(1 << 22).sum()  # tensors still allocate and free

@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from digitsum.data import NUM_NUMBERS, normalize
 from digitsum.errors import DigitsumError
 from digitsum.checkpoint import load_model
-from digitsum.device import autocast, bf16_pays_off
+from digitsum.device import autocast, bf16_pays_off, reuse_freed_memory
 from digitsum.model import IMAGE_SIZE, DigitSumNet, inference_model
 
 MAX_SIDE = 4096  # larger images are refused before decoding (decompression bomb guard)
@@ -218,7 +218,9 @@ def _top(probabilities: torch.Tensor, k: int = 3) -> list[dict]:
 
 def load_predictor(path: str | os.PathLike) -> tuple[DigitSumNet, dict]:
     """(model ready for inference, metadata) from a checkpoint: eval mode, BatchNorm folded in,
-    ReLU after max-pool, channels-last (model.inference_model)."""
+    ReLU after max-pool, channels-last (model.inference_model). Also keeps freed memory in the
+    process (device.reuse_freed_memory), which makes batches up to 2x faster on Linux."""
+    reuse_freed_memory()
     model, metadata = load_model(path)
     return inference_model(model), metadata
 

@@ -2,7 +2,7 @@
 
 1. PNG round trip: every MNIST test image saved as a 28x28 PNG and read back through
    `digitsum.predict.preprocess`, then classified the way `digitsum predict` does (load_predictor +
-   classify: folded BatchNorm, bf16 where the CPU is fast at it); the digit predictions must
+   classify: folded BatchNorm, bf16 where measured faster here); the digit predictions must
    agree with the tensor path (the plain fp32 model, as `digitsum evaluate` runs it) on at least
    99.9% of the images.
 2. Drawn style: every test image rendered the way people draw (dark ink on a white 280x280

@@ -44,8 +44,8 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 # Having bf16 kernels is not the same as being faster with them. Measured on two 2-core CPUs with
-# AVX-512 BF16: an AMD EPYC ran this project's CNN 1.6x faster in bf16, an Intel Xeon without AMX
-# 0.7x (slower). So on a CPU, "auto" times a small conv stack both ways once per process (~0.1 s)
+# AVX-512 BF16: an AMD EPYC trained this project's CNN 2.1x faster in bf16, an Intel Xeon without
+# AMX 0.6-0.7x as fast. So on a CPU, "auto" times a small conv stack both ways once per process (~0.1 s)
 # and takes bf16 only when it is clearly faster, so that noise cannot flip the choice run to run.
 BF16_MIN_SPEEDUP = 1.2
 

@@ -30,7 +30,8 @@ class ModelConfig:
     convs_per_stage: int = 1
     # 2: the first conv has stride 2 and replaces the first max-pool (28x28 -> 14x14 at once), which
     # skips the one full-resolution activation, the memory-bound part of a small CNN. Measured on
-    # `default`: ~1.3x inference images/s but -0.08 and -0.18 validation points, so no preset uses it.
+    # `default`: ~1.3x inference images/s but -0.08 and -0.18 validation points, so `default` keeps
+    # stride 1; `fast` uses it (with norm_after_pool), where speed is the point.
     first_stride: int = 1
     # True: each stage's last BatchNorm+ReLU come after its max-pool (conv -> pool -> BN -> ReLU), so
     # they touch a quarter of the values - in training, where BN cannot be folded away, that is most

@@ -89,7 +89,7 @@ class TrainConfig:
 # Named recipes. Explicit flags override a preset's values. Each was chosen on the validation
 # split; the README lists the measurements behind them.
 PRESETS: dict[str, TrainConfig] = {
-    # What `make train` runs: 99.5% in about 90 s of training on a 2-core CPU. Dropout 0.25 before
+    # What `make train` runs: 99.5% in 90-100 s of training on a 2-core CPU. Dropout 0.25 before
     # the digit classifier won on validation (benchmarks/recipe.py: +0.06 and +0.02 points, seeds 0, 1).
     "default": TrainConfig(model=ModelConfig(dropout=0.25)),
     # Time-to-99%: two epochs, no augmentation, light weight decay, and a cheaper layout of the same

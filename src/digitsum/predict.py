@@ -1,193 +1,23 @@
-"""Real images in: MNIST-style preprocessing of any image, and predictions from a checkpoint.
+"""Predictions from a checkpoint for real images: loading, preprocessing (preprocess.py), classify.
 
-MNIST digits were made by fitting each digit's bounding box into 20x20 pixels (keeping the aspect
-ratio, with antialiasing) and pasting that into a 28x28 field so the centre of mass sits at the
-centre, white ink on black. `preprocess()` does the same to whatever a user has - a phone photo,
-a scan, a drawing from the web page - so the model sees what it was trained on:
-
-    read (Pillow, first frame) -> flatten transparency -> grayscale -> polarity (ink bright)
-    -> stretch contrast, drop faint pixels away from ink -> crop the ink's bounding box -> longer side 20 px
-    -> paste into 28x28 with the centre of mass at the centre -> uint8 view -> normalise
+    image -> preprocess.preprocess_view (28x28 uint8, what the model sees) -> normalise -> classify
 """
 
 from __future__ import annotations
 
-import io
 import os
-from pathlib import Path
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from digitsum.data import NUM_NUMBERS, normalize
 from digitsum.errors import DigitsumError
 from digitsum.checkpoint import load_model
 from digitsum.device import autocast, bf16_pays_off, reuse_freed_memory
-from digitsum.model import IMAGE_SIZE, DigitSumNet, inference_model
-
-MAX_SIDE = 4096  # larger images are refused before decoding (decompression bomb guard)
-DIGIT_BOX = 20  # MNIST fits the digit's longer side into 20 px ...
-CENTRE = 14.0  # ... and puts its centre of mass here (row and column index; measured on MNIST: 13.99, 14.01)
-NOISE_FLOOR = 0.1  # after stretching to [0, 1], fainter pixels are background noise (JPEG ringing, paper grain)
-MIN_CONTRAST = 0.1  # an image whose ink differs from its background by less than this is blank
-
-ImageSource = Union[str, os.PathLike, bytes, Image.Image]
-
-
-class ImageError(DigitsumError):
-    """An image could not be used: unreadable, truncated, too large or blank."""
-
-
-class NotAnImageError(ImageError):
-    """The bytes are not in any image format Pillow knows (HTTP 415 rather than 422)."""
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def _name(source: ImageSource) -> str:
-    return str(source) if isinstance(source, (str, os.PathLike)) else "image"
-
-
-def open_image(source: ImageSource) -> Image.Image:
-    """A fully decoded Pillow image (first frame) from a path, raw bytes or an Image.
-
-    Every way a file can be wrong becomes an ImageError whose one-line message names it.
-    """
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        name = _name(source)
-        if isinstance(source, bytes):
-            data = source
-        else:
-            path = Path(source)
-            if not path.exists():
-                raise ImageError(f"{name}: no such file")
-            if path.is_dir():
-                raise ImageError(f"{name}: is a folder, not an image")
-            try:
-                data = path.read_bytes()
-            except OSError as error:
-                raise ImageError(f"{name}: cannot be read ({error.strerror or error})") from None
-        if not data:
-            raise ImageError(f"{name}: is empty (0 bytes)")
-        try:
-            image = Image.open(io.BytesIO(data))  # reads the header only
-        except UnidentifiedImageError:
-            raise NotAnImageError(f"{name}: is not an image Pillow can read (PNG, JPEG, BMP, GIF, WebP, TIFF)") from None
-        except Image.DecompressionBombError:
-            raise ImageError(f"{name}: is far larger than the {MAX_SIDE}x{MAX_SIDE} limit "
-                             "(decompression bomb guard); shrink it first") from None
-        except (OSError, ValueError, SyntaxError) as error:
-            raise ImageError(f"{name}: cannot be read as an image ({_reason(error)})") from None
-    width, height = image.size
-    if width > MAX_SIDE or height > MAX_SIDE:
-        raise ImageError(f"{_name(source)}: is {width}x{height} pixels, larger than the "
-                         f"{MAX_SIDE}x{MAX_SIDE} limit (decompression bomb guard); shrink it first")
-    if width < 1 or height < 1:
-        raise ImageError(f"{_name(source)}: has no pixels ({width}x{height})")
-    try:
-        image.seek(0)  # GIF, animated WebP, multi-page TIFF: the first frame
-        image.load()
-    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError) as error:
-        raise ImageError(f"{_name(source)}: is damaged or truncated ({_reason(error)})") from None
-    return image
-
-
-def _reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:100] if text else type(error).__name__
-
-
-# ----------------------------------------------------------------------------- pixels
-
-
-def grayscale(image: Image.Image) -> np.ndarray:
-    """float32 (H, W) in [0, 1]: transparency flattened, colour to luminance, any bit depth."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit and 32-bit scans: scale by the format's range (Pillow's convert("L") would clip).
-        values = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        return np.clip(values / top, 0.0, 1.0)
-    if image.mode == "1":
-        image = image.convert("L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    if has_alpha:
-        image = image.convert("RGBA")
-        if image.getchannel("A").getextrema()[0] == 255:  # opaque after all (e.g. a canvas export)
-            has_alpha = False
-    if not has_alpha:
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
-    luminance = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    # Put the drawing on a background that contrasts with it: dark strokes on a transparent
-    # canvas go onto white, light strokes onto black. Alpha-weighted mean of what is visible.
-    visible = alpha.sum()
-    ink_is_dark = visible == 0 or float((luminance * alpha).sum() / visible) < 0.5
-    background = 1.0 if ink_is_dark else 0.0
-    return luminance * alpha + background * (1.0 - alpha)
-
-
-def ink_map(gray: np.ndarray, name: str = "image") -> np.ndarray:
-    """float32 (H, W) in [0, 1], ink bright on a black background, faint noise removed.
-
-    Polarity: the median pixel is the background (digits cover well under half of an image);
-    a light background means dark ink, so the image is inverted. Then the contrast is stretched
-    so the background is 0 and the strongest ink is 1; pixels under NOISE_FLOOR that do not touch
-    stronger ink become 0.
-    """
-    step = max(1, min(gray.shape) // 64)  # a ~64x64 sample estimates the background as well, and faster
-    background = float(np.median(gray[::step, ::step]))
-    ink = 1.0 - gray if background > 0.5 else gray
-    background = min(background, 1.0 - background)
-    contrast = float(ink.max()) - background
-    if contrast < MIN_CONTRAST:
-        raise ImageError(f"{name}: is blank (no ink: every pixel is within {100 * MIN_CONTRAST:.0f}% of the "
-                         "background); draw or photograph a digit")
-    ink = np.clip((ink - background) / contrast, 0.0, 1.0)
-    # Faint pixels are kept only next to real ink (the antialiased edge of a stroke); elsewhere
-    # they are noise that would stretch the bounding box and pull the centre of mass.
-    return np.where(_grow(ink >= NOISE_FLOOR), ink, 0.0).astype(np.float32)
-
-
-def _grow(mask: np.ndarray) -> np.ndarray:
-    """The mask plus its 8 neighbours (a 3x3 binary dilation)."""
-    padded = np.pad(mask, 1)
-    height, width = mask.shape
-    grown = np.zeros_like(mask)
-    for dy in range(3):
-        for dx in range(3):
-            grown |= padded[dy : dy + height, dx : dx + width]
-    return grown
-
-
-def mnist_layout(ink: np.ndarray) -> np.ndarray:
-    """uint8 (28, 28): the ink's bounding box scaled to a longer side of 20 px, centre of mass centred."""
-    rows, cols = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
-    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    height, width = crop.shape
-    scale = DIGIT_BOX / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # Pillow's (width, height)
-    # LANCZOS on float pixels: antialiased like MNIST, no uint8 rounding before the final one.
-    # (A box that is already 20 px is returned unchanged, so MNIST round-trips exactly.)
-    box = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
-    box = np.clip(box, 0.0, 1.0)
-    box = np.where(_grow(box >= NOISE_FLOOR), box, 0.0)  # LANCZOS ringing: faint specks off the strokes
-    mass = box.sum()
-    if mass <= 0:
-        box, mass = np.ones_like(box), box.size  # a speck that vanished in resampling: keep its box
-    ys, xs = np.indices(box.shape)
-    centre_y, centre_x = float((ys * box).sum() / mass), float((xs * box).sum() / mass)
-    top, left = round(CENTRE - centre_y), round(CENTRE - centre_x)
-    # Clamp so the box stays inside the field (only a very lopsided digit would need more).
-    top = min(max(top, 0), IMAGE_SIZE - box.shape[0])
-    left = min(max(left, 0), IMAGE_SIZE - box.shape[1])
-    field = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    field[top : top + box.shape[0], left : left + box.shape[1]] = box
-    return np.round(field * 255.0).astype(np.uint8)
+from digitsum.model import DigitSumNet, inference_model
+from digitsum.preprocess import (MAX_SIDE, ImageError, ImageSource, NotAnImageError, _name, grayscale,  # noqa: F401
+                                 ink_map, mnist_layout, open_image, preprocess_view)
 
 
 def preprocess(image: ImageSource) -> tuple[torch.Tensor, np.ndarray]:
@@ -197,8 +27,7 @@ def preprocess(image: ImageSource) -> tuple[torch.Tensor, np.ndarray]:
     shown is precisely what the model saw. Raises ImageError (one line naming the image) for a
     missing, empty, non-image, truncated, oversized or blank file.
     """
-    name = _name(image)
-    view = mnist_layout(ink_map(grayscale(open_image(image)), name))
+    view = preprocess_view(image)
     return normalize(torch.from_numpy(view).unsqueeze(0)), view  # (1,1,28,28), (28,28)
 
 

@@ -1,0 +1,399 @@
+"""Real-world inputs: MNIST *test* digits rendered the way phones, scanners and drawing apps deliver them.
+
+Each condition renders at least 500 test digits (never training digits) with this file's own
+generator, encodes them as files (JPEG, PNG), and runs them through the same code path as
+`digitsum predict` (load_predictor + predict on the file bytes). The table puts each condition's
+digit accuracy next to the tensor-path accuracy of the same digits (the model on the MNIST tensors,
+as `digitsum evaluate` runs it).
+
+    python benchmarks/real_world.py [--checkpoint runs/latest/model.pt] [--count 500] [--figure docs/real_world.png]
+
+Targets (issue 10): >= 97% in every condition, and overall within 1.5 points of the tensor path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from scipy import ndimage
+
+from digitsum.checkpoint import load_model
+from digitsum.data import load_split, normalize
+from digitsum.predict import load_predictor, predict, preprocess
+
+# ----------------------------------------------------------------------------- rendering pieces
+
+
+def coverage(digit: np.ndarray, height: int, rng: np.random.Generator, stroke: float = 0.0) -> np.ndarray:
+    """Ink coverage in [0, 1] of an MNIST digit drawn `height` px tall; `stroke` > 0 thickens, < 0 thins."""
+    rows, cols = np.nonzero(digit.any(axis=1))[0], np.nonzero(digit.any(axis=0))[0]
+    crop = digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32) / 255.0
+    scale = height / crop.shape[0]
+    width = max(1, round(crop.shape[1] * scale))
+    big = np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+    big = np.clip(big, 0, 1)
+    if stroke:
+        # Pen width: move the 0.5 iso-line of the smooth coverage by grey-scale dilation/erosion.
+        radius = max(1, round(abs(stroke) * height / 28))
+        pad = radius + 1
+        big = np.pad(big, pad)
+        footprint = _disk(radius)
+        big = (ndimage.grey_dilation(big, footprint=footprint) if stroke > 0
+               else ndimage.grey_erosion(big, footprint=footprint))
+        big = np.clip((big - 0.5) * 3 + 0.5, 0, 1)  # a pen's edge is sharper than MNIST's antialiasing
+    return big
+
+
+def _disk(radius: int) -> np.ndarray:
+    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    return x * x + y * y <= radius * radius
+
+
+def paste(canvas: np.ndarray, cover: np.ndarray, top: int, left: int) -> np.ndarray:
+    """A coverage map the size of `canvas` with `cover` at (top, left) (clipped at the edges)."""
+    layer = np.zeros(canvas.shape[:2], np.float32)
+    h, w = cover.shape
+    h, w = min(h, layer.shape[0] - top), min(w, layer.shape[1] - left)
+    layer[top : top + h, left : left + w] = cover[:h, :w]
+    return layer
+
+
+def compose(paper_rgb, ink_rgb, layer: np.ndarray, light: np.ndarray | float = 1.0, noise: float = 0.0,
+            rng: np.random.Generator | None = None) -> np.ndarray:
+    """uint8 RGB: paper and ink colours mixed by coverage, lit by `light`, plus sensor noise."""
+    paper, ink = np.asarray(paper_rgb, np.float32) / 255, np.asarray(ink_rgb, np.float32) / 255
+    pixels = paper * (1 - layer[..., None]) + ink * layer[..., None]
+    pixels = pixels * (light[..., None] if isinstance(light, np.ndarray) else light)
+    if noise:
+        pixels = pixels + rng.normal(0, noise, pixels.shape).astype(np.float32)
+    return np.clip(np.round(pixels * 255), 0, 255).astype(np.uint8)
+
+
+def placed(rng, canvas_hw, digit, height, stroke=0.0):
+    cover = coverage(digit, height, rng, stroke)
+    h, w = cover.shape
+    top = int(rng.integers(0, max(1, canvas_hw[0] - h)))
+    left = int(rng.integers(0, max(1, canvas_hw[1] - w)))
+    return paste(np.zeros(canvas_hw), cover, top, left), (top, left, h, w)
+
+
+def encode(pixels: np.ndarray | Image.Image, fmt: str, **options) -> bytes:
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def gradient(rng, shape, depth: float) -> np.ndarray:
+    """Light falling linearly across the image in a random direction, from 1 to 1 - depth."""
+    angle = rng.uniform(0, 2 * np.pi)
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    ramp = np.cos(angle) * x / shape[1] + np.sin(angle) * y / shape[0]
+    ramp = (ramp - ramp.min()) / max(1e-6, ramp.max() - ramp.min())
+    return 1.0 - depth * ramp
+
+
+PAPERS = [(255, 255, 255), (250, 246, 235), (242, 242, 238)]
+PENS = [(20, 20, 25), (25, 40, 140), (10, 10, 60), (60, 60, 60)]
+
+
+def photo_base(rng, digit, size=(480, 640)):
+    """A phone-like photo of a digit on paper: mild light falloff, noise, digit 35-60% of the height."""
+    height = int(rng.integers(int(0.35 * size[0]), int(0.6 * size[0])))
+    layer, _ = placed(rng, size, digit, height, stroke=rng.uniform(0, 0.6))
+    light = gradient(rng, size, rng.uniform(0.0, 0.15)) * rng.uniform(0.8, 1.0)
+    return compose(PAPERS[rng.integers(len(PAPERS))], PENS[rng.integers(len(PENS))], layer, light, 0.02, rng)
+
+
+# ----------------------------------------------------------------------------- conditions
+
+
+def phone_exif(rng, digit):
+    """Portrait phone photo: the pixels stored sideways (or mirrored) plus the EXIF tag that undoes it."""
+    pixels = Image.fromarray(photo_base(rng, digit))
+    orientation = int(rng.integers(2, 9))
+    # Store the pixels so that applying `orientation` shows them upright (the inverse transpose).
+    inverse = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+               6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+    stored = pixels.transpose(inverse[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(stored, "JPEG", quality=88, exif=exif.tobytes())
+
+
+def lighting_gradient(rng, digit):
+    size = (480, 480)
+    height = int(rng.integers(150, 330))
+    layer, _ = placed(rng, size, digit, height, stroke=rng.uniform(0, 0.6))
+    light = gradient(rng, size, rng.uniform(0.3, 0.5))
+    return encode(compose(PAPERS[rng.integers(len(PAPERS))], PENS[rng.integers(len(PENS))], layer, light, 0.015, rng),
+                  "JPEG", quality=90)
+
+
+def shadow_edge(rng, digit):
+    """A straight, slightly soft shadow edge crossing the page (and often the digit)."""
+    size = (480, 480)
+    height = int(rng.integers(150, 330))
+    layer, (top, left, h, w) = placed(rng, size, digit, height, stroke=rng.uniform(0, 0.6))
+    angle = rng.uniform(0, np.pi)
+    y, x = np.mgrid[0 : size[0], 0 : size[1]].astype(np.float32)
+    # the edge passes through a random point of the digit's box
+    cy, cx = top + rng.uniform(0, h), left + rng.uniform(0, w)
+    distance = np.cos(angle) * (x - cx) + np.sin(angle) * (y - cy)
+    softness = rng.uniform(1.0, 6.0)
+    depth = rng.uniform(0.3, 0.5)
+    light = 1.0 - depth / (1.0 + np.exp(-distance / softness))
+    return encode(compose(PAPERS[rng.integers(len(PAPERS))], PENS[rng.integers(len(PENS))], layer, light, 0.015, rng),
+                  "JPEG", quality=90)
+
+
+def _lines(shape, spacing, thickness, tilt, offset, vertical=False):
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    position = (x + tilt * y) if vertical else (y + tilt * x)
+    phase = np.mod(position - offset, spacing)
+    distance = np.minimum(phase, spacing - phase)
+    return np.clip(thickness / 2 + 0.5 - distance, 0, 1)
+
+
+def ruled_paper(rng, digit):
+    """Notebook paper: light blue lines (tilted up to ~1.5 degrees), sometimes a red margin; the digit spans 1-2 lines."""
+    size = (480, 640)
+    height = int(rng.integers(110, 240))
+    layer, _ = placed(rng, size, digit, height, stroke=rng.uniform(0, 0.6))
+    spacing = height / rng.uniform(1.2, 2.2)
+    lines = _lines(size, spacing, rng.uniform(1, 3), rng.uniform(-0.025, 0.025), rng.uniform(0, spacing))
+    paper = np.ones(size + (3,), np.float32)
+    blue = np.array([0.55, 0.7, 0.95], np.float32)
+    paper = paper * (1 - lines[..., None]) + blue * lines[..., None]
+    if rng.random() < 0.5:
+        margin = _lines(size, 10_000, rng.uniform(1, 3), rng.uniform(-0.02, 0.02), rng.uniform(40, 120), vertical=True)
+        paper = paper * (1 - margin[..., None]) + np.array([0.9, 0.45, 0.45], np.float32) * margin[..., None]
+    pen = np.asarray(PENS[rng.integers(len(PENS))], np.float32) / 255
+    pixels = paper * (1 - layer[..., None]) + pen * layer[..., None]
+    pixels = pixels * gradient(rng, size, rng.uniform(0, 0.15))[..., None] + rng.normal(0, 0.015, pixels.shape)
+    return encode(np.clip(pixels * 255, 0, 255).astype(np.uint8), "JPEG", quality=90)
+
+
+def squared_paper(rng, digit):
+    """Squared (graph) paper: grey or blue grid lines, 4-8 squares per digit height."""
+    size = (480, 480)
+    height = int(rng.integers(120, 260))
+    layer, _ = placed(rng, size, digit, height, stroke=rng.uniform(0, 0.6))
+    spacing = height / rng.uniform(3, 6)
+    tilt = rng.uniform(-0.02, 0.02)
+    thickness = rng.uniform(1, 2)
+    grid = np.maximum(_lines(size, spacing, thickness, tilt, rng.uniform(0, spacing)),
+                      _lines(size, spacing, thickness, -tilt, rng.uniform(0, spacing), vertical=True))
+    colour = np.array([[0.6, 0.6, 0.62], [0.55, 0.7, 0.9]][rng.integers(2)], np.float32)
+    paper = np.ones(size + (3,), np.float32) * (1 - grid[..., None]) + colour * grid[..., None]
+    pen = np.asarray(PENS[rng.integers(len(PENS))], np.float32) / 255
+    pixels = paper * (1 - layer[..., None]) + pen * layer[..., None]
+    pixels = pixels * gradient(rng, size, rng.uniform(0, 0.15))[..., None] + rng.normal(0, 0.015, pixels.shape)
+    return encode(np.clip(pixels * 255, 0, 255).astype(np.uint8), "JPEG", quality=90)
+
+
+def specks(rng, digit):
+    """Dust and stray marks: 20-80 dark specks of 1-5 px anywhere, none touching the digit."""
+    size = (400, 400)
+    height = int(rng.integers(140, 280))
+    layer, (top, left, h, w) = placed(rng, size, digit, height, stroke=rng.uniform(0, 0.6))
+    dots = np.zeros(size, np.float32)
+    for _ in range(int(rng.integers(20, 81))):
+        r = rng.uniform(0.5, 2.5)
+        cy, cx = rng.uniform(0, size[0]), rng.uniform(0, size[1])
+        if top - 6 <= cy <= top + h + 6 and left - 6 <= cx <= left + w + 6:
+            continue
+        y0, y1, x0, x1 = int(max(0, cy - 4)), int(min(size[0], cy + 5)), int(max(0, cx - 4)), int(min(size[1], cx + 5))
+        y, x = np.mgrid[y0:y1, x0:x1]
+        dots[y0:y1, x0:x1] = np.maximum(dots[y0:y1, x0:x1],
+                                        np.clip(r + 0.5 - np.hypot(y - cy, x - cx), 0, 1) * rng.uniform(0.5, 1))
+    return encode(compose((250, 250, 248), PENS[rng.integers(len(PENS))], np.maximum(layer, dots), 1.0, 0.01, rng),
+                  "JPEG", quality=90)
+
+
+def thin_pen(rng, digit):
+    size = (400, 400)
+    height = int(rng.integers(150, 300))
+    layer, _ = placed(rng, size, digit, height, stroke=-rng.uniform(0.3, 0.6))
+    return encode(compose((255, 255, 255), PENS[rng.integers(len(PENS))], layer, 1.0, 0.01, rng), "PNG")
+
+
+def thick_marker(rng, digit):
+    size = (400, 400)
+    height = int(rng.integers(150, 300))
+    layer, _ = placed(rng, size, digit, height, stroke=rng.uniform(1.0, 1.8))
+    return encode(compose((255, 255, 255), PENS[rng.integers(len(PENS))], layer, 1.0, 0.01, rng), "PNG")
+
+
+INKS = [(20, 60, 200), (200, 30, 30), (30, 130, 40), (110, 30, 140), (0, 0, 0)]
+PAPER_COLOURS = [(255, 245, 160), (255, 205, 215), (190, 220, 250), (200, 240, 200), (255, 225, 180)]
+
+
+def coloured(rng, digit):
+    size = (400, 400)
+    height = int(rng.integers(150, 300))
+    layer, _ = placed(rng, size, digit, height, stroke=rng.uniform(0, 0.8))
+    return encode(compose(PAPER_COLOURS[rng.integers(len(PAPER_COLOURS))], INKS[rng.integers(len(INKS))], layer,
+                          1.0, 0.01, rng), "JPEG", quality=90)
+
+
+def transparent_canvas(rng, digit):
+    """A drawing app's export: strokes on a fully transparent canvas (RGBA PNG), black or coloured."""
+    size = (400, 400)
+    height = int(rng.integers(150, 330))
+    layer, _ = placed(rng, size, digit, height, stroke=rng.uniform(0, 1.0))
+    colour = INKS[rng.integers(len(INKS))] if rng.random() < 0.5 else (0, 0, 0)
+    rgba = np.zeros(size + (4,), np.uint8)
+    rgba[..., :3] = colour
+    rgba[..., 3] = np.round(layer * 255).astype(np.uint8)
+    return encode(rgba, "PNG")
+
+
+def small_off_centre(rng, digit):
+    """A small digit (28-80 px) anywhere on a large white canvas (800-2000 px)."""
+    side = int(rng.integers(800, 2001))
+    size = (side, int(side * rng.uniform(0.75, 1.33)))
+    layer, _ = placed(rng, size, digit, int(rng.integers(28, 81)), stroke=rng.uniform(0, 0.6))
+    return encode(compose((255, 255, 255), PENS[rng.integers(len(PENS))], layer, 1.0, 0.0, rng), "PNG")
+
+
+def low_quality_jpeg(rng, digit):
+    size = (280, 280)
+    height = int(rng.integers(80, 240))
+    layer, _ = placed(rng, size, digit, height, stroke=rng.uniform(0, 0.6))
+    return encode(compose((255, 255, 255), PENS[rng.integers(len(PENS))], layer, 1.0, 0.0, rng),
+                  "JPEG", quality=int(rng.integers(8, 26)))
+
+
+CONDITIONS = {
+    "phone photo, EXIF rotation": phone_exif,
+    "lighting gradient (30-50%)": lighting_gradient,
+    "shadow edge (30-50%)": shadow_edge,
+    "ruled paper": ruled_paper,
+    "squared paper": squared_paper,
+    "specks / dust": specks,
+    "thin pen": thin_pen,
+    "thick marker": thick_marker,
+    "coloured ink on coloured paper": coloured,
+    "transparent canvas export": transparent_canvas,
+    "small digit off-centre, large canvas": small_off_centre,
+    "JPEG quality 8-25": low_quality_jpeg,
+}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def figure(examples: list[tuple[str, bytes, np.ndarray]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(examples), figsize=(1.45 * len(examples), 3.4))
+    for column, (name, data, view) in enumerate(examples):
+        image = Image.open(io.BytesIO(data))
+        from PIL import ImageOps
+
+        image = ImageOps.exif_transpose(image)
+        if image.mode == "RGBA":  # show a transparent canvas on a checkerboard
+            board = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            tiles = np.indices(image.size[::-1]).sum(0) // 16 % 2
+            board = Image.fromarray(np.where(tiles[..., None], 205, 255).astype(np.uint8).repeat(3, 2)).convert("RGBA")
+            image = Image.alpha_composite(board, image)
+        axes[0, column].imshow(image.convert("RGB"))
+        axes[1, column].imshow(view, cmap="gray", vmin=0, vmax=255)
+        axes[0, column].set_title(name.replace(", ", ",\n").replace(" (", "\n("), fontsize=6.5)
+        for row in (0, 1):
+            axes[row, column].set_xticks([])
+            axes[row, column].set_yticks([])
+    axes[0, 0].set_ylabel("input file", fontsize=8)
+    axes[1, 0].set_ylabel("what the model saw", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="runs/latest/model.pt")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--count", type=int, default=500, help="images per condition (default: 500)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default=None, help="comma-separated substrings of condition names to run")
+    parser.add_argument("--figure", default=None, help="write example inputs and views as one figure (PNG)")
+    parser.add_argument("--save-failures", default=None, help="folder to write misread inputs into")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    plain, _ = load_model(args.checkpoint)
+    model, _ = load_predictor(args.checkpoint)
+    test = load_split("test", args.data_root)
+    rng = np.random.default_rng(args.seed)
+    indices = rng.permutation(len(test))  # test digits only; each condition takes its own slice
+    with torch.inference_mode():
+        tensor_digits = torch.cat([plain(normalize(test.images[i : i + 1000]), test.numbers[i : i + 1000])[0].argmax(1)
+                                   for i in range(0, len(test), 1000)]).numpy()
+    truth = test.digits.numpy()
+    images = test.images.numpy()
+
+    print(f"checkpoint {args.checkpoint}; {args.count} MNIST test digits per condition; "
+          "path = load_predictor + predict on the encoded file bytes (as `digitsum predict`)\n")
+    print("| condition | images | digit accuracy | tensor path, same digits | gap (pts) | sum accuracy | errors | ms/image |")
+    print("|---|---|---|---|---|---|---|---|")
+    totals = np.zeros(3)
+    examples = []
+    selected = [(k, v) for k, v in CONDITIONS.items()
+                if not args.only or any(part in k for part in args.only.split(","))]
+    for number, (name, render) in enumerate(CONDITIONS.items()):
+        if (name, render) not in selected:
+            continue
+        chosen = indices[(number * args.count) % len(test):][: args.count]
+        if len(chosen) < args.count:
+            chosen = np.concatenate([chosen, indices[: args.count - len(chosen)]])
+        files = [render(np.random.default_rng([args.seed, number, int(i)]), images[i]) for i in chosen]
+        numbers = [int(test.numbers[i]) for i in chosen]
+        start = time.perf_counter()
+        results = predict(model, files, numbers)
+        ms = 1000 * (time.perf_counter() - start) / len(files)
+        predicted = np.array([r.get("digit", -1) for r in results])
+        sums = np.array([r.get("sum", -1) for r in results])
+        errors = sum("error" in r for r in results)
+        accuracy = float((predicted == truth[chosen]).mean())
+        sum_accuracy = float((sums == truth[chosen] + np.array(numbers)).mean())
+        tensor = float((tensor_digits[chosen] == truth[chosen]).mean())
+        totals += (accuracy, tensor, 1)
+        print(f"| {name} | {len(files)} | {100 * accuracy:.2f}% | {100 * tensor:.2f}% | {100 * (tensor - accuracy):+.2f} "
+              f"| {100 * sum_accuracy:.2f}% | {errors} | {ms:.1f} |", flush=True)
+        if args.save_failures:
+            from pathlib import Path
+
+            folder = Path(args.save_failures) / name.split(",")[0].split(" (")[0].replace(" ", "_").replace("/", "")
+            folder.mkdir(parents=True, exist_ok=True)
+            for k, (i, r) in enumerate(zip(chosen, results)):
+                if r.get("digit", -1) != truth[i] and k < 400:
+                    (folder / f"{i}-true{truth[i]}-got{r.get('digit', 'err')}.img").write_bytes(files[k])
+        example = next(k for k, i in enumerate(chosen) if predicted[k] == truth[i]) if (predicted == truth[chosen]).any() else 0
+        try:
+            view = preprocess(files[example])[1]
+        except Exception:
+            view = np.zeros((28, 28), np.uint8)
+        examples.append((name, files[example], view))
+    if totals[2]:
+        mean, tensor = totals[0] / totals[2], totals[1] / totals[2]
+        print(f"| **all conditions (mean)** | {int(totals[2]) * args.count} | **{100 * mean:.2f}%** | {100 * tensor:.2f}% "
+              f"| {100 * (tensor - mean):+.2f} | | | |")
+    if args.figure:
+        figure(examples, args.figure)
+        print(f"\nwrote {args.figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""Any image in, an MNIST-style 28x28 digit out: what a phone, a scanner or a drawing app produces.
+
+MNIST digits were made by fitting each digit's bounding box into 20x20 pixels (keeping the aspect
+ratio, with antialiasing) and pasting that into a 28x28 field so the centre of mass sits at the
+centre, white ink on black. `preprocess()` does the same to whatever a user has:
+
+    read (Pillow, first frame; a large JPEG is decoded at 1/2, 1/4 or 1/8 scale)
+    -> reduce a large image to at most WORK_SIDE px by box averaging, before any float conversion
+    -> EXIF orientation (all 8 values)
+    -> any mode/bit depth to grey in [0, 1] (transparency flattened, NaN/inf tamed)
+    -> polarity (which way the ink deviates from the paper)
+    -> flat-field correction: the paper's brightness is estimated locally by a grey-scale
+       morphological closing (the "black top-hat" method of document imaging: the closing removes
+       every dark feature narrower than its window - the strokes - and keeps the lighting, even a
+       sharp shadow edge), and the image is divided by it, so uneven light and shadows are not ink
+    -> ink mask (strong ink only) -> connected components: thin straight lines spanning most of
+       the image (ruled or squared paper, page borders) are dropped, the digit is the component
+       with the most ink plus the pieces close to it; specks and dust elsewhere are ignored
+    -> a small digit in a large image is cut out again from the full-resolution pixels
+    -> crop the digit's bounding box -> longer side 20 px -> paste into 28x28 with the centre of
+       mass at the centre -> uint8 view -> normalise
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
+
+from digitsum.errors import DigitsumError
+
+MAX_SIDE = 4096  # larger images are refused before decoding (decompression bomb guard)
+IMAGE_SIZE = 28  # MNIST's field (model.IMAGE_SIZE; repeated so that preprocessing needs no torch)
+DIGIT_BOX = 20  # MNIST fits the digit's longer side into 20 px ...
+CENTRE = 14.0  # ... and puts its centre of mass here (row and column index; measured on MNIST: 13.99, 14.01)
+NOISE_FLOOR = 0.1  # after stretching to [0, 1], fainter pixels are background noise (JPEG ringing, paper grain)
+MIN_CONTRAST = 0.1  # an image whose ink differs from its background by less than this is blank
+WORK_SIDE = 512  # the digit is found at most at this resolution (bounded time and memory) ...
+DETAIL_SIDE = 96  # ... and re-cut from the full-resolution image when it is smaller than this there
+STRONG_INK = 0.4  # ink at >= this fraction of the strongest ink is a stroke; fainter is an edge, a ruled line or shading
+LINE_SPAN = 0.7  # a thin component reaching across this fraction of the image is a ruled line or page border
+
+ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+
+# EXIF Orientation -> the Pillow transpose that shows the image upright (as ImageOps.exif_transpose does)
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+class ImageError(DigitsumError):
+    """An image could not be used: unreadable, truncated, too large or blank."""
+
+
+class NotAnImageError(ImageError):
+    """The bytes are not in any image format Pillow knows (HTTP 415 rather than 422)."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _name(source: ImageSource) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "image"
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:100] if text else type(error).__name__
+
+
+def _read_file(path: Path, name: str) -> bytes:
+    if not path.exists():
+        raise ImageError(f"{name}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{name}: is a folder, not an image")
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ImageError(f"{name}: cannot be read ({error.strerror or error})") from None
+
+
+def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Image.Image:
+    """A fully decoded Pillow image (first frame) from a path, raw bytes or an Image.
+
+    `max_decoded_side`: a JPEG larger than this is decoded at a reduced scale (DCT scaling: faster
+    and smaller, never below this size). Every way a file can be wrong becomes an ImageError whose
+    one-line message names it.
+    """
+    name = _name(source)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        data = source if isinstance(source, bytes) else _read_file(Path(source), name)
+        if not data:
+            raise ImageError(f"{name}: is empty (0 bytes)")
+        try:
+            image = Image.open(io.BytesIO(data))  # reads the header only
+        except UnidentifiedImageError:
+            raise NotAnImageError(f"{name}: is not an image Pillow can read (PNG, JPEG, BMP, GIF, WebP, TIFF)") from None
+        except Image.DecompressionBombError:
+            raise ImageError(f"{name}: is far larger than the {MAX_SIDE}x{MAX_SIDE} limit "
+                             "(decompression bomb guard); shrink it first") from None
+        except Exception as error:  # Pillow's plugins raise many types for malformed headers
+            raise ImageError(f"{name}: cannot be read as an image ({_reason(error)})") from None
+    width, height = image.size
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise ImageError(f"{name}: is {width}x{height} pixels, larger than the "
+                         f"{MAX_SIDE}x{MAX_SIDE} limit (decompression bomb guard); shrink it first")
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: has no pixels ({width}x{height})")
+    try:
+        image.seek(0)  # GIF, animated WebP, multi-page TIFF: the first frame
+        if max_decoded_side and image.format == "JPEG" and max(width, height) > max_decoded_side:
+            shrink = max_decoded_side / max(width, height)
+            image.draft(image.mode, (math.ceil(width * shrink), math.ceil(height * shrink)))
+        image.load()
+    except Exception as error:  # truncated data, bad chunks, decoder errors of any plugin
+        raise ImageError(f"{name}: is damaged or truncated ({_reason(error)})") from None
+    return image
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF Orientation tag (1 = upright when absent or unreadable)."""
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block: show the pixels as stored, like most viewers
+        return 1
+    return value if value in _ORIENTATION else 1
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def _workable(image: Image.Image) -> Image.Image:
+    """The image in a mode that Image.reduce and the grey conversion handle, without losing depth."""
+    mode = image.mode
+    if mode in ("L", "LA", "RGB", "RGBA", "I", "F"):
+        return image
+    if mode in ("1",):
+        return image.convert("L")
+    if mode in ("P", "PA"):
+        return image.convert("LA" if mode == "PA" or "transparency" in image.info else "L")
+    if mode in ("RGBa", "RGBX"):
+        return image.convert("RGBA" if mode == "RGBa" else "RGB")
+    if mode == "La":
+        return image.convert("LA")
+    if mode in ("YCbCr", "LAB"):
+        return image.getchannel(0)  # Y (luma) and L* (lightness) are the grey already
+    if mode.startswith("I;16") or mode.startswith("I;32") or mode == "I;8":
+        # 16-bit scans: as 32-bit integers (Pillow's convert("L") would clip them at 255)
+        return Image.fromarray(np.asarray(image).astype(np.int32), mode="I")
+    if mode in ("CMYK", "HSV"):
+        return image.convert("RGB")
+    try:
+        return image.convert("RGBA")
+    except Exception as error:
+        raise ImageError(f"pixels of mode {mode} cannot be converted ({_reason(error)})") from None
+
+
+def _reduced(image: Image.Image, side: int) -> Image.Image:
+    """Box-average `image` by an integer factor so that its longer side is at most about `side`."""
+    factor = max(image.size) // side
+    return image.reduce(factor) if factor >= 2 else image
+
+
+def _to_unit(values: np.ndarray, mode: str) -> np.ndarray:
+    """float32 in [0, 1] from integer or float pixels of any range; NaN/inf made harmless."""
+    values = values.astype(np.float32, copy=False)
+    finite = np.isfinite(values)
+    if not finite.all():
+        if not finite.any():
+            return np.zeros(values.shape, np.float32)
+        low, high = float(values[finite].min()), float(values[finite].max())
+        values = np.nan_to_num(values, nan=float(np.median(values[finite])), posinf=high, neginf=low)
+    low, high = float(values.min()), float(values.max())
+    if low >= 0.0 and high <= 1.0 and mode == "F":
+        return values  # float images in [0, 1]
+    if low >= 0.0 and high <= 255.0:
+        return values / 255.0
+    if low >= 0.0 and high <= 65535.0:
+        return values / 65535.0
+    return (values - low) / (high - low) if high > low else np.zeros(values.shape, np.float32)
+
+
+def grayscale(image: Image.Image) -> np.ndarray:
+    """float32 (H, W) in [0, 1]: transparency flattened, colour to luminance, any bit depth."""
+    image = _workable(image)
+    if image.mode in ("I", "F"):
+        return _to_unit(np.asarray(image), image.mode)
+    has_alpha = image.mode in ("RGBA", "LA")
+    if has_alpha and image.getchannel("A").getextrema()[0] == 255:  # opaque after all (e.g. a canvas export)
+        has_alpha = False
+    luminance = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    if not has_alpha:
+        return luminance
+    alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
+    # Put the drawing on a background that contrasts with it: dark strokes on a transparent
+    # canvas go onto white, light strokes onto black. Alpha-weighted mean of what is visible.
+    visible = alpha.sum()
+    ink_is_dark = visible == 0 or float((luminance * alpha).sum() / visible) < 0.5
+    background = 1.0 if ink_is_dark else 0.0
+    return luminance * alpha + background * (1.0 - alpha)
+
+
+def upright_grey(image: Image.Image, side: int = WORK_SIDE) -> np.ndarray:
+    """The decoded image reduced to at most ~`side` px, upright (EXIF), as grey (H, W) in [0, 1]."""
+    orientation = _orientation(image)
+    try:
+        small = _reduced(_workable(image), side)
+        if orientation != 1:
+            small = small.transpose(_ORIENTATION[orientation])
+        return grayscale(small)
+    except ImageError:
+        raise
+    except (ValueError, OSError, TypeError, MemoryError) as error:  # exotic modes Pillow cannot handle
+        raise ImageError(f"its pixels cannot be used ({_reason(error)})") from None
+
+
+# ----------------------------------------------------------------------------- finding the ink
+
+
+def ink_map(gray: np.ndarray, name: str = "image") -> np.ndarray:
+    """float32 (H, W) in [0, 1]: ink bright on black, lighting removed, only the digit kept.
+
+    Raises ImageError for an image without ink (every pixel within MIN_CONTRAST of the paper).
+    """
+    ink = flat_field(gray, name)
+    return ink * digit_mask(ink)
+
+
+def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
+    """Ink strength in [0, 1] relative to the local paper brightness (1 = the strongest ink).
+
+    Polarity: see _ink_is_dark. The paper's brightness is then estimated per pixel by a grey-scale closing (the black top-hat
+    method of document imaging) whose window is about three stroke widths: it removes the strokes
+    and keeps everything wider - lighting gradients, shadows, a shadow's sharp edge. The stroke
+    width is measured on a first pass with a window of half the image. For dark ink,
+    ink = 1 - pixel / paper (background division: observed = light x reflectance); for light ink on
+    a dark ground (a chalkboard, a canvas export), ink = pixel - ground (subtraction: the ground is
+    not lit paper).
+    """
+    height, width = gray.shape
+    smooth = ndimage.uniform_filter(gray, 3, mode="nearest") if min(height, width) >= 3 else gray
+    window = max(3, min(height, width) // 2)
+    dark_ink = _ink_is_dark(gray)
+    ink = _ink_against_background(gray, smooth, window, dark_ink)
+    level = _strong_level(ink)
+    narrower = min(window, max(7, round(3 * _stroke_width(ink >= STRONG_INK * level)) + 3))
+    if narrower < window:
+        ink = _ink_against_background(gray, smooth, narrower, dark_ink)
+        level = _strong_level(ink)
+    if level < MIN_CONTRAST:
+        raise ImageError(f"{name}: is blank (no ink stands out from the background); draw or photograph a digit")
+    return np.clip(ink / level, 0.0, 1.0).astype(np.float32)
+
+
+def _ink_is_dark(gray: np.ndarray) -> bool:
+    """Polarity: is the ink darker than the paper? Ink is thin, so it is what a median filter
+    removes: compare how much darker and how much lighter the image is than its local median
+    (a median keeps the edges of shadows and lit patches, which are wide; on a ~96 px thumbnail,
+    window a sixth of it). The median pixel alone is not the paper when a shadow covers most of it."""
+    factor = max(1, max(gray.shape) // 96)
+    if factor > 1:
+        height, width = (gray.shape[0] // factor) * factor, (gray.shape[1] // factor) * factor
+        gray = gray[:height, :width].reshape(height // factor, factor, width // factor, factor).mean(axis=(1, 3))
+    size = max(3, min(gray.shape) // 6) | 1
+    residual = gray - ndimage.median_filter(gray, size=size, mode="reflect")
+    darker = float(np.clip(-residual - 0.05, 0, None).sum())
+    lighter = float(np.clip(residual - 0.05, 0, None).sum())
+    if darker == lighter:  # no thin structure at all: the median pixel is the paper
+        return float(np.median(gray)) >= 0.5
+    return darker > lighter
+
+
+def _ink_against_background(gray, smooth, window: int, dark_ink: bool) -> np.ndarray:
+    if dark_ink:
+        lighting = ndimage.grey_closing(smooth, size=(window, window), mode="reflect")
+        return 1.0 - gray / np.maximum(lighting, 0.05)
+    return gray - ndimage.grey_opening(smooth, size=(window, window), mode="reflect")
+
+
+def _stroke_width(mask: np.ndarray) -> float:
+    """Typical stroke width (px) of a mask: twice the typical distance to the background along the
+    strokes' centre lines (the ridge of a chessboard distance transform)."""
+    if not mask.any():
+        return 1.0
+    distance = ndimage.distance_transform_cdt(mask, metric="chessboard")
+    ridge = mask & (distance >= ndimage.maximum_filter(distance, size=3))
+    # The 40th percentile rather than the median: shadow bands that pass for ink have long, wide
+    # centre lines, strokes' are narrower.
+    return 2.0 * float(np.percentile(distance[ridge], 40)) - 1.0
+
+
+def _strong_level(ink: np.ndarray) -> float:
+    """The ink strength that counts as full ink: a high order statistic, robust to a few hot pixels."""
+    flat = ink.ravel()
+    k = max(1, flat.size // 5000)
+    return float(np.partition(flat, flat.size - k)[flat.size - k])
+
+
+def digit_mask(ink: np.ndarray) -> np.ndarray:
+    """bool (H, W): the digit's strokes and their antialiased edges; lines, borders and specks dropped."""
+    height, width = ink.shape
+    strong = ink >= STRONG_INK
+    labels, count = ndimage.label(strong, structure=np.ones((3, 3), bool))
+    if count == 0:
+        return np.zeros_like(strong)
+    index = np.arange(1, count + 1)
+    mass = ndimage.sum_labels(ink, labels, index)
+    area = ndimage.sum_labels(strong, labels, index)
+    boxes = ndimage.find_objects(labels)
+    keep = np.ones(count, bool)
+    for i, (rows, cols) in enumerate(boxes):
+        box_h, box_w = rows.stop - rows.start, cols.stop - cols.start
+        # A ruled or grid line, a page border or a shadow band along it: thin (its area is small
+        # next to its length) and either reaching across most of the image or from edge to edge.
+        across = box_w >= LINE_SPAN * width or box_h >= LINE_SPAN * height
+        edge_to_edge = ((cols.start == 0 and cols.stop == width) or (rows.start == 0 and rows.stop == height))
+        length = max(box_w, box_h)
+        thin = area[i] / length <= max(3.0, 0.025 * min(height, width))
+        band = area[i] / length <= 0.08 * min(height, width)
+        if min(height, width) >= 40 and ((across and thin) or (edge_to_edge and band)):
+            keep[i] = False
+    if not keep.any():
+        keep[:] = True  # only lines: better the lines than nothing (the user sees the view)
+    candidates = np.flatnonzero(keep)
+    main = candidates[np.argmax(mass[candidates])]
+    chosen = {main}
+    top, left, bottom, right = _box(boxes[main])
+    grown = True
+    while grown:
+        grown = False
+        size = max(bottom - top, right - left)
+        for i in candidates:
+            if i in chosen:
+                continue
+            c_top, c_left, c_bottom, c_right = _box(boxes[i])
+            gap = max(c_top - bottom, top - c_bottom, c_left - right, left - c_right, 0)
+            near = gap <= max(2.0, 0.06 * size)
+            close_and_real = gap <= 0.3 * size and mass[i] >= 0.04 * mass[main]
+            if near or close_and_real:
+                chosen.add(i)
+                top, left = min(top, c_top), min(left, c_left)
+                bottom, right = max(bottom, c_bottom), max(right, c_right)
+                grown = True
+    strokes = np.isin(labels, np.array(sorted(chosen)) + 1)
+    # The antialiased edge of a stroke is fainter than STRONG_INK: keep ink touching the strokes.
+    return ndimage.binary_dilation(strokes, structure=np.ones((3, 3), bool), iterations=2) & (ink > 0)
+
+
+def _box(slices) -> tuple[int, int, int, int]:
+    rows, cols = slices
+    return rows.start, cols.start, rows.stop, cols.stop
+
+
+# ----------------------------------------------------------------------------- MNIST layout
+
+
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """The mask plus its 8 neighbours (a 3x3 binary dilation)."""
+    padded = np.pad(mask, 1)
+    height, width = mask.shape
+    grown = np.zeros_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            grown |= padded[dy : dy + height, dx : dx + width]
+    return grown
+
+
+def _fit_box(crop: np.ndarray) -> np.ndarray:
+    """The crop scaled so that its longer side is DIGIT_BOX px, as float in [0, 1] (Lanczos, antialiased)."""
+    height, width = crop.shape
+    scale = DIGIT_BOX / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # Pillow's (width, height)
+    # A box that is already 20 px is returned unchanged, so MNIST round-trips exactly.
+    box = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+    box = np.clip(box, 0.0, 1.0)
+    box = np.where(_grow(box >= NOISE_FLOOR), box, 0.0)  # LANCZOS ringing: faint specks off the strokes
+    return np.where(box >= 0.5 / 255.0, box, 0.0)  # what rounds to 0 in the uint8 view is not ink
+
+
+def _trim(box: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(box.any(axis=1))[0], np.nonzero(box.any(axis=0))[0]
+    return box[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def mnist_layout(ink: np.ndarray, name: str = "image") -> np.ndarray:
+    """uint8 (28, 28): the ink's bounding box scaled to a longer side of 20 px, centre of mass centred.
+
+    The view always has an ink box whose longer side is exactly 20 px and its centre of mass within
+    1 px of (14, 14); ink too lopsided for that (its centre of mass within 5 px of one end of its
+    box) is an ImageError rather than a digit pushed off-centre.
+    """
+    if not (ink > 0).any():
+        raise ImageError(f"{name}: is blank (no ink); draw or photograph a digit")
+    box = _trim(np.where(ink > 0, ink, 0.0).astype(np.float32))
+    for _ in range(3):  # resampling can fade an edge row to nothing: fit the visible ink again
+        box = _fit_box(box)
+        if not box.any():
+            raise ImageError(f"{name}: its ink is too faint or too small to read")
+        trimmed = _trim(box)
+        if max(trimmed.shape) == DIGIT_BOX and trimmed.shape == box.shape:
+            break
+        box = trimmed
+    else:
+        if max(box.shape) != DIGIT_BOX:
+            raise ImageError(f"{name}: its ink cannot be laid out as a digit")
+    box = np.round(box * 255.0) / 255.0  # centre the mass the uint8 view will have
+    mass = box.sum()
+    ys, xs = np.indices(box.shape)
+    centre_y, centre_x = float((ys * box).sum() / mass), float((xs * box).sum() / mass)
+    # Keep the box inside the field; that moves a lopsided digit's centre of mass by at most 1 px
+    # (a '7' with a long bar), and ink more lopsided than that is no digit the model knows.
+    top = min(max(round(CENTRE - centre_y), 0), IMAGE_SIZE - box.shape[0])
+    left = min(max(round(CENTRE - centre_x), 0), IMAGE_SIZE - box.shape[1])
+    if abs(top + centre_y - CENTRE) > 1.0 or abs(left + centre_x - CENTRE) > 1.0:
+        raise ImageError(f"{name}: its ink is too lopsided to centre like an MNIST digit "
+                         "(crop the image to the digit)")
+    field = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    field[top : top + box.shape[0], left : left + box.shape[1]] = box
+    return np.round(field * 255.0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- the whole path
+
+
+def _detail(image: Image.Image, gray: np.ndarray, ink: np.ndarray) -> np.ndarray | None:
+    """The digit's ink cut again from a higher resolution when it is small at WORK_SIDE, else None."""
+    rows, cols = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
+    extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+    full = max(image.size) / max(gray.shape)  # decoded pixels per working pixel
+    if extent >= DETAIL_SIDE or full < 1.5:
+        return None
+    return None  # TODO
+
+
+def preprocess_view(source: ImageSource) -> np.ndarray:
+    """Any image (path, bytes or Pillow image) -> the 28x28 uint8 view the model sees."""
+    name = _name(source)
+    image = open_image(source, max_decoded_side=2 * WORK_SIDE)
+    try:
+        gray = upright_grey(image)
+    except ImageError as error:
+        raise ImageError(f"{name}: {error}") from None
+    return mnist_layout(ink_map(gray, name), name)

@@ -1,0 +1,290 @@
+"""preprocess.py on what people really upload: EXIF orientation, uneven light, ruled paper, specks,
+every Pillow mode and pixel type - property-based (hypothesis) where the inputs are open-ended."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw
+
+from digitsum import cli
+from digitsum.preprocess import ImageError, preprocess_view
+
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+# ^ for each EXIF value, how a camera stores upright pixels so that the tag turns them back upright
+
+
+def seven(size=(280, 280), ink=0, paper=255, width=22, offset=(0, 0)) -> Image.Image:
+    """A '7' drawn with dark strokes on a light canvas (the web page's style)."""
+    image = Image.new("L", size, paper)
+    kx, ky = size[0] / 280, size[1] / 280
+    k = min(kx, ky)
+    dx, dy = offset
+    points = [(70 * k + dx, 60 * k + dy), (210 * k + dx, 60 * k + dy), (120 * k + dx, 230 * k + dy)]
+    ImageDraw.Draw(image).line(points, fill=ink, width=max(1, round(width * k)), joint="curve")
+    return image
+
+
+def encoded(image: Image.Image, format: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def ink_box(view: np.ndarray) -> tuple[int, int]:
+    rows, cols = np.nonzero(view.any(axis=1))[0], np.nonzero(view.any(axis=0))[0]
+    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+
+def centre_of_mass(view: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.indices(view.shape)
+    mass = view.astype(float).sum()
+    return float((ys * view).sum() / mass), float((xs * view).sum() / mass)
+
+
+def similar(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of two views (1 = the same picture)."""
+    a, b = a.astype(float).ravel(), b.astype(float).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+REFERENCE = preprocess_view(seven())
+
+
+# ----------------------------------------------------------------------------- EXIF orientation
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("format", ["JPEG", "PNG", "TIFF", "WEBP"])
+def test_every_exif_orientation_is_applied_before_anything_else(orientation, format):
+    upright = seven((280, 360)).convert("RGB")
+    stored = upright.transpose(ORIENTATIONS[orientation]) if orientation != 1 else upright
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    view = preprocess_view(encoded(stored, format, exif=exif.tobytes()))
+    assert similar(view, preprocess_view(upright)) > 0.95
+
+
+def test_a_damaged_exif_block_reads_the_pixels_as_stored():
+    image = seven().convert("RGB")
+    data = encoded(image, "JPEG", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12")  # truncated IFD
+    assert similar(preprocess_view(data), preprocess_view(image)) > 0.95
+
+
+# ----------------------------------------------------------------------------- light, paper, marks
+
+
+def lit(image: Image.Image, depth: float, direction: str = "x") -> Image.Image:
+    """The picture under light that falls linearly by `depth` across it (a desk lamp or a window)."""
+    values = np.asarray(image, np.float32)
+    ramp = np.linspace(1.0, 1.0 - depth, values.shape[1 if direction == "x" else 0], dtype=np.float32)
+    light = ramp[None, :] if direction == "x" else ramp[:, None]
+    return Image.fromarray(np.round(values * light).astype(np.uint8))
+
+
+@pytest.mark.parametrize("depth", [0.3, 0.5])
+@pytest.mark.parametrize("direction", ["x", "y"])
+def test_a_lighting_gradient_of_up_to_half_the_paper_brightness_is_not_ink(depth, direction):
+    view = preprocess_view(lit(seven(width=12), depth, direction))
+    assert similar(view, preprocess_view(seven(width=12))) > 0.95
+
+
+def test_a_shadow_edge_across_the_page_is_not_ink():
+    values = np.asarray(seven(width=12), np.float32)
+    values[:, 150:] *= 0.55  # a hard shadow over the right part of the page and of the digit
+    view = preprocess_view(Image.fromarray(values.astype(np.uint8)))
+    assert similar(view, preprocess_view(seven(width=12))) > 0.95
+
+
+@pytest.mark.parametrize("colour", [(150, 190, 235), (60, 60, 60)])
+def test_ruled_lines_spanning_the_page_are_not_the_digit(colour):
+    page = seven((400, 400), width=14).convert("RGB")
+    draw = ImageDraw.Draw(page)
+    for y in range(30, 400, 45):
+        draw.line([(0, y), (399, y + 6)], fill=colour, width=2)  # slightly tilted, as in a photo
+    view = preprocess_view(page)
+    assert similar(view, preprocess_view(seven((400, 400), width=14))) > 0.9
+
+
+def test_squared_paper_is_not_the_digit():
+    page = seven((400, 400), width=14).convert("RGB")
+    draw = ImageDraw.Draw(page)
+    for k in range(0, 400, 25):
+        draw.line([(k, 0), (k, 399)], fill=(170, 170, 175), width=1)
+        draw.line([(0, k), (399, k)], fill=(170, 170, 175), width=1)
+    page = Image.composite(seven((400, 400), width=14).convert("RGB"), page, seven((400, 400), width=14).point(
+        lambda v: 255 if v < 128 else 0))  # the pen goes over the grid
+    view = preprocess_view(page)
+    assert similar(view, preprocess_view(seven((400, 400), width=14))) > 0.9
+
+
+def test_dark_specks_and_stray_marks_away_from_the_digit_are_ignored():
+    page = seven((400, 400))
+    draw = ImageDraw.Draw(page)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        x, y = rng.integers(0, 400, 2)
+        if 60 < x < 330 and 50 < y < 350:
+            continue
+        draw.ellipse([x, y, x + rng.integers(1, 5), y + rng.integers(1, 5)], fill=int(rng.integers(0, 100)))
+    draw.line([(350, 380), (390, 385)], fill=0, width=3)  # a stray pen mark in a corner
+    assert similar(preprocess_view(page), preprocess_view(seven((400, 400)))) > 0.97
+
+
+def test_a_small_digit_off_centre_on_a_large_canvas_is_found():
+    canvas = Image.new("L", (1800, 1400), 255)
+    canvas.paste(seven((60, 60), width=22), (1500, 200))
+    assert similar(preprocess_view(canvas), REFERENCE) > 0.9
+
+
+def test_a_large_image_is_reduced_before_float_conversion_and_reads_the_same():
+    big = seven((4096, 4096))
+    assert similar(preprocess_view(encoded(big)), REFERENCE) > 0.95
+    assert similar(preprocess_view(encoded(big.convert("RGB"), "JPEG", quality=90)), REFERENCE) > 0.95
+
+
+def test_mnist_style_input_comes_out_unchanged():
+    view = preprocess_view(seven())
+    assert np.array_equal(preprocess_view(Image.fromarray(view)), view)
+
+
+# ----------------------------------------------------------------------------- every mode, never a crash
+
+
+def _mode_image(mode: str, gray: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """`gray` (uint8, dark ink on light) in Pillow mode `mode`, with that mode's odd values."""
+    base = Image.fromarray(gray)
+    if mode in ("1", "L", "RGB", "CMYK", "YCbCr", "HSV"):
+        return base.convert(mode) if mode != "HSV" else base.convert("RGB").convert("HSV")
+    if mode == "LA":
+        return Image.merge("LA", [base, Image.fromarray(rng.integers(0, 256, gray.shape, dtype=np.uint8))])
+    if mode == "RGBA":
+        return Image.merge("RGBA", [base] * 3 + [Image.fromarray(rng.integers(0, 256, gray.shape, dtype=np.uint8))])
+    if mode in ("P", "P+transparency"):
+        image = base.convert("RGB").convert("P")
+        if mode == "P+transparency":
+            image.info["transparency"] = int(rng.integers(0, 256))
+        return image
+    if mode == "LAB":
+        return Image.merge("LAB", [base, Image.new("L", base.size, 128), Image.new("L", base.size, 128)])
+    if mode == "I":
+        return Image.fromarray(gray.astype(np.int32) * int(rng.integers(-70000, 70000)))
+    if mode.startswith("I;16"):
+        values = gray.astype(np.uint16) * 257
+        order = ">u2" if mode == "I;16B" else "<u2"
+        return Image.frombytes(mode, base.size[:2], values.astype(order).tobytes())
+    if mode == "F":
+        values = gray.astype(np.float32) * float(rng.choice([1 / 255, 1.0, 1000.0, -3.0]))
+        if gray.size:
+            flat = values.ravel()
+            holes = rng.integers(0, flat.size, max(1, flat.size // 10))
+            flat[holes] = rng.choice([np.nan, np.inf, -np.inf], holes.size)
+        return Image.fromarray(values)
+    raise AssertionError(mode)
+
+
+MODES = ["1", "L", "LA", "P", "P+transparency", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I",
+         "I;16", "I;16B", "I;16L", "F"]
+FORMATS = {"PNG": {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}, "TIFF": set(MODES) - {"HSV", "P+transparency"},
+           "JPEG": {"L", "RGB", "CMYK"}, "WEBP": {"RGB", "RGBA"}, "BMP": {"1", "L", "P", "RGB"}, "GIF": {"L", "P"}}
+
+
+@st.composite
+def any_image(draw):
+    """A Pillow image or its encoded file: any mode, 1x1 up to 1500 px, random content, random EXIF tag."""
+    mode = draw(st.sampled_from(MODES))
+    width = draw(st.one_of(st.integers(1, 40), st.integers(41, 400), st.integers(401, 1500)))
+    height = draw(st.one_of(st.integers(1, 40), st.integers(41, 400), st.integers(401, 1500)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    content = draw(st.sampled_from(["noise", "flat", "strokes", "blocks", "gradient"]))
+    gray = np.full((height, width), int(rng.integers(0, 256)), np.uint8)
+    if content == "noise":
+        gray = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    elif content == "gradient":
+        gray = np.linspace(rng.integers(0, 256), rng.integers(0, 256), width * height).reshape(height, width)
+        gray = gray.astype(np.uint8)
+    elif content in ("strokes", "blocks"):
+        image = Image.fromarray(gray)
+        pen = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(1, 6))):
+            box = sorted(rng.integers(0, width, 2)) + sorted(rng.integers(0, height, 2))
+            fill = int(rng.integers(0, 256))
+            if content == "blocks":
+                pen.rectangle([box[0], box[2], box[1], box[3]], fill=fill)
+            else:
+                pen.line([(box[0], box[2]), (box[1], box[3])], fill=fill, width=int(rng.integers(1, 30)))
+        gray = np.asarray(image)
+    image = _mode_image(mode, gray, rng)
+    formats = [f for f, modes in FORMATS.items() if mode in modes]
+    target = draw(st.sampled_from(["image"] + formats))
+    if target == "image":
+        return image
+    exif = Image.Exif()
+    exif[0x0112] = draw(st.integers(0, 12))  # 0 and 9..12 are invalid values
+    options = {"exif": exif.tobytes()} if target in ("PNG", "TIFF", "JPEG", "WEBP") else {}
+    try:
+        return encoded(image, target, **options)
+    except (OSError, ValueError, KeyError):  # a combination Pillow cannot write: use the image itself
+        return image
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(any_image())
+def test_any_image_gives_an_image_error_or_an_mnist_style_view(source):
+    try:
+        view = preprocess_view(source)
+    except ImageError as error:
+        assert "\n" not in str(error) and str(error)
+        return
+    assert view.shape == (28, 28) and view.dtype == np.uint8
+    assert max(ink_box(view)) == 20
+    centre_y, centre_x = centre_of_mass(view)
+    assert abs(centre_y - 14) <= 1 and abs(centre_x - 14) <= 1
+
+
+def test_a_cielab_tiff_is_read_by_its_lightness():
+    lab = _mode_image("LAB", np.asarray(seven()), np.random.default_rng(0))
+    assert similar(preprocess_view(encoded(lab, "TIFF")), REFERENCE) > 0.95
+
+
+def test_a_float_tiff_with_nan_and_inf_is_read_not_crashed():
+    values = np.asarray(seven(), np.float32) / 255
+    values[:5, :5] = np.nan
+    values[-5:, -5:] = np.inf
+    values[:5, -5:] = -np.inf
+    assert similar(preprocess_view(encoded(Image.fromarray(values), "TIFF")), REFERENCE) > 0.95
+
+
+def test_a_float_tiff_of_only_nan_is_blank():
+    with pytest.raises(ImageError, match="blank"):
+        preprocess_view(encoded(Image.fromarray(np.full((50, 50), np.nan, np.float32)), "TIFF"))
+
+
+def test_the_command_reads_the_crash_cases_and_still_predicts_the_others(tmp_path, capsys):
+    from model_files import random_checkpoint
+
+    model = random_checkpoint(tmp_path / "model.pt")
+    lab = tmp_path / "lab.tif"
+    lab.write_bytes(encoded(_mode_image("LAB", np.asarray(seven()), np.random.default_rng(0)), "TIFF"))
+    nan = tmp_path / "nan.tif"
+    values = np.asarray(seven(), np.float32)
+    values[:3] = np.nan
+    nan.write_bytes(encoded(Image.fromarray(values), "TIFF"))
+    blank = tmp_path / "blank.tif"
+    blank.write_bytes(encoded(Image.fromarray(np.full((40, 40), np.nan, np.float32)), "TIFF"))
+    good = tmp_path / "seven.png"
+    seven().save(good)
+    code = cli.main(["predict", str(lab), str(nan), str(blank), str(good), "--number", "3",
+                     "--checkpoint", str(model), "--json"])
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert code == 2  # the blank one
+    assert [("digit" in r) for r in results] == [True, True, False, True]
+    assert captured.err.count("\n") == 1 and "blank.tif" in captured.err and "Traceback" not in captured.err

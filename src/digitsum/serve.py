@@ -365,11 +365,14 @@ def create_app(checkpoint_path: str | os.PathLike, read_timeout: float = READ_TI
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, read_timeout=read_timeout)
     app.add_middleware(SecurityHeaders)  # added last = outermost: also on BodyLimit's 413 and 408
 
-    @app.api_route("/api/health", methods=["GET", "HEAD"])
+    @app.get("/api/health")
     async def health() -> dict:
         """Whether the model is loaded, which one, and the digitsum version."""
         return {"status": "ok", "model_loaded": True, "model": identity, "version": __version__,
                 "epoch": metadata.get("epoch")}
+
+    # HEAD for uptime monitors (uvicorn sends the headers only); one OpenAPI operation is enough.
+    app.add_api_route("/api/health", health, methods=["HEAD"], include_in_schema=False)
 
     @app.post("/api/predict", openapi_extra=_REQUEST_BODY_DOC)
     async def api_predict(request: Request):

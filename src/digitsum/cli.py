@@ -138,18 +138,27 @@ VIEW_SUFFIX = ".28x28.png"
 
 
 def _check_show_dir(folder: Path) -> None:
-    """DigitsumError unless `folder` is a writable folder or can be created (nothing is created here)."""
-    if folder.exists():
-        if not folder.is_dir():
-            raise DigitsumError(f"--show-dir {folder} is a file, not a folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise DigitsumError(f"--show-dir {folder} is not writable")
-        return
-    parent = folder.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise DigitsumError(f"--show-dir {folder} cannot be created ({parent} is not a writable folder)")
+    """DigitsumError unless `folder` is a writable folder or can be created. Probed for real (a
+    temporary file or folder, removed at once): permission bits do not tell about read-only mounts
+    or /proc, nor what root may do. The folder itself is created only when the first view is written."""
+    import tempfile
+
+    if folder.exists() and not folder.is_dir():
+        raise DigitsumError(f"--show-dir {folder} is a file, not a folder")
+    try:
+        if folder.is_dir():
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+            return
+        parent = folder.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise DigitsumError(f"--show-dir {folder} cannot be created: {parent} is a file")
+        os.rmdir(tempfile.mkdtemp(dir=parent))
+    except OSError as error:
+        verb = "is not writable" if folder.is_dir() else "cannot be created"
+        raise DigitsumError(f"--show-dir {folder} {verb} ({error.strerror or error})") from None
 
 
 def _view_paths(images: list[str], show_dir: str | None) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import io
 import json
 import socket
@@ -51,23 +52,31 @@ def checkpoint(tmp_path_factory):
     return random_checkpoint(tmp_path_factory.mktemp("faults") / "model.pt")
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint):
-    """http://127.0.0.1:PORT of a real uvicorn server running the app, in a thread of this process."""
-    app = serve.create_app(checkpoint, read_timeout=READ_TIMEOUT)
+@contextlib.contextmanager
+def running(app, **limits):
+    """http://127.0.0.1:PORT of a real uvicorn server running `app` in a thread of this process,
+    built as `digitsum serve` builds it, with `limits` for serve.build_server."""
     sock = serve.bind_socket("127.0.0.1", 0)
-    uvicorn_server = serve.build_server(app, access_log=False, log_level="warning", keep_alive=KEEP_ALIVE,
-                                        head_timeout=READ_TIMEOUT)
+    uvicorn_server = serve.build_server(app, access_log=False, log_level="warning", **limits)
     thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not uvicorn_server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uvicorn_server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        uvicorn_server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    with running(serve.create_app(checkpoint, read_timeout=READ_TIMEOUT), keep_alive=KEEP_ALIVE,
+                 head_timeout=READ_TIMEOUT) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +205,20 @@ def test_a_slow_but_steady_body_is_not_cut_off(server):
     assert received.startswith(b"HTTP/1.1 200") and b'"digit"' in received
 
 
+def test_connections_beyond_the_limit_get_503(checkpoint):
+    with running(serve.create_app(checkpoint), max_connections=3) as url:
+        held = [socket.create_connection(address(url)) for _ in range(3)]  # open, request head not yet sent
+        try:
+            time.sleep(0.2)
+            response = httpx.get(url + "/api/health", timeout=10)
+            assert response.status_code == 503
+        finally:
+            for connection in held:
+                connection.close()
+        time.sleep(0.2)
+        assert httpx.get(url + "/api/health", timeout=10).status_code == 200
+
+
 # ----------------------------------------------------------------------------- E: headers
 
 
@@ -289,6 +312,7 @@ def test_a_port_in_use_is_a_one_line_error_exit_2(checkpoint, capsys):
     assert error.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in error and "in use" in error
 
 
+@pytest.mark.slow  # starts `digitsum serve` in its own process (importing torch there: 5-10 s)
 def test_port_0_listens_on_a_free_port_and_prints_it(checkpoint):
     process = subprocess.Popen([sys.executable, "-m", "digitsum.cli", "serve", "--port", "0", "--checkpoint",
                                 str(checkpoint), "--no-access-log"], stdout=subprocess.PIPE,

@@ -65,8 +65,8 @@ def _read_file(path: Path, name: str) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise ImageError(f"{name}: is not a regular file (a pipe, device or socket); give an image file")
         if info.st_size > MAX_FILE_BYTES:
-            raise ImageError(f"{name}: is {info.st_size / 2**20:,.0f} MB, over the {MAX_FILE_BYTES // 2**20} MB "
-                             "limit for an image file")
+            raise ImageError(f"{name}: is {info.st_size:,} bytes ({info.st_size / 2**20:,.0f} MB), over the "
+                             f"{MAX_FILE_BYTES // 2**20} MB limit for an image file")
         # O_NONBLOCK: should the path have been swapped for a FIFO since the stat, open() must not hang.
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         with os.fdopen(descriptor, "rb") as file:

@@ -7,6 +7,14 @@ server's resident memory after each run. The client is a few lines of asyncio th
 prebuilt HTTP/1.1 requests, so it costs the shared CPU as little as possible.
 
     python benchmarks/serve_load.py [--checkpoint runs/latest/model.pt] [--requests 2000] [--concurrency 16]
+
+`--scenario large-uploads` measures instead whether big photos starve everyone else: a few
+clients send small drawings and GET /api/health for `--seconds`, first alone, then while
+`--large-clients` clients continuously upload a 4096x4096 PNG (a digit drawn on a big RGB
+canvas; the mostly uniform canvas compresses to well under the 2 MB body limit - its size is
+printed). It prints p50/p99 of the small requests without and with that load (target: p99 < 250 ms).
+
+    python benchmarks/serve_load.py --scenario large-uploads [--large-clients 8] [--seconds 20]
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +45,21 @@ def drawing_png() -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def large_png(side: int = 4096) -> bytes:
+    """A '7' drawn on a white side x side RGB canvas (like a phone photo of a drawing, without the noise)."""
+    image = Image.new("RGB", (side, side), (255, 255, 255))
+    scale = side / 280
+    ImageDraw.Draw(image).line([(70 * scale, 60 * scale), (210 * scale, 60 * scale), (120 * scale, 230 * scale)],
+                               fill=(17, 17, 17), width=round(23 * scale), joint="curve")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def health_request(host: str, port: int) -> bytes:
+    return f"GET /api/health HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
 
 
 def predict_request(host: str, port: int, image: bytes, number: int) -> bytes:
@@ -86,6 +110,85 @@ async def load(host: str, port: int, request: bytes, total: int, concurrency: in
     return latencies, errors, time.perf_counter() - start
 
 
+async def exchange(reader, writer, request: bytes) -> tuple[int, bytes, bool]:
+    """Send one prebuilt request and read its response: (status, body, whether the server closes)."""
+    writer.write(request)
+    status = int((await reader.readline()).split()[1])
+    length, close = 0, False
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+        close |= name.lower() == "connection" and "close" in value.lower()
+    return status, await reader.readexactly(length), close
+
+
+async def keep_sending(host: str, port: int, request: bytes, until: float, log: list, pause: float = 0.0) -> None:
+    """Send `request` over and over (`pause` s apart) on one keep-alive connection until time `until`;
+    log (status, seconds) of each."""
+    reader, writer = await asyncio.open_connection(host, port)
+    while time.perf_counter() < until:
+        start = time.perf_counter()
+        try:
+            status, _, close = await exchange(reader, writer, request)
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            status, close = 0, True
+        log.append((status, time.perf_counter() - start))
+        if close:
+            writer.close()
+            reader, writer = await asyncio.open_connection(host, port)
+        await asyncio.sleep(pause)
+    writer.close()
+
+
+async def mixed_load(host: str, port: int, seconds: float, small: bytes, big: bytes, small_clients: int,
+                     health_clients: int, large_clients: int) -> dict[str, list]:
+    """Logs of (status, seconds) per kind of request, all clients running for `seconds`."""
+    until = time.perf_counter() + seconds
+    logs = {"small predict": [], "health": [], "4096x4096 upload": []}
+    clients = [keep_sending(host, port, small, until, logs["small predict"]) for _ in range(small_clients)]
+    # Health checks are paced like a monitor's (every 20 ms); the other clients send back to back.
+    clients += [keep_sending(host, port, health_request(host, port), until, logs["health"], pause=0.02)
+                for _ in range(health_clients)]
+    clients += [keep_sending(host, port, big, until, logs["4096x4096 upload"]) for _ in range(large_clients)]
+    await asyncio.gather(*clients)
+    return logs
+
+
+def large_uploads_scenario(args, port: int, server: subprocess.Popen) -> int:
+    small = predict_request("127.0.0.1", port, drawing_png(), number=5)
+    big_png = large_png()
+    big = predict_request("127.0.0.1", port, big_png, number=5)
+    asyncio.run(mixed_load("127.0.0.1", port, 2, small, big, args.small_clients, args.health_clients, 0))  # warm-up
+    phases = {}
+    for name, large_clients in (("without large uploads", 0), (f"with {args.large_clients} clients uploading "
+                                                                "4096x4096", args.large_clients)):
+        phases[name] = asyncio.run(mixed_load("127.0.0.1", port, args.seconds, small, big, args.small_clients,
+                                              args.health_clients, large_clients))
+    print(f"`digitsum serve` on 127.0.0.1: {args.small_clients} clients sending small predictions (280x280 PNG "
+          f"drawing) back to back and {args.health_clients} sending GET /api/health every 20 ms for {args.seconds:g} s, without "
+          f"and with {args.large_clients} clients continuously uploading a 4096x4096 RGB PNG "
+          f"({len(big_png) / 1024:.0f} KiB; body limit 2 MB)\n")
+    print("| load | request | requests | p50 ms | p99 ms | max ms | statuses |")
+    print("|---|---|---|---|---|---|---|")
+    worst_small_p99 = 0.0
+    for name, logs in phases.items():
+        for kind, log in logs.items():
+            if not log:
+                continue
+            ms = 1000 * np.array([seconds for _, seconds in log])
+            statuses = ", ".join(f"{status}: {count}" for status, count in
+                                 sorted(Counter(status for status, _ in log).items()))
+            p99 = np.percentile(ms, 99)
+            if kind != "4096x4096 upload":
+                worst_small_p99 = max(worst_small_p99, p99)
+            print(f"| {name} | {kind} | {len(log)} | {np.percentile(ms, 50):.1f} | {p99:.1f} | {ms.max():.1f} | "
+                  f"{statuses} |")
+    print(f"\nworst p99 of small requests: {worst_small_p99:.1f} ms (target < 250 ms); load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; server RSS {rss_mib(server.pid):.1f} MiB")
+    return 0 if worst_small_p99 < 250 else 1
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -131,10 +234,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: 16)")
     parser.add_argument("--runs", type=int, default=3, help="repeated runs, to see whether memory grows (default: 3)")
     parser.add_argument("--warmup", type=int, default=200, help="requests before measuring (default: 200)")
+    parser.add_argument("--scenario", default="throughput", choices=["throughput", "large-uploads"],
+                        help="throughput: many small predictions; large-uploads: small requests with and "
+                             "without clients uploading 4096x4096 images (default: throughput)")
+    parser.add_argument("--large-clients", type=int, default=8, help="large-uploads: uploading clients (default: 8)")
+    parser.add_argument("--small-clients", type=int, default=2,
+                        help="large-uploads: clients sending small predictions (default: 2)")
+    parser.add_argument("--health-clients", type=int, default=1,
+                        help="large-uploads: clients sending GET /api/health (default: 1)")
+    parser.add_argument("--seconds", type=float, default=20, help="large-uploads: seconds per phase (default: 20)")
     args = parser.parse_args(argv)
 
     port = free_port()
     server = start_server(args.checkpoint, port)
+    if args.scenario == "large-uploads":
+        try:
+            return large_uploads_scenario(args, port, server)
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
     request = predict_request("127.0.0.1", port, drawing_png(), number=5)
     rows = []
     try:

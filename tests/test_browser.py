@@ -137,3 +137,19 @@ def test_the_page_fits_a_phone_screen_without_sideways_scrolling(chromium, serve
     box = page.locator("#pad").bounding_box()
     assert box["x"] >= 0 and box["x"] + box["width"] <= 360
     page.close()
+
+
+def test_the_page_works_under_its_content_security_policy(chromium, server):
+    """The page is served with a CSP (no inline script or style): nothing of it may be blocked."""
+    page = chromium.new_page(viewport={"width": 900, "height": 580})
+    violations = []
+    page.on("console", lambda message: violations.append(message.text)
+            if "Content Security Policy" in message.text else None)
+    response = page.goto(server + "/")
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    page.evaluate("document.addEventListener('securitypolicyviolation', e => window.__csp = e.violatedDirective)")
+    draw(page, [[(70, 60), (210, 60)], [(210, 60), (160, 145), (120, 230)]])
+    page.wait_for_selector('#result[data-busy="false"][data-digit]', timeout=15_000)
+    assert page.locator("#view").get_attribute("src").startswith("data:image/png;base64,")
+    assert page.evaluate("window.__csp") is None and violations == []
+    page.close()

@@ -280,7 +280,7 @@ def test_show_writes_the_28x28_view_next_to_the_image(model_path, tmp_path, caps
     drawn_seven().save(tmp_path / "seven.png")
     assert cli.main(["predict", str(tmp_path / "seven.png"), "--number", "1", "--show",
                      "--checkpoint", str(model_path)]) == 0
-    view = Image.open(tmp_path / "seven.28x28.png")
+    view = Image.open(tmp_path / "seven.png.28x28.png")
     assert view.size == (28, 28)
     assert np.array_equal(np.asarray(view), preprocess(tmp_path / "seven.png")[1])
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +38,7 @@ _number = _checked(int, lambda v: 0 <= v <= 9, "number must be an integer in 0..
 _positive_int = _checked(int, lambda v: v >= 1, "expected a positive integer")
 _non_negative_int = _checked(int, lambda v: v >= 0, "expected an integer >= 0")
 _positive_float = _checked(float, lambda v: v > 0, "expected a number > 0")
+_port = _checked(int, lambda v: 0 <= v <= 65535, "port must be an integer in 0..65535 (0 = any free port)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,6 +134,62 @@ def _numbers_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--numbers takes integers separated by commas, got {text!r}") from None
 
 
+VIEW_SUFFIX = ".28x28.png"
+
+
+def _check_show_dir(folder: Path) -> None:
+    """DigitsumError unless `folder` is a writable folder or can be created. Probed for real (a
+    temporary file or folder, removed at once): permission bits do not tell about read-only mounts
+    or /proc, nor what root may do. The folder itself is created only when the first view is written."""
+    import tempfile
+
+    if folder.exists() and not folder.is_dir():
+        raise DigitsumError(f"--show-dir {folder} is a file, not a folder")
+    try:
+        if folder.is_dir():
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+            return
+        parent = folder.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise DigitsumError(f"--show-dir {folder} cannot be created: {parent} is a file")
+        os.rmdir(tempfile.mkdtemp(dir=parent))
+    except OSError as error:
+        verb = "is not writable" if folder.is_dir() else "cannot be created"
+        raise DigitsumError(f"--show-dir {folder} {verb} ({error.strerror or error})") from None
+
+
+def _view_paths(images: list[str], show_dir: str | None) -> list[Path]:
+    """Where each image's 28x28 view goes: NAME.EXT.28x28.png (the extension kept, so x.png and
+    x.jpg do not share a view), with -2, -3... added when two images would still share one (same
+    name from different folders in --show-dir) or a view would land on one of the input images."""
+    taken = {Path(image).absolute() for image in images}
+    paths = []
+    for image in images:
+        folder = Path(show_dir) if show_dir else Path(image).parent
+        name, candidate, copy = Path(image).name, None, 1
+        while candidate is None or candidate.absolute() in taken:
+            candidate = folder / (f"{name}{VIEW_SUFFIX}" if copy == 1 else f"{name}-{copy}{VIEW_SUFFIX}")
+            copy += 1
+        taken.add(candidate.absolute())
+        paths.append(candidate)
+    return paths
+
+
+def _save_view(view, path: Path) -> str | None:
+    """Write one 28x28 view; the reason as one line if that fails (the prediction is kept)."""
+    from PIL import Image
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(view).save(path, format="PNG")
+    except (OSError, ValueError) as error:
+        return f"cannot write its 28x28 view to {path} ({getattr(error, 'strerror', None) or error})"
+    return None
+
+
 def cmd_predict(args) -> int:
     from digitsum.predict import load_predictor, predict
 
@@ -139,29 +197,32 @@ def cmd_predict(args) -> int:
         raise DigitsumError("give --number N (for every image) or --numbers N1,N2,... (one per image)")
     if args.numbers is not None and len(args.numbers) != len(args.images):
         raise DigitsumError(f"--numbers has {len(args.numbers)} values for {len(args.images)} images")
+    if args.show_dir:
+        _check_show_dir(Path(args.show_dir))  # before any work: a bad folder must not cost the predictions
     model, _ = load_predictor(args.checkpoint)
     views: list = []
     results = predict(model, args.images, args.number if args.numbers is None else args.numbers, views)
     if args.show or args.show_dir:
-        from PIL import Image
-
-        for result, view in zip(results, views):
+        for result, view, path in zip(results, views, _view_paths(args.images, args.show_dir)):
             if view is not None:
-                image = Path(result["image"])
-                folder = Path(args.show_dir) if args.show_dir else image.parent
-                folder.mkdir(parents=True, exist_ok=True)
-                result["view"] = str(folder / f"{image.stem}.28x28.png")
-                Image.fromarray(view).save(result["view"])
+                problem = _save_view(view, path)
+                if problem:
+                    result["view_error"] = f"{result['image']}: {problem}"
+                else:
+                    result["view"] = str(path)
     if args.json:
         print(json.dumps(results, indent=2))
     for result in results:
         if "error" in result:
             print(f"digitsum predict: error: {result['error']}", file=sys.stderr)
-        elif not args.json:
+            continue
+        if not args.json:
             print(f"{result['image']}: digit {result['digit']} ({100 * result['digit_probability']:.1f}%)  "
                   f"{result['digit']} + {result['number']} = {result['sum']} ({100 * result['sum_probability']:.1f}%)"
                   + (f"  [28x28 view: {result['view']}]" if "view" in result else ""))
-    return 2 if any("error" in result for result in results) else 0
+        if "view_error" in result:
+            print(f"digitsum predict: error: {result['view_error']}", file=sys.stderr)
+    return 2 if any("error" in result or "view_error" in result for result in results) else 0
 
 
 # ----------------------------------------------------------------------------- serve
@@ -244,17 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", default=str(LATEST_MODEL), help=f"model checkpoint (default: {LATEST_MODEL})")
     predict.add_argument("--json", action="store_true", help="print a JSON list (one object per image, with top-3)")
     predict.add_argument("--show", action="store_true",
-                         help="write the 28x28 image the model saw as NAME.28x28.png next to each image")
+                         help="write the 28x28 image the model saw as NAME.EXT.28x28.png next to each image "
+                              "(x.png -> x.png.28x28.png; -2, -3... added if two images would share a name; "
+                              "an earlier run's view is replaced)")
     predict.add_argument("--show-dir", default=None, metavar="DIR",
-                         help="like --show, but write the 28x28 images into DIR")
+                         help="like --show, but write the 28x28 images into DIR (created if missing; checked "
+                              "before predicting)")
     predict.set_defaults(func=cmd_predict)
 
     serve = commands.add_parser("serve", help="HTTP API and drawing page (needs the [serve] extra)",
                                 description="Serve POST /api/predict, GET /api/health, the drawing page at / and "
-                                "the OpenAPI docs at /docs with FastAPI + uvicorn.")
+                                "the OpenAPI docs at /docs with FastAPI + uvicorn. Limits: request bodies 2 MB, "
+                                "64 connections (503 beyond), idle keep-alive connections closed after 5 s, a "
+                                "request head or body chunk that takes over 10 s closes the connection (408).")
     serve.add_argument("--checkpoint", default=str(LATEST_MODEL), help=f"model checkpoint (default: {LATEST_MODEL})")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--port", type=_port, default=8000,
+                       help="port to listen on, 0..65535; 0 = any free port, printed at start (default: 8000)")
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                        help="log every request (default: on)")
     serve.set_defaults(func=cmd_serve)

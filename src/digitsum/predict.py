@@ -16,7 +16,7 @@ from digitsum.errors import DigitsumError
 from digitsum.checkpoint import load_model
 from digitsum.device import autocast, bf16_pays_off, reuse_freed_memory
 from digitsum.model import DigitSumNet, inference_model
-from digitsum.preprocess import (MAX_SIDE, ImageError, ImageSource, NotAnImageError, _name, grayscale,  # noqa: F401
+from digitsum.preprocess import (MAX_FILE_BYTES, MAX_SIDE, ImageError, ImageSource, NotAnImageError, _name, grayscale,  # noqa: F401
                                  ink_map, mnist_layout, open_image, preprocess_view)
 
 

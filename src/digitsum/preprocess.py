@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Union
 
@@ -74,15 +75,34 @@ def _reason(error: BaseException) -> str:
     return text[0][:100] if text else type(error).__name__
 
 
+MAX_FILE_BYTES = 128 * 1024 * 1024  # room for any 4096x4096 image, even uncompressed RGBA (64 MB)
+
+
 def _read_file(path: Path, name: str) -> bytes:
-    if not path.exists():
-        raise ImageError(f"{name}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{name}: is a folder, not an image")
+    """The bytes of an image file. Checked before reading: a regular file (a FIFO would block,
+    /dev/zero never ends) of at most MAX_FILE_BYTES; read with a bounded read (the file may grow)."""
     try:
-        return path.read_bytes()
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageError(f"{name}: is a folder, not an image")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{name}: is not a regular file (a pipe, device or socket); give an image file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"{name}: is {info.st_size:,} bytes ({info.st_size / 2**20:,.0f} MB), over the "
+                             f"{MAX_FILE_BYTES // 2**20} MB limit for an image file")
+        # O_NONBLOCK: should the path have been swapped for a FIFO since the stat, open() must not hang.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(descriptor, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise ImageError(f"{name}: is not a regular file (a pipe, device or socket); give an image file")
+            data = file.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
     except OSError as error:
         raise ImageError(f"{name}: cannot be read ({error.strerror or error})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(f"{name}: is over the {MAX_FILE_BYTES // 2**20} MB limit for an image file")
+    return data
 
 
 def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Image.Image:

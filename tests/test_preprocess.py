@@ -50,9 +50,12 @@ def centre_of_mass(view: np.ndarray) -> tuple[float, float]:
 
 
 def similar(a: np.ndarray, b: np.ndarray) -> float:
-    """Correlation of two views (1 = the same picture)."""
-    a, b = a.astype(float).ravel(), b.astype(float).ravel()
-    return float(np.corrcoef(a, b)[0, 1])
+    """Correlation of two views (1 = the same picture), the best over shifts of up to 1 px
+    (a rounding of the centre of mass moves a view by one pixel)."""
+    a = a.astype(float)
+    padded = np.pad(b.astype(float), 1)
+    return max(float(np.corrcoef(a.ravel(), padded[1 + dy : 29 + dy, 1 + dx : 29 + dx].ravel())[0, 1])
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 
 
 REFERENCE = preprocess_view(seven())

@@ -228,9 +228,9 @@ def grayscale(image: Image.Image) -> np.ndarray:
     return luminance * alpha + background * (1.0 - alpha)
 
 
-def upright_grey(image: Image.Image, side: int = WORK_SIDE) -> np.ndarray:
-    """The decoded image reduced to at most ~`side` px, upright (EXIF), as grey (H, W) in [0, 1]."""
-    orientation = _orientation(image)
+def upright_grey(image: Image.Image, orientation: int = 1, side: int = WORK_SIDE) -> np.ndarray:
+    """The decoded image reduced by an integer factor to under 2 x `side` px, turned upright as
+    EXIF `orientation` says, as grey (H, W) in [0, 1]."""
     try:
         small = _reduced(_workable(image), side)
         if orientation != 1:
@@ -260,7 +260,8 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
     Polarity: see _ink_is_dark. The paper's brightness is then estimated per pixel by a grey-scale closing (the black top-hat
     method of document imaging) whose window is about three stroke widths: it removes the strokes
     and keeps everything wider - lighting gradients, shadows, a shadow's sharp edge. The stroke
-    width is measured on a first pass with a window of half the image. For dark ink,
+    width is measured on the digit (digit_mask) found by a first pass with a window of half the
+    image. For dark ink,
     ink = 1 - pixel / paper (background division: observed = light x reflectance); for light ink on
     a dark ground (a chalkboard, a canvas export), ink = pixel - ground (subtraction: the ground is
     not lit paper).
@@ -271,7 +272,10 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
     dark_ink = _ink_is_dark(gray)
     ink = _ink_against_background(gray, smooth, window, dark_ink)
     level = _strong_level(ink)
-    narrower = min(window, max(7, round(3 * _stroke_width(ink >= STRONG_INK * level)) + 3))
+    if level < MIN_CONTRAST:
+        raise ImageError(f"{name}: is blank (no ink stands out from the background); draw or photograph a digit")
+    strokes = digit_mask(np.clip(ink / level, 0.0, 1.0)) & (ink >= STRONG_INK * level)
+    narrower = min(window, max(7, round(3 * _stroke_width(strokes)) + 3))
     if narrower < window:
         ink = _ink_against_background(gray, smooth, narrower, dark_ink)
         level = _strong_level(ink)
@@ -282,17 +286,21 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
 
 def _ink_is_dark(gray: np.ndarray) -> bool:
     """Polarity: is the ink darker than the paper? Ink is thin, so it is what a median filter
-    removes: compare how much darker and how much lighter the image is than its local median
-    (a median keeps the edges of shadows and lit patches, which are wide; on a ~96 px thumbnail,
-    window a sixth of it). The median pixel alone is not the paper when a shadow covers most of it."""
-    factor = max(1, max(gray.shape) // 96)
+    removes, while a median keeps the straight edges of shadows and lit patches. On a ~48 px
+    thumbnail (min-pooled to see dark strokes, max-pooled to see light ones, so thin strokes are
+    not averaged away) with a window of half its size: compare how much darker and how much
+    lighter than its local median each one is. The median pixel alone is not the paper when a
+    shadow covers most of the page."""
+    factor = max(1, max(gray.shape) // 48)
     if factor > 1:
         height, width = (gray.shape[0] // factor) * factor, (gray.shape[1] // factor) * factor
-        gray = gray[:height, :width].reshape(height // factor, factor, width // factor, factor).mean(axis=(1, 3))
-    size = max(3, min(gray.shape) // 6) | 1
-    residual = gray - ndimage.median_filter(gray, size=size, mode="reflect")
-    darker = float(np.clip(-residual - 0.05, 0, None).sum())
-    lighter = float(np.clip(residual - 0.05, 0, None).sum())
+        blocks = gray[:height, :width].reshape(height // factor, factor, width // factor, factor)
+        darkest, lightest = blocks.min(axis=(1, 3)), blocks.max(axis=(1, 3))
+    else:
+        darkest = lightest = gray
+    size = max(3, min(darkest.shape) // 2) | 1
+    darker = float(np.clip(ndimage.median_filter(darkest, size=size, mode="reflect") - darkest - 0.05, 0, None).sum())
+    lighter = float(np.clip(lightest - ndimage.median_filter(lightest, size=size, mode="reflect") - 0.05, 0, None).sum())
     if darker == lighter:  # no thin structure at all: the median pixel is the paper
         return float(np.median(gray)) >= 0.5
     return darker > lighter
@@ -312,9 +320,7 @@ def _stroke_width(mask: np.ndarray) -> float:
         return 1.0
     distance = ndimage.distance_transform_cdt(mask, metric="chessboard")
     ridge = mask & (distance >= ndimage.maximum_filter(distance, size=3))
-    # The 40th percentile rather than the median: shadow bands that pass for ink have long, wide
-    # centre lines, strokes' are narrower.
-    return 2.0 * float(np.percentile(distance[ridge], 40)) - 1.0
+    return 2.0 * float(np.median(distance[ridge])) - 1.0
 
 
 def _strong_level(ink: np.ndarray) -> float:
@@ -450,22 +456,61 @@ def mnist_layout(ink: np.ndarray, name: str = "image") -> np.ndarray:
 # ----------------------------------------------------------------------------- the whole path
 
 
-def _detail(image: Image.Image, gray: np.ndarray, ink: np.ndarray) -> np.ndarray | None:
-    """The digit's ink cut again from a higher resolution when it is small at WORK_SIDE, else None."""
+# For each EXIF orientation: stored (u, v) from upright (u, v), as fractions of the width and height
+_STORED_FROM_UPRIGHT = {1: lambda u, v: (u, v), 2: lambda u, v: (1 - u, v), 3: lambda u, v: (1 - u, 1 - v),
+                        4: lambda u, v: (u, 1 - v), 5: lambda u, v: (v, u), 6: lambda u, v: (v, 1 - u),
+                        7: lambda u, v: (1 - v, 1 - u), 8: lambda u, v: (1 - v, u)}
+
+
+def _detail(image: Image.Image, orientation: int, ink: np.ndarray, name: str) -> np.ndarray:
+    """The digit's ink cut again from the full-resolution pixels when it is small at working size.
+
+    A 40 px digit on a 2000 px canvas is 10 px after the reduction to WORK_SIDE: the digit is found
+    there, then its neighbourhood is cropped from the decoded image (reduced only so that the digit
+    is at most 2 x DETAIL_SIDE px) and read again. Returns `ink` when no re-cut is needed or possible.
+    """
     rows, cols = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
+    height, width = ink.shape
     extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
-    full = max(image.size) / max(gray.shape)  # decoded pixels per working pixel
+    full = max(image.size) / max(height, width)  # decoded pixels per working pixel
     if extent >= DETAIL_SIDE or full < 1.5:
-        return None
-    return None  # TODO
+        return ink
+    margin = 0.5 * extent + 2
+    corners = [_STORED_FROM_UPRIGHT[orientation](u, v)
+               for u in (max(0.0, cols[0] - margin) / width, min(width, cols[-1] + 1 + margin) / width)
+               for v in (max(0.0, rows[0] - margin) / height, min(height, rows[-1] + 1 + margin) / height)]
+    us, vs = [u for u, _ in corners], [v for _, v in corners]
+    box = (math.floor(min(us) * image.width), math.floor(min(vs) * image.height),
+           math.ceil(max(us) * image.width), math.ceil(max(vs) * image.height))
+    factor = max(1, int(extent * full) // (2 * DETAIL_SIDE))
+    try:
+        crop = _workable(image.crop(box))
+        crop = crop.reduce(factor) if factor > 1 else crop
+        if orientation != 1:
+            crop = crop.transpose(_ORIENTATION[orientation])
+        gray = grayscale(crop)
+        if min(gray.shape) < 8:
+            return ink
+        fine = flat_field(gray, name)
+        return fine * digit_mask(fine)
+    except (ImageError, ValueError, OSError):
+        return ink
 
 
 def preprocess_view(source: ImageSource) -> np.ndarray:
-    """Any image (path, bytes or Pillow image) -> the 28x28 uint8 view the model sees."""
+    """Any image (path, bytes or Pillow image) -> the 28x28 uint8 view the model sees.
+
+    Raises ImageError (one line naming the image) for a missing, empty, non-image, truncated,
+    oversized or blank file, or pixels that cannot be used.
+    """
     name = _name(source)
     image = open_image(source, max_decoded_side=2 * WORK_SIDE)
+    orientation = _orientation(image)
     try:
-        gray = upright_grey(image)
+        gray = upright_grey(image, orientation)
     except ImageError as error:
         raise ImageError(f"{name}: {error}") from None
-    return mnist_layout(ink_map(gray, name), name)
+    ink = ink_map(gray, name)
+    if ink.any():
+        ink = _detail(image, orientation, ink, name)
+    return mnist_layout(ink, name)

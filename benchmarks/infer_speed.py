@@ -14,6 +14,12 @@ This shared machine's speed drifts by up to 2x from minute to minute, so each ce
 `--rounds` times, interleaved, and the median round is reported with the range.
 Weights do not change speed, so presets are measured with their architecture freshly built;
 `--checkpoint` adds a row for a trained model.
+
+Where the [onnx] extra is installed, a second table puts the two inference backends side by side
+in the same interleaved rounds: "torch" = load_predictor's model through `classify` with its
+default precision (what `digitsum predict`/`serve` run), "onnxruntime" = the model exported by
+`digitsum export` (export.onnx_bytes) run by onnx_backend.OnnxBackend through the same `classify`.
+Both use torch.get_num_threads() threads. Ratios are onnxruntime over torch (>1: onnxruntime better).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ def prepared(model: DigitSumNet) -> DigitSumNet:
 
 
 @torch.inference_mode()
-def throughput(model, batch: int, bf16: bool, seconds: float, chunk: int | None = None) -> float:
+def throughput(model, batch: int, bf16: bool | None, seconds: float, chunk: int | None = None) -> float:
     """images/s of one forward of `batch` images: one plain call, or predict.classify in chunks."""
     images = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     numbers = torch.randint(0, 10, (batch,))
@@ -57,7 +63,7 @@ def throughput(model, batch: int, bf16: bool, seconds: float, chunk: int | None 
 
 
 @torch.inference_mode()
-def latency_ms(model, bf16: bool, seconds: float) -> tuple[float, float]:
+def latency_ms(model, bf16: bool | None, seconds: float) -> tuple[float, float]:
     """Median and p99 of one image + one number through predict.classify."""
     image = torch.randn(1, 1, 28, 28)
     times = []
@@ -93,8 +99,15 @@ def main() -> None:
     precisions = [False] + ([True] if bf16_supported(torch.device("cpu")) else [])
 
     ways = {name: (prepared(model), inference_model(model)) for name, model in models.items()}  # plain, predict path
+    backends = onnx_backends(models)  # name -> OnnxBackend, empty without the [onnx] extra
     cells = {}  # (name, bf16) -> {"plain": [...], "path": [...], "latency": [...]}
+    pairs = {}  # name -> {"torch": [...], "onnxruntime": [...], "torch latency": [...], "onnxruntime latency": [...]}
     for _ in range(args.rounds):
+        for name, runner in backends.items():
+            cell = pairs.setdefault(name, {})
+            for label, model in (("torch", ways[name][1]), ("onnxruntime", runner)):
+                cell.setdefault(label, []).append(throughput(model, args.batch, None, args.seconds, chunk=INFERENCE_CHUNK))
+                cell.setdefault(label + " latency", []).append(latency_ms(model, None, args.seconds))
         for name, (plain, fast) in ways.items():
             for bf16 in precisions:
                 cell = cells.setdefault((name, bf16), {"plain": [], "path": [], "latency": []})
@@ -122,6 +135,40 @@ def main() -> None:
              if bf16_supported(cpu) else "no bf16 kernels")
     choice = f"bf16 for batches of {BF16_MIN_BATCH} or more, fp32 below" if bf16_pays_off(cpu) else "fp32"
     print(f"\nclassify's default precision on this machine: {choice} ({probe})")
+    if pairs:
+        print("\nBackends side by side (predict.classify, default precision; median of the rounds; "
+              "ratio = onnxruntime / torch for images/s, torch / onnxruntime for latency):\n")
+        print(f"| model | torch images/s at batch {args.batch} | onnxruntime images/s | ratio "
+              "| torch single image median / p99 (ms) | onnxruntime median / p99 (ms) | ratio (median) |")
+        print("|---|---|---|---|---|---|---|")
+        for name, cell in pairs.items():
+            torch_rate, ort_rate = statistics.median(cell["torch"]), statistics.median(cell["onnxruntime"])
+            (t_med, t_p99), (o_med, o_p99) = ((statistics.median(m for m, _ in cell[key]),
+                                               statistics.median(p for _, p in cell[key]))
+                                              for key in ("torch latency", "onnxruntime latency"))
+            print(f"| {name} | {torch_rate:,.0f} | {ort_rate:,.0f} | {ort_rate / torch_rate:.2f}x "
+                  f"| {t_med:.3f} / {t_p99:.3f} | {o_med:.3f} / {o_p99:.3f} | {t_med / o_med:.2f}x |", flush=True)
+    else:
+        print("\n(onnxruntime not measured: install the [onnx] extra)")
+
+
+def onnx_backends(models: dict) -> dict:
+    """name -> OnnxBackend of each model's ONNX export (parity-checked), or {} without the [onnx] extra."""
+    try:
+        from digitsum.export import check_parity, onnx_bytes, require_exporter, synthetic_images
+        from digitsum.onnx_backend import OnnxBackend
+
+        require_exporter()
+    except Exception as error:  # the extra is optional for this benchmark
+        print(f"onnxruntime backend skipped: {error}")
+        return {}
+    backends = {}
+    for name, model in models.items():
+        model = model.eval()
+        backends[name] = OnnxBackend(onnx_bytes(model), name=name)
+        parity = check_parity(model, backends[name], synthetic_images(100))
+        assert parity.ok, parity.table()  # a fast but wrong graph is no result
+    return backends
 
 
 if __name__ == "__main__":

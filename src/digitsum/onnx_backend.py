@@ -98,7 +98,8 @@ class OnnxBackend:
         """(digit probabilities (B,10), sum probabilities (B,19)) as CPU tensors: predict.classify's contract."""
         if len(inputs) == 0:
             return torch.empty(0, 10), torch.empty(0, 19)
-        digit, total = self.run(inputs.detach().cpu(), list(numbers))
+        numbers = numbers.cpu() if isinstance(numbers, torch.Tensor) else np.asarray(list(numbers), dtype=np.int64)
+        digit, total = self.run(inputs.detach().cpu(), numbers)
         return torch.from_numpy(digit), torch.from_numpy(total)
 
     def __call__(self, image: torch.Tensor, number: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

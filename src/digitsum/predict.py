@@ -219,7 +219,8 @@ def _top(probabilities: torch.Tensor, k: int = 3) -> list[dict]:
 def load_predictor(path: str | os.PathLike) -> tuple[DigitSumNet, dict]:
     """(model ready for inference, metadata) from a checkpoint: eval mode, BatchNorm folded in,
     ReLU after max-pool, channels-last (model.inference_model). Also keeps freed memory in the
-    process (device.reuse_freed_memory), which makes batches up to 2x faster on Linux."""
+    process (device.reuse_freed_memory), which makes batches up to 2x faster on Linux.
+    A `.onnx` path gives an onnxruntime backend instead (onnx_backend.load_onnx), which classify accepts."""
     if Path(path).suffix.lower() == ".onnx":  # `digitsum export`'s graph, run by onnxruntime
         from digitsum.onnx_backend import load_onnx
 

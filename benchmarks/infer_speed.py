@@ -1,6 +1,7 @@
 """Inference speed of each preset's model, in-process on this machine.
 
     python benchmarks/infer_speed.py [--checkpoint runs/latest/model.pt] [--seconds 2] [--rounds 5]
+                                     [--threads N] [--backends-only]
 
 Throughput: images/s for a batch of 1,024 images + numbers (the whole forward: digit and sum
 heads), two ways: "plain" = one `model(images, numbers)` call of the model as trained (eval mode,
@@ -84,7 +85,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per cell and round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per cell (median reported)")
     parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch (and so onnxruntime) threads (default: torch's, the physical cores)")
+    parser.add_argument("--backends-only", action="store_true",
+                        help="only the torch vs onnxruntime table (skips the plain/bf16 cells)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reuse_freed_memory()  # as predict.load_predictor does
 
     names_by_architecture: dict = {}
@@ -102,34 +109,24 @@ def main() -> None:
     backends = onnx_backends(models)  # name -> OnnxBackend, empty without the [onnx] extra
     cells = {}  # (name, bf16) -> {"plain": [...], "path": [...], "latency": [...]}
     pairs = {}  # name -> {"torch": [...], "onnxruntime": [...], "torch latency": [...], "onnxruntime latency": [...]}
-    for _ in range(args.rounds):
+    for round_number in range(args.rounds):
         for name, runner in backends.items():
             cell = pairs.setdefault(name, {})
-            for label, model in (("torch", ways[name][1]), ("onnxruntime", runner)):
+            order = [("torch", ways[name][1]), ("onnxruntime", runner)]
+            for label, model in order if round_number % 2 == 0 else order[::-1]:  # neither always goes first
                 cell.setdefault(label, []).append(throughput(model, args.batch, None, args.seconds, chunk=INFERENCE_CHUNK))
                 cell.setdefault(label + " latency", []).append(latency_ms(model, None, args.seconds))
         for name, (plain, fast) in ways.items():
-            for bf16 in precisions:
+            for bf16 in [] if args.backends_only else precisions:
                 cell = cells.setdefault((name, bf16), {"plain": [], "path": [], "latency": []})
                 cell["plain"].append(throughput(plain, args.batch, bf16, args.seconds))
                 cell["path"].append(throughput(fast, args.batch, bf16, args.seconds, chunk=INFERENCE_CHUNK))
                 cell["latency"].append(latency_ms(fast, bf16, args.seconds))
 
-    def rate(values):
-        return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
-
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.rounds} interleaved rounds of {args.seconds:g} s per cell: median (min-max)\n")
-    print("| model | parameters | forward MFLOP/image | precision | plain: images/s at batch "
-          f"{args.batch} | predict path: images/s at batch {args.batch} | single image median (ms) | single image p99 (ms) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (name, bf16), cell in cells.items():
-        model = models[name]
-        forward_mflop = training_flops_per_image(model.config) / 3 / 1e6
-        median = statistics.median(m for m, _ in cell["latency"])
-        p99 = statistics.median(p for _, p in cell["latency"])
-        print(f"| {name} | {count_parameters(model):,} | {forward_mflop:.1f} | {'bf16' if bf16 else 'fp32'} "
-              f"| {rate(cell['plain'])} | {rate(cell['path'])} | {median:.3f} | {p99:.3f} |", flush=True)
+    if cells:
+        precision_table(cells, models, args.batch)
     cpu = torch.device("cpu")
     probe = (f"bf16 measured {cpu_bf16_speedup():.2f}x as fast as fp32 by device.cpu_bf16_speedup"
              if bf16_supported(cpu) else "no bf16 kernels")
@@ -150,6 +147,23 @@ def main() -> None:
                   f"| {t_med:.3f} / {t_p99:.3f} | {o_med:.3f} / {o_p99:.3f} | {t_med / o_med:.2f}x |", flush=True)
     else:
         print("\n(onnxruntime not measured: install the [onnx] extra)")
+
+
+def precision_table(cells: dict, models: dict, batch: int) -> None:
+    """The plain / predict path / latency table: one row per model and precision."""
+    def rate(values):
+        return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+
+    print("| model | parameters | forward MFLOP/image | precision | plain: images/s at batch "
+          f"{batch} | predict path: images/s at batch {batch} | single image median (ms) | single image p99 (ms) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (name, bf16), cell in cells.items():
+        model = models[name]
+        forward_mflop = training_flops_per_image(model.config) / 3 / 1e6
+        median = statistics.median(m for m, _ in cell["latency"])
+        p99 = statistics.median(p for _, p in cell["latency"])
+        print(f"| {name} | {count_parameters(model):,} | {forward_mflop:.1f} | {'bf16' if bf16 else 'fp32'} "
+              f"| {rate(cell['plain'])} | {rate(cell['path'])} | {median:.3f} | {p99:.3f} |", flush=True)
 
 
 def onnx_backends(models: dict) -> dict:

@@ -8,7 +8,7 @@ The graph (opset 18, torch.onnx's dynamo exporter, batch dimension dynamic):
              digit_logits (B, 10),        sum_logits (B, 19)          the heads themselves
 
 It is exported from the checkpoint's plain eval-mode model: the exporter's optimiser already folds
-BatchNorm into the convolutions, and onnxruntime runs this graph 3-6x faster than one exported from
+BatchNorm into the convolutions, and onnxruntime runs this graph 2.5-6x faster than one exported from
 model.inference_model (whose strided-slice max-pool and channels-last layout help PyTorch only).
 The sum block's straight-through one-hot exports as ArgMax + Equal: ONNX ArgMax, like torch.argmax,
 takes the first index on ties, so the digit the sum block sees is the same (tested on tied logits).
@@ -34,8 +34,8 @@ import torch.nn as nn
 
 from digitsum import __version__
 from digitsum.checkpoint import load_model
-from digitsum.data import MEAN, STD, default_root, ensure_mnist, file_problem, raw_folder, read_idx, standardize
-from digitsum.errors import DigitsumError
+from digitsum.data import (MEAN, STD, default_root, ensure_mnist, file_problem, raw_folder, read_idx, standardize,
+                           write_atomic)
 from digitsum.model import NUM_DIGITS, NUM_NUMBERS, DigitSumNet
 from digitsum.onnx_backend import (INSTALL_HINT, METADATA_KEY, ONNX_INPUTS, ONNX_OUTPUTS, OnnxBackend, OnnxError,
                                    _first_line)
@@ -90,8 +90,6 @@ def onnx_bytes(model: DigitSumNet, info: dict | None = None) -> bytes:
                                             input_names=list(ONNX_INPUTS), output_names=list(ONNX_OUTPUTS),
                                             dynamic_shapes=({0: batch}, {0: batch}), verbose=False)
         proto = program.model_proto
-    except DigitsumError:
-        raise
     except Exception as error:  # the exporter raises many types; the user gets its first line
         raise ExportError(f"the ONNX exporter failed ({type(error).__name__}: {_first_line(error)})") from None
     proto.doc_string = ("digitsum: image (B,1,28,28) float32 normalised (pixel/255 - 0.1307)/0.3081 and "
@@ -233,8 +231,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt
                       overwrite: bool = False, full: bool = False,
                       data_root: str | os.PathLike | None = None) -> Parity:
     """Export `checkpoint` to `out` (written atomically, only after parity passes); return the parity."""
-    from digitsum.data import write_atomic
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     out = Path(out)

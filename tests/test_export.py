@@ -162,6 +162,24 @@ def test_digitsum_predict_accepts_a_onnx_checkpoint(exported, tmp_path, capsys):
     assert " + 3 = " in capsys.readouterr().out
 
 
+def test_the_server_serves_a_onnx_file_through_load_predictor(exported):
+    pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from digitsum.serve import create_app
+    from test_predict import drawn_seven, encoded
+
+    answers = []
+    for path in (exported[1], exported[0]):  # onnxruntime, then torch
+        with TestClient(create_app(path)) as client:
+            response = client.post("/api/predict", files={"image": ("seven.png", encoded(drawn_seven()), "image/png")},
+                                   data={"number": "5"})
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+    assert answers[0]["digit"] == answers[1]["digit"] and answers[0]["sum"] == answers[1]["sum"]
+    np.testing.assert_allclose(answers[0]["sum_probabilities"], answers[1]["sum_probabilities"], atol=1e-4)
+
+
 def test_backend_refuses_numbers_outside_0_to_9(backend):
     # The graph's one-hot of 10 would be silently all zeros, so the backend checks first.
     with pytest.raises(DigitsumError, match="0..9"):

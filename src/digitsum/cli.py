@@ -235,6 +235,20 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+
+
+def cmd_export(args) -> int:
+    from digitsum.export import OPSET, export_checkpoint
+
+    out = args.out or str(Path(args.checkpoint).with_suffix(".onnx"))
+    parity = export_checkpoint(args.checkpoint, out, fmt=args.format, overwrite=args.overwrite,
+                               full=args.check, data_root=args.data_root)
+    print(f"wrote {out} ({Path(out).stat().st_size / 1024:,.0f} KB, ONNX opset {OPSET}); parity passed")
+    print(parity.table())
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -325,6 +339,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                        help="log every request (default: on)")
     serve.set_defaults(func=cmd_serve)
+
+    export = commands.add_parser("export", help="export a checkpoint to ONNX (needs the [onnx] extra)",
+                                 description="Write the model (both heads) as an ONNX graph with a dynamic batch: "
+                                 "inputs image (B,1,28,28) float32 normalised like training and number (B,) int64; "
+                                 "outputs digit_probabilities (B,10), sum_probabilities (B,19), digit_logits, "
+                                 "sum_logits. The file is written only if onnxruntime agrees with PyTorch on every "
+                                 "digit and sum argmax and within 1e-4 in probability, on 1,000 MNIST test images "
+                                 "x 10 numbers (synthetic images if MNIST is absent); --check uses all 10,000.")
+    export.add_argument("checkpoint", nargs="?", default=str(LATEST_MODEL),
+                        help=f"model checkpoint (default: {LATEST_MODEL})")
+    export.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default: onnx)")
+    export.add_argument("--out", default=None, help="output file (default: the checkpoint's path with .onnx)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    export.add_argument("--check", action="store_true",
+                        help="check parity on all 10,000 test images x 10 numbers (fetches MNIST if needed)")
+    export.add_argument("--data-root", default=None, help=_data_root_help())
+    export.set_defaults(func=cmd_export)
 
     return parser
 

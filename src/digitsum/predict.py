@@ -48,7 +48,12 @@ def _top(probabilities: torch.Tensor, k: int = 3) -> list[dict]:
 def load_predictor(path: str | os.PathLike) -> tuple[DigitSumNet, dict]:
     """(model ready for inference, metadata) from a checkpoint: eval mode, BatchNorm folded in,
     ReLU after max-pool, channels-last (model.inference_model). Also keeps freed memory in the
-    process (device.reuse_freed_memory), which makes batches up to 2x faster on Linux."""
+    process (device.reuse_freed_memory), which makes batches up to 2x faster on Linux.
+    A `.onnx` path gives an onnxruntime backend instead (onnx_backend.load_onnx), which classify accepts."""
+    if Path(path).suffix.lower() == ".onnx":  # `digitsum export`'s graph, run by onnxruntime
+        from digitsum.onnx_backend import load_onnx
+
+        return load_onnx(path)
     reuse_freed_memory()
     model, metadata = load_model(path)
     return inference_model(model), metadata
@@ -70,6 +75,8 @@ def classify(model: DigitSumNet, inputs: torch.Tensor, numbers: Sequence[int],
     cost more than they save);
     the softmax and the sum block stay in float32.
     """
+    if not isinstance(model, torch.nn.Module):  # onnx_backend.OnnxBackend runs its own graph
+        return model.classify(inputs, numbers)
     device = next(model.parameters()).device
     if bf16 is None:
         bf16 = len(inputs) >= BF16_MIN_BATCH and bf16_pays_off(device)

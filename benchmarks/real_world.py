@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 from scipy import ndimage
 
 from digitsum.checkpoint import load_model

@@ -45,7 +45,8 @@ MIN_CONTRAST = 0.1  # an image whose ink differs from its background by less tha
 WORK_SIDE = 512  # the digit is found at most at this resolution (bounded time and memory) ...
 DETAIL_SIDE = 96  # ... and re-cut from the full-resolution image when it is smaller than this there
 STRONG_INK = 0.4  # ink at >= this fraction of the strongest ink is a stroke; fainter is an edge, a ruled line or shading
-LINE_SPAN = 0.7  # a thin component reaching across this fraction of the image is a ruled line or page border
+LINE_SPAN = 0.6  # a thin straight line from edge to edge covering this fraction of the image is ruled paper
+LINE_BAND = 3  # px a ruled line may wander across its direction (a photo's tilt) and its gap in a stroke
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 
@@ -299,11 +300,19 @@ def _ink_is_dark(gray: np.ndarray) -> bool:
     else:
         darkest = lightest = gray
     size = max(3, min(darkest.shape) // 2) | 1
-    darker = float(np.clip(ndimage.median_filter(darkest, size=size, mode="reflect") - darkest - 0.05, 0, None).sum())
-    lighter = float(np.clip(lightest - ndimage.median_filter(lightest, size=size, mode="reflect") - 0.05, 0, None).sum())
+    darker = float(np.clip(_separable_median(darkest, size) - darkest - 0.05, 0, None).sum())
+    lighter = float(np.clip(lightest - _separable_median(lightest, size) - 0.05, 0, None).sum())
     if darker == lighter:  # no thin structure at all: the median pixel is the paper
         return float(np.median(gray)) >= 0.5
     return darker > lighter
+
+
+def _separable_median(values: np.ndarray, size: int) -> np.ndarray:
+    """A median along rows, then along columns: like a square median it removes thin lines of
+    any direction and keeps straight edges, at O(size) rather than O(size^2) per pixel (measured
+    5x faster than ndimage.median_filter for a 48x48 thumbnail and a 25 px window)."""
+    rows = ndimage.median_filter(values, size=(1, size), mode="reflect")
+    return ndimage.median_filter(rows, size=(size, 1), mode="reflect")
 
 
 def _ink_against_background(gray, smooth, window: int, dark_ink: bool) -> np.ndarray:
@@ -314,19 +323,21 @@ def _ink_against_background(gray, smooth, window: int, dark_ink: bool) -> np.nda
 
 
 def _stroke_width(mask: np.ndarray) -> float:
-    """Typical stroke width (px) of a mask: twice the typical distance to the background along the
-    strokes' centre lines (the ridge of a chessboard distance transform)."""
+    """Typical stroke width (px) of a mask: across a stroke of width w the distances to the
+    background run evenly from 1 to w/2, so w is about four times their mean over the mask (an
+    area-weighted measure: the rough edge and thin stubs of a stroke barely move it)."""
     if not mask.any():
         return 1.0
     distance = ndimage.distance_transform_cdt(mask, metric="chessboard")
-    ridge = mask & (distance >= ndimage.maximum_filter(distance, size=3))
-    return 2.0 * float(np.median(distance[ridge])) - 1.0
+    return max(1.0, 4.0 * float(distance[mask].mean()) - 1.0)
 
 
 def _strong_level(ink: np.ndarray) -> float:
     """The ink strength that counts as full ink: a high order statistic, robust to a few hot pixels."""
-    flat = ink.ravel()
-    k = max(1, flat.size // 5000)
+    k = max(1, ink.size // 100_000)  # a thin digit 10 px tall in a 600x800 image has ~20 ink pixels
+    flat = ink[ink > 0.02].ravel()  # (most pixels are paper: partition only the rest)
+    if flat.size < k:
+        return float(ink.max())
     return float(np.partition(flat, flat.size - k)[flat.size - k])
 
 
@@ -334,24 +345,21 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
     """bool (H, W): the digit's strokes and their antialiased edges; lines, borders and specks dropped."""
     height, width = ink.shape
     strong = ink >= STRONG_INK
+    lines = _straight_lines(strong)
+    strong &= ~lines
     labels, count = ndimage.label(strong, structure=np.ones((3, 3), bool))
     if count == 0:
         return np.zeros_like(strong)
-    index = np.arange(1, count + 1)
-    mass = ndimage.sum_labels(ink, labels, index)
-    area = ndimage.sum_labels(strong, labels, index)
+    mass = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count + 1)[1:]
+    area = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     boxes = ndimage.find_objects(labels)
     keep = np.ones(count, bool)
     for i, (rows, cols) in enumerate(boxes):
         box_h, box_w = rows.stop - rows.start, cols.stop - cols.start
-        # A ruled or grid line, a page border or a shadow band along it: thin (its area is small
-        # next to its length) and either reaching across most of the image or from edge to edge.
-        across = box_w >= LINE_SPAN * width or box_h >= LINE_SPAN * height
-        edge_to_edge = ((cols.start == 0 and cols.stop == width) or (rows.start == 0 and rows.stop == height))
-        length = max(box_w, box_h)
-        thin = area[i] / length <= max(3.0, 0.025 * min(height, width))
-        band = area[i] / length <= 0.08 * min(height, width)
-        if min(height, width) >= 40 and ((across and thin) or (edge_to_edge and band)):
+        # A page border or a shadow band along it: from edge to edge and thin next to its length
+        # (ruled lines are gone already, see _straight_lines).
+        edge_to_edge = (cols.start == 0 and cols.stop == width) or (rows.start == 0 and rows.stop == height)
+        if min(height, width) >= 40 and edge_to_edge and area[i] <= 0.08 * min(height, width) * max(box_h, box_w):
             keep[i] = False
     if not keep.any():
         keep[:] = True  # only lines: better the lines than nothing (the user sees the view)
@@ -376,8 +384,70 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
                 bottom, right = max(bottom, c_bottom), max(right, c_right)
                 grown = True
     strokes = np.isin(labels, np.array(sorted(chosen)) + 1)
+    if lines.any():  # where a stroke crosses a line, the crossing is the stroke's: close the gap
+        strokes |= lines & _dilate(strokes, 2 * LINE_BAND)
     # The antialiased edge of a stroke is fainter than STRONG_INK: keep ink touching the strokes.
-    return ndimage.binary_dilation(strokes, structure=np.ones((3, 3), bool), iterations=2) & (ink > 0)
+    return _dilate(strokes, 2) & (ink > 0)
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """`mask` grown by `radius` px in every direction (a square), by separable O(N) max filters."""
+    return ndimage.maximum_filter(mask.astype(np.uint8), size=2 * radius + 1, mode="constant") > 0
+
+
+def _straight_lines(mask: np.ndarray) -> np.ndarray:
+    """bool (H, W): the pixels of `mask` on thin straight lines that run (nearly) horizontally or
+    vertically across the image - ruled and squared paper, page borders.
+
+    Thin: what survives an opening with a small square is a stroke, not a line. A directional
+    opening (erosion then dilation with a 1 x L line, L a third of the image, by O(N) min/max
+    filters) finds runs of at least L pixels after the thin mask is thickened across the run by
+    LINE_BAND px each way, so a line tilted by a degree or two in a photo still forms runs. A digit
+    crossing a line cuts it into pieces: collinear pieces that together cover LINE_SPAN of the
+    image are a line.
+    """
+    height, width = mask.shape
+    found = np.zeros_like(mask)
+    if min(height, width) < 40:
+        return found
+    square = max(5, round(min(height, width) / 100)) | 1
+    values = mask.astype(np.uint8)
+    opened = ndimage.maximum_filter(ndimage.minimum_filter(values, size=square, mode="constant"), size=square,
+                                    mode="constant")
+    thin = mask & (opened == 0)
+    values = thin.astype(np.uint8)
+    for axis, extent in ((1, width), (0, height)):
+        across = 1 - axis
+        thick = ndimage.maximum_filter1d(values, 2 * LINE_BAND + 1, axis=across)
+        length = max(3, extent // 3)
+        runs = ndimage.maximum_filter1d(ndimage.minimum_filter1d(thick, length, axis=axis), length, axis=axis)
+        if not runs.any():
+            continue
+        labels, count = ndimage.label(runs)
+        pieces = [(s[across].start, s[across].stop, s[axis].stop - s[axis].start, i)
+                  for i, s in enumerate(ndimage.find_objects(labels), start=1)]
+        pieces.sort()
+        tolerance = LINE_BAND  # the pieces of one tilted line, cut by a digit, sit a few px apart
+        thin_along, thin_across = (np.nonzero(thin)[axis], np.nonzero(thin)[across])
+        group: list = []
+        for piece in pieces + [None]:
+            if group and (piece is None or piece[0] > group[-1][1] + tolerance):
+                # The whole line, also its short pieces next to the digit: the thin pixels within
+                # LINE_BAND of the straight line fitted through its long runs. It must reach
+                # both edges of the image and cover LINE_SPAN of it (a thin '1' ends inside).
+                member = np.isin(labels, [p[3] for p in group]) & thin
+                along, across_at = np.nonzero(member)[axis], np.nonzero(member)[across]
+                if along.size and np.ptp(along) > 0:
+                    slope, offset = np.polyfit(along, across_at, 1)
+                    near = np.abs(thin_across - (slope * thin_along + offset)) <= LINE_BAND + 1
+                    covered = np.unique(thin_along[near])
+                    if (covered.size >= LINE_SPAN * extent and covered[0] <= 0.05 * extent
+                            and covered[-1] >= 0.95 * extent - 1):
+                        found[(thin_along[near], thin_across[near])[:: 1 if axis == 0 else -1]] = True  # (rows, cols)
+                group = []
+            if piece is not None:
+                group.append(piece)
+    return found & mask
 
 
 def _box(slices) -> tuple[int, int, int, int]:

@@ -46,6 +46,7 @@ WORK_SIDE = 512  # the digit is found at most at this resolution (bounded time a
 DETAIL_SIDE = 96  # ... and re-cut from the full-resolution image when it is smaller than this there
 STRONG_INK = 0.4  # ink at >= this fraction of the strongest ink is a stroke; fainter is an edge, a ruled line or shading
 LINE_SPAN = 0.6  # a thin straight line from edge to edge covering this fraction of the image is ruled paper
+FAINT_INK = 0.15  # ruled lines are looked for down to this (they are often fainter than the pen)
 LINE_BAND = 3  # px a ruled line may wander across its direction (a photo's tilt) and its gap in a stroke
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
@@ -345,7 +346,7 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
     """bool (H, W): the digit's strokes and their antialiased edges; lines, borders and specks dropped."""
     height, width = ink.shape
     strong = ink >= STRONG_INK
-    lines = _straight_lines(strong)
+    lines = _straight_lines(ink >= FAINT_INK)  # (faint ruling breaks up at the strokes' threshold)
     strong &= ~lines
     labels, count = ndimage.label(strong, structure=np.ones((3, 3), bool))
     if count == 0:
@@ -376,7 +377,9 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
                 continue
             c_top, c_left, c_bottom, c_right = _box(boxes[i])
             gap = max(c_top - bottom, top - c_bottom, c_left - right, left - c_right, 0)
-            near = gap <= max(2.0, 0.06 * size)
+            # Pieces of the digit: a broken stroke's fragments right next to it, or a real
+            # stroke (a 4's or 5's second stroke) a little further. Not a chain of specks.
+            near = gap <= max(2.0, 0.06 * size) and mass[i] >= 0.01 * mass[main]
             close_and_real = gap <= 0.3 * size and mass[i] >= 0.04 * mass[main]
             if near or close_and_real:
                 chosen.add(i)

@@ -270,7 +270,7 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
     """
     height, width = gray.shape
     smooth = ndimage.uniform_filter(gray, 3, mode="nearest") if min(height, width) >= 3 else gray
-    window = max(3, min(height, width) // 2)
+    window = max(3, min(height, width) // 3)
     dark_ink = _ink_is_dark(gray)
     ink = _ink_against_background(gray, smooth, window, dark_ink)
     level = _strong_level(ink)
@@ -317,10 +317,16 @@ def _separable_median(values: np.ndarray, size: int) -> np.ndarray:
 
 
 def _ink_against_background(gray, smooth, window: int, dark_ink: bool) -> np.ndarray:
+    # The image is padded by repeating its edge first, so that beyond the border it goes on as at
+    # the border: a shadow band along an edge is wide along the edge and stays background, while a
+    # stroke crossing the edge is still thin. (ndimage's own mode="nearest" pads each stage of the
+    # closing separately, which fills such a band.)
+    pad = window // 2 + 1
+    padded = np.pad(smooth, pad, mode="edge")
     if dark_ink:
-        lighting = ndimage.grey_closing(smooth, size=(window, window), mode="reflect")
+        lighting = ndimage.grey_closing(padded, size=(window, window), mode="nearest")[pad:-pad, pad:-pad]
         return 1.0 - gray / np.maximum(lighting, 0.05)
-    return gray - ndimage.grey_opening(smooth, size=(window, window), mode="reflect")
+    return gray - ndimage.grey_opening(padded, size=(window, window), mode="nearest")[pad:-pad, pad:-pad]
 
 
 def _stroke_width(mask: np.ndarray) -> float:

@@ -44,6 +44,7 @@ NOISE_FLOOR = 0.1  # after stretching to [0, 1], fainter pixels are background n
 MIN_CONTRAST = 0.1  # an image whose ink differs from its background by less than this is blank
 WORK_SIDE = 512  # the digit is found at most at this resolution (bounded time and memory) ...
 DETAIL_SIDE = 96  # ... and re-cut from the full-resolution image when it is smaller than this there
+SMALL_SIDE = 48  # a smaller image is a cropped digit (MNIST is 28x28): no paper, light or ruling to remove
 STRONG_INK = 0.4  # ink at >= this fraction of the strongest ink is a stroke; fainter is an edge, a ruled line or shading
 LINE_SPAN = 0.6  # a thin straight line from edge to edge covering this fraction of the image is ruled paper
 FAINT_INK = 0.15  # ruled lines are looked for down to this (they are often fainter than the pen)
@@ -252,33 +253,55 @@ def ink_map(gray: np.ndarray, name: str = "image") -> np.ndarray:
 
     Raises ImageError for an image without ink (every pixel within MIN_CONTRAST of the paper).
     """
+    if min(gray.shape) < SMALL_SIDE:
+        return _cropped_digit_ink(gray, name)
     ink = flat_field(gray, name)
     return ink * digit_mask(ink)
+
+
+def _cropped_digit_ink(gray: np.ndarray, name: str) -> np.ndarray:
+    """Ink of an image too small to hold paper, light and a digit apart (MNIST itself, an icon):
+    it is taken as a cropped digit on a uniform ground. Polarity from the median pixel, contrast
+    stretched, faint pixels kept only next to real ink. (This is what makes a 28x28 MNIST image
+    come back unchanged.)"""
+    background = float(np.median(gray))
+    ink = 1.0 - gray if background > 0.5 else gray
+    background = min(background, 1.0 - background)
+    contrast = float(ink.max()) - background
+    if contrast < MIN_CONTRAST:
+        raise ImageError(f"{name}: is blank (no ink: every pixel is within {100 * MIN_CONTRAST:.0f}% of the "
+                         "background); draw or photograph a digit")
+    ink = np.clip((ink - background) / contrast, 0.0, 1.0)
+    return np.where(_grow(ink >= NOISE_FLOOR), ink, 0.0).astype(np.float32)
 
 
 def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
     """Ink strength in [0, 1] relative to the local paper brightness (1 = the strongest ink).
 
-    Polarity: see _ink_is_dark. The paper's brightness is then estimated per pixel by a grey-scale closing (the black top-hat
-    method of document imaging) whose window is about three stroke widths: it removes the strokes
-    and keeps everything wider - lighting gradients, shadows, a shadow's sharp edge. The stroke
-    width is measured on the digit (digit_mask) found by a first pass with a window of half the
-    image. For dark ink,
-    ink = 1 - pixel / paper (background division: observed = light x reflectance); for light ink on
-    a dark ground (a chalkboard, a canvas export), ink = pixel - ground (subtraction: the ground is
-    not lit paper).
+    Polarity: see _ink_is_dark. The paper's brightness is estimated per pixel by a grey-scale
+    closing (the black top-hat method of document imaging) whose window is about three stroke
+    widths: it removes the strokes and keeps everything wider - lighting gradients, shadows, a
+    shadow's sharp edge. The stroke width is measured on the digit (digit_mask) that a first pass
+    with a window of a third of the image finds. For dark ink, ink = 1 - pixel / paper (background
+    division, the flat-field model observed = light x reflectance); for light ink on a dark ground
+    (a chalkboard, a canvas export), ink = pixel - ground (subtraction: the ground is not lit paper).
     """
     height, width = gray.shape
     smooth = ndimage.uniform_filter(gray, 3, mode="nearest") if min(height, width) >= 3 else gray
     window = max(3, min(height, width) // 3)
     dark_ink = _ink_is_dark(gray)
-    ink = _ink_against_background(gray, smooth, window, dark_ink)
+    # The first pass only measures the stroke width: at half resolution where the image is large
+    # enough (a quarter of the work).
+    scale = 2 if min(height, width) >= 4 * SMALL_SIDE else 1
+    coarse = _halved(gray) if scale == 2 else gray
+    coarse_smooth = _halved(smooth) if scale == 2 else smooth
+    ink = _ink_against_background(coarse, coarse_smooth, max(3, window // scale), dark_ink)
     level = _strong_level(ink)
     if level < MIN_CONTRAST:
         raise ImageError(f"{name}: is blank (no ink stands out from the background); draw or photograph a digit")
     strokes = digit_mask(np.clip(ink / level, 0.0, 1.0)) & (ink >= STRONG_INK * level)
-    narrower = min(window, max(7, round(3 * _stroke_width(strokes)) + 3))
-    if narrower < window:
+    narrower = min(window, max(7, round(3 * scale * _stroke_width(strokes)) + 3))
+    if narrower < window or scale == 2:
         ink = _ink_against_background(gray, smooth, narrower, dark_ink)
         level = _strong_level(ink)
     if level < MIN_CONTRAST:
@@ -306,6 +329,12 @@ def _ink_is_dark(gray: np.ndarray) -> bool:
     if darker == lighter:  # no thin structure at all: the median pixel is the paper
         return float(np.median(gray)) >= 0.5
     return darker > lighter
+
+
+def _halved(values: np.ndarray) -> np.ndarray:
+    """2x2 box average (the odd last row or column dropped)."""
+    height, width = values.shape[0] // 2 * 2, values.shape[1] // 2 * 2
+    return values[:height, :width].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
 
 
 def _separable_median(values: np.ndarray, size: int) -> np.ndarray:
@@ -359,38 +388,33 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
         return np.zeros_like(strong)
     mass = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count + 1)[1:]
     area = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    boxes = ndimage.find_objects(labels)
-    keep = np.ones(count, bool)
-    for i, (rows, cols) in enumerate(boxes):
-        box_h, box_w = rows.stop - rows.start, cols.stop - cols.start
-        # A page border or a shadow band along it: from edge to edge and thin next to its length
-        # (ruled lines are gone already, see _straight_lines).
-        edge_to_edge = (cols.start == 0 and cols.stop == width) or (rows.start == 0 and rows.stop == height)
-        if min(height, width) >= 40 and edge_to_edge and area[i] <= 0.08 * min(height, width) * max(box_h, box_w):
-            keep[i] = False
+    boxes = np.array([(r.start, c.start, r.stop, c.stop) for r, c in ndimage.find_objects(labels)])
+    top, left, bottom, right = boxes.T
+    # A page border or a shadow band along it: from edge to edge and thin next to its length
+    # (ruled lines are gone already, see _straight_lines).
+    edge_to_edge = ((left == 0) & (right == width)) | ((top == 0) & (bottom == height))
+    band = area <= 0.08 * min(height, width) * np.maximum(bottom - top, right - left)
+    keep = ~(edge_to_edge & band) if min(height, width) >= 40 else np.ones(count, bool)
     if not keep.any():
         keep[:] = True  # only lines: better the lines than nothing (the user sees the view)
-    candidates = np.flatnonzero(keep)
-    main = candidates[np.argmax(mass[candidates])]
-    chosen = {main}
-    top, left, bottom, right = _box(boxes[main])
+    main = np.flatnonzero(keep)[np.argmax(mass[keep])]
+    # Pieces of the digit: a broken stroke's fragments right next to it, or a real stroke (a 4's
+    # or 5's second stroke) a little further. Not specks, nor a chain of them.
+    candidates = np.flatnonzero(keep & (mass >= 0.01 * mass[main]))
+    chosen = {int(main)}
+    box = list(boxes[main])
     grown = True
     while grown:
         grown = False
-        size = max(bottom - top, right - left)
+        size = max(box[2] - box[0], box[3] - box[1])
         for i in candidates:
             if i in chosen:
                 continue
-            c_top, c_left, c_bottom, c_right = _box(boxes[i])
-            gap = max(c_top - bottom, top - c_bottom, c_left - right, left - c_right, 0)
-            # Pieces of the digit: a broken stroke's fragments right next to it, or a real
-            # stroke (a 4's or 5's second stroke) a little further. Not a chain of specks.
-            near = gap <= max(2.0, 0.06 * size) and mass[i] >= 0.01 * mass[main]
-            close_and_real = gap <= 0.3 * size and mass[i] >= 0.04 * mass[main]
-            if near or close_and_real:
-                chosen.add(i)
-                top, left = min(top, c_top), min(left, c_left)
-                bottom, right = max(bottom, c_bottom), max(right, c_right)
+            c_top, c_left, c_bottom, c_right = boxes[i]
+            gap = max(c_top - box[2], box[0] - c_bottom, c_left - box[3], box[1] - c_right, 0)
+            if gap <= max(2.0, 0.06 * size) or (gap <= 0.3 * size and mass[i] >= 0.04 * mass[main]):
+                chosen.add(int(i))
+                box = [min(box[0], c_top), min(box[1], c_left), max(box[2], c_bottom), max(box[3], c_right)]
                 grown = True
     strokes = np.isin(labels, np.array(sorted(chosen)) + 1)
     if lines.any():  # where a stroke crosses a line, the crossing is the stroke's: close the gap
@@ -419,13 +443,21 @@ def _straight_lines(mask: np.ndarray) -> np.ndarray:
     found = np.zeros_like(mask)
     if min(height, width) < 40:
         return found
-    square = max(5, round(min(height, width) / 100)) | 1
     values = mask.astype(np.uint8)
+    bands = {axis: ndimage.maximum_filter1d(values, 2 * LINE_BAND + 1, axis=1 - axis) for axis in (0, 1)}
+    # Cheap first: no band of rows (columns) holds LINE_SPAN of a line - no line (most images).
+    possible = [axis for axis, extent in ((1, width), (0, height))
+                if bands[axis].sum(axis=axis).max() >= LINE_SPAN * extent]
+    if not possible:
+        return found
+    square = max(5, round(min(height, width) / 100)) | 1
     opened = ndimage.maximum_filter(ndimage.minimum_filter(values, size=square, mode="constant"), size=square,
                                     mode="constant")
     thin = mask & (opened == 0)
     values = thin.astype(np.uint8)
     for axis, extent in ((1, width), (0, height)):
+        if axis not in possible:
+            continue
         across = 1 - axis
         thick = ndimage.maximum_filter1d(values, 2 * LINE_BAND + 1, axis=across)
         length = max(3, extent // 3)
@@ -457,11 +489,6 @@ def _straight_lines(mask: np.ndarray) -> np.ndarray:
             if piece is not None:
                 group.append(piece)
     return found & mask
-
-
-def _box(slices) -> tuple[int, int, int, int]:
-    rows, cols = slices
-    return rows.start, cols.start, rows.stop, cols.stop
 
 
 # ----------------------------------------------------------------------------- MNIST layout

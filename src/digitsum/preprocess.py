@@ -187,9 +187,29 @@ def _workable(image: Image.Image) -> Image.Image:
 
 
 def _reduced(image: Image.Image, side: int) -> Image.Image:
-    """Box-average `image` by an integer factor so that its longer side is at most about `side`."""
+    """Box-average `image` by an integer factor so that its longer side is at most about `side`.
+
+    Colour and transparency are reduced in strips of rows, each turned into luminance (and alpha)
+    at once: Pillow holds RGB, RGBA and LA as 4 bytes a pixel and reduces RGBA through a
+    premultiplied copy, so a whole-image conversion of a 4096x4096 picture would cost another
+    16-64 MB on top of the decoded pixels.
+    """
     factor = max(image.size) // side
-    return image.reduce(factor) if factor >= 2 else image
+    if factor < 2:
+        return image
+    if image.mode not in ("RGB", "RGBA", "LA"):
+        return image.reduce(factor)
+    width, height = image.size
+    alpha = image.mode in ("RGBA", "LA")
+    rows = factor * 64
+    luminance = Image.new("L", ((width + factor - 1) // factor, (height + factor - 1) // factor))
+    opacity = Image.new("L", luminance.size) if alpha else None
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(height, top + rows)))
+        luminance.paste(strip.convert("L").reduce(factor), (0, top // factor))
+        if alpha:
+            opacity.paste(strip.getchannel("A").reduce(factor), (0, top // factor))
+    return Image.merge("LA", [luminance, opacity]) if alpha else luminance
 
 
 def _to_unit(values: np.ndarray, mode: str) -> np.ndarray:

@@ -217,3 +217,23 @@ def test_a_trained_model_reads_a_drawn_seven_and_adds_the_number(tmp_path_factor
     with TestClient(create_app(trained_checkpoint(tmp_path_factory.getbasetemp()))) as trained:
         body = post_form(trained, image=seven_png(), number="6").json()
     assert (body["digit"], body["sum"]) == (7, 13)
+
+
+def test_files_that_used_to_crash_the_server_are_predicted_or_refused_with_a_4xx(client):
+    from PIL import Image as PILImage
+
+    seven = PILImage.open(io.BytesIO(seven_png())).convert("L")
+    lab = PILImage.merge("LAB", [seven, PILImage.new("L", seven.size, 128), PILImage.new("L", seven.size, 128)])
+    values = np.asarray(seven, np.float32)
+    values[:4] = np.nan
+    values[-4:] = np.inf
+    blank = np.full((60, 60), np.nan, np.float32)
+    cases = {"lab.tif": (lab, 200), "nan.tif": (PILImage.fromarray(values), 200),
+             "all-nan.tif": (PILImage.fromarray(blank), 422)}
+    for name, (image, status) in cases.items():
+        buffer = io.BytesIO()
+        image.save(buffer, format="TIFF")
+        response = post_form(client, buffer.getvalue(), filename=name)
+        assert response.status_code == status, (name, response.text)
+        if status == 200:
+            assert 0 <= response.json()["digit"] <= 9 and response.json()["number"] == 3

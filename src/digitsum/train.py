@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
 import sys
@@ -30,7 +31,7 @@ import digitsum
 from digitsum import checkpoint, plots
 from digitsum.data import NUM_NUMBERS, Split, batches, load_split, random_affine, write_atomic
 from digitsum.errors import DigitsumError, Interrupted
-from digitsum.device import autocast, bf16_pays_off, resolve_device, reuse_freed_memory
+from digitsum.device import autocast, bf16_pays_off, check_device_name, resolve_device, reuse_freed_memory
 from digitsum.evaluate import evaluate_checkpoint, measure, summary_line
 from digitsum.model import DigitSumNet, ModelConfig
 
@@ -70,6 +71,17 @@ class TrainConfig:
     channels_last: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
 
+    def validate(self) -> "TrainConfig":
+        """Raise DigitsumError (one line) unless every setting has a usable type, range and finite value.
+
+        Runs before any data is loaded or any file or folder is written (train() calls it for new
+        runs and on a resumed run's saved settings), so a bad value costs nothing and leaves nothing.
+        """
+        problem = config_problem(self)
+        if problem:
+            raise DigitsumError(problem)
+        return self
+
     def to_dict(self) -> dict:
         values = asdict(self)
         values["model"] = self.model.to_dict()
@@ -84,6 +96,69 @@ class TrainConfig:
             raise DigitsumError(f"unknown training settings: {sorted(unknown)}")
         values["model"] = ModelConfig.from_dict(values.get("model", {}))
         return cls(**values)
+
+
+# Seeds: torch.manual_seed takes 0..2**64-1, and the data draws each split's numbers with seed * 10 + stream
+# (data.load_split, stream <= 3), which must fit too.
+MAX_SEED = (2**64 - 1 - 3) // 10
+MAX_EPOCHS = 100_000
+
+
+def config_problem(config: TrainConfig) -> str:
+    """Why `config` cannot be trained (one line), or "" when every field is usable."""
+    def number(name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> str:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{name} must be a finite number, got {value!r}"
+        if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+            if high == math.inf:
+                return f"{name} must be {'>' if low_open else '>='} {low:g}, got {value!r}"
+            return (f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, "
+                    f"got {value!r}")
+        return ""
+
+    def whole(name: str, low: int, high: int) -> str:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return f"{name} must be an integer in {low}..{high}, got {value!r}"
+        return ""
+
+    checks = [
+        "" if config.preset in PRESETS else f"preset must be one of {', '.join(PRESETS)}, got {config.preset!r}",
+        whole("epochs", 1, MAX_EPOCHS),
+        whole("batch_size", 1, 1 << 20),
+        "" if config.optimizer in ("sgd", "adamw") else f"optimizer must be sgd or adamw, got {config.optimizer!r}",
+        number("lr", 0, math.inf, low_open=True),
+        number("sum_lr_scale", 0, math.inf, low_open=True),
+        number("warmup", 0, 1),
+        number("weight_decay", 0, math.inf),
+        number("label_smoothing", 0, 1, high_open=True),
+        number("digit_loss_weight", 0, math.inf),
+        number("sum_loss_weight", 0, math.inf),
+        "" if (config.digit_loss_weight or config.sum_loss_weight) or not isinstance(config.digit_loss_weight, (int, float))
+        else "digit_loss_weight and sum_loss_weight cannot both be 0 (nothing would be trained)",
+        number("rotate", 0, 180),
+        number("scale", 0, 1, high_open=True),  # a zoom of 1 - scale must stay > 0
+        number("shear", 0, 90, high_open=True),  # tan(90 degrees) is infinite
+        number("translate", 0, 28),
+        number("ema", 0, 1, high_open=True),
+        whole("val_size", 0, 1 << 31),
+        whole("train_limit", 0, 1 << 31),
+        whole("seed", 0, MAX_SEED),
+        check_device_name(config.device),
+        "" if config.bf16 in ("auto", "on", "off") else f"bf16 must be auto, on or off, got {config.bf16!r}",
+    ]
+    for name in ("redraw_numbers", "sum_all_numbers", "channels_last"):
+        if not isinstance(getattr(config, name), bool):
+            checks.append(f"{name} must be true or false, got {getattr(config, name)!r}")
+    if not isinstance(config.model, ModelConfig):
+        checks.append(f"model must be a ModelConfig, got {type(config.model).__name__}")
+    else:
+        try:
+            config.model.validate()
+        except ValueError as error:
+            checks.append(str(error))
+    return next((problem for problem in checks if problem), "")
 
 
 # Named recipes. Explicit flags override a preset's values. Each was chosen on the validation

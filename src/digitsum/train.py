@@ -370,6 +370,17 @@ def make_run_dir(run_dir: Path) -> None:
         raise DigitsumError(f"cannot remove the old {run_dir / 'eval.json'} ({error.strerror or error})") from None
 
 
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files a killed run left (write_atomic's `.NAME.*.tmp` of train's own files).
+
+    A kill -9 during a save cannot clean up after itself; the complete files are never touched.
+    """
+    for name in RUN_FILES:
+        for stale in run_dir.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
 _TENSOR_DICTS = ("model_train", "optimizer", "scheduler")
 
 
@@ -561,6 +572,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
             reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
             raise checkpoint.CheckpointError(f"{resume} does not match the run's saved settings ({reason})") from None
         start_epoch, rows = state["epoch"], list(state["rows"])
+        remove_stale_temporaries(run_dir)
         best_score = tuple(state["best_score"]) if state["best_score"] is not None else None
         log(f"resuming {run_dir} at epoch {start_epoch + 1}/{config.epochs} "
             f"(bf16 autocast: {'on' if bf16 else 'off'}, as stored)")

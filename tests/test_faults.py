@@ -308,6 +308,25 @@ def test_out_dot_trains_into_the_current_folder_and_points_latest_at_it(syntheti
     assert (tmp_path / "runs" / "latest").resolve() == here.resolve()
 
 
+def test_point_latest_of_a_dot_links_the_folder_by_its_name_and_never_leaves_a_temporary(tmp_path, monkeypatch):
+    from digitsum.train import point_latest
+
+    here = tmp_path / "runs" / "here"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    assert point_latest(Path("."), Log())
+    assert os.readlink(tmp_path / "runs" / "latest") == "here"
+    assert (tmp_path / "runs" / "latest").resolve() == here.resolve()
+
+    def a_folder_appeared_meanwhile(source, target):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+
+    monkeypatch.setattr(os, "replace", a_folder_appeared_meanwhile)
+    log = Log()
+    assert not point_latest(here, log)
+    assert "could not point" in log[0] and no_temporaries(tmp_path / "runs") == []
+
+
 def test_resume_from_inside_the_run_folder_and_through_latest(synthetic_root, tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     config = replace(MICRO, epochs=3)

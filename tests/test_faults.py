@@ -500,14 +500,14 @@ def test_an_empty_or_impossible_data_root_is_one_line(tmp_path, capsys, monkeypa
 # ----------------------------------------------------------------------------- item 8: --force
 
 
-def _pristine(synthetic_root: Path, tmp_path: Path) -> dict[str, bytes]:
+def _pristine(synthetic_root: Path) -> dict[str, bytes]:
     return {name: (data.raw_folder(synthetic_root) / name).read_bytes() for name in data.MNIST_FILES}
 
 
 def test_force_with_torchvision_really_replaces_a_damaged_file(synthetic_root, tmp_path, monkeypatch):
     import torchvision.datasets.mnist as tv_mnist
 
-    pristine = _pristine(synthetic_root, tmp_path)
+    pristine = _pristine(synthetic_root)
     downloads = []
 
     def fake_download(url, download_root, filename=None, md5=None, **kwargs):  # the network, offline
@@ -675,6 +675,16 @@ def check_after_kill(config: TrainConfig, root: Path, out: Path, straight: dict)
         run(config, root, out, overwrite=True)
     assert_same_weights(straight, weights(out / "last.pt"))
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []  # resume cleared the leftovers
+
+
+def test_a_run_killed_during_its_first_save_leaves_nothing_behind_after_a_new_start(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / ".last.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # what kill -9 mid-save leaves
+    (out / "notes.txt").write_text("mine")
+    run(ONE_EPOCH, synthetic_root, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "last.pt", "metrics.csv", "model.pt", "notes.txt"]
 
 
 def _kill_cases(count: int, epochs: int, seed: int) -> list[tuple[int, float]]:

@@ -364,6 +364,7 @@ def make_run_dir(run_dir: Path) -> None:
         raise DigitsumError(f"cannot create output folder {run_dir} ({error.strerror or error})") from None
     if not os.access(run_dir, os.W_OK):
         raise DigitsumError(f"output folder {run_dir} is not writable")
+    remove_stale_temporaries(run_dir)  # a killed earlier run's half-written files
     try:
         (run_dir / "eval.json").unlink(missing_ok=True)
     except OSError as error:

@@ -107,10 +107,20 @@ def test_overwrite_replaces_a_run(synthetic_root, tmp_path):
     assert len(metric_values(out)) == 1
 
 
-def test_resuming_a_finished_run_is_refused(synthetic_root, tmp_path):
-    run(TINY, synthetic_root, tmp_path / "run", evaluate_test=False)
-    with pytest.raises(DigitsumError, match="finished run"):
+def test_resuming_a_finished_and_evaluated_run_is_refused(synthetic_root, tmp_path):
+    run(TINY, synthetic_root, tmp_path / "run")
+    assert (tmp_path / "run" / "eval.json").exists()
+    with pytest.raises(DigitsumError, match="finished run.*digitsum evaluate"):
         run(None, synthetic_root, None, resume=tmp_path / "run" / "last.pt")
+
+
+def test_resuming_a_finished_run_without_eval_json_runs_the_final_evaluation(synthetic_root, tmp_path):
+    run(TINY, synthetic_root, tmp_path / "run", evaluate_test=False)  # as if the evaluation had failed
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    summary = run(None, synthetic_root, None, resume=tmp_path / "run" / "last.pt")
+    assert set(summary["metrics"]["test"]) == {"digit_accuracy", "sum_accuracy", "loss"}
+    assert (tmp_path / "run" / "eval.json").exists()
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before  # no training happened
 
 
 def test_resuming_from_a_weights_only_checkpoint_is_refused(synthetic_root, tmp_path):

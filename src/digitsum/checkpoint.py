@@ -48,10 +48,56 @@ def read(path: str | os.PathLike) -> dict:
     return payload
 
 
-def build_model(payload: dict, path: str | os.PathLike = "checkpoint") -> DigitSumNet:
-    """The DigitSumNet a checkpoint describes, with its weights loaded (eval mode, on CPU)."""
+def model_config(payload: dict, path: str | os.PathLike = "checkpoint") -> ModelConfig:
+    """The checked ModelConfig a checkpoint declares (CheckpointError when it is missing or unusable)."""
+    values = payload.get("model_config")
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} has no model_config (not a digitsum model checkpoint)")
     try:
-        model = DigitSumNet(ModelConfig.from_dict(payload["model_config"]))
+        return ModelConfig.from_dict(values).validate()
+    except (TypeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0][:160]
+        raise CheckpointError(f"{path} declares an unusable architecture ({reason})") from None
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a DigitSumNet's state_dict, computed without allocating it.
+
+    The network is built on PyTorch's `meta` device, which records shapes and holds no memory, so a
+    checkpoint declaring a huge architecture costs microseconds here instead of gigabytes.
+    """
+    with torch.device("meta"):
+        return {name: tuple(tensor.shape) for name, tensor in DigitSumNet(config).state_dict().items()}
+
+
+def check_weights(weights: object, config: ModelConfig, path: str | os.PathLike = "checkpoint",
+                  what: str = "weights") -> None:
+    """CheckpointError unless `weights` is a state dict with exactly the tensors `config` builds, shape for shape."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path} has no {what} (expected a dict of tensors)")
+    expected = expected_shapes(config)
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}") + (
+            f" and {len(missing) + len(unexpected) - 1} more" if len(missing) + len(unexpected) > 1 else "")
+        raise CheckpointError(f"{path} does not match the DigitSumNet architecture it declares ({what}: {detail})")
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise CheckpointError(f"{path} does not match the DigitSumNet architecture it declares "
+                                  f"({what}: {name} has shape {list(weights[name].shape)}, "
+                                  f"the declared model_config needs {list(shape)})")
+
+
+def build_model(payload: dict, path: str | os.PathLike = "checkpoint") -> DigitSumNet:
+    """The DigitSumNet a checkpoint describes, with its weights loaded (eval mode, on CPU).
+
+    The declared architecture and the stored tensors are checked against each other before
+    anything is built, so a tampered or foreign checkpoint is refused without a large allocation.
+    """
+    config = model_config(payload, path)
+    check_weights(payload.get("model"), config, path)
+    try:
+        model = DigitSumNet(config)
         model.load_state_dict(payload["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0][:120]
@@ -62,4 +108,7 @@ def build_model(payload: dict, path: str | os.PathLike = "checkpoint") -> DigitS
 def load_model(path: str | os.PathLike) -> tuple[DigitSumNet, dict]:
     """(model in eval mode on CPU, metadata) from a checkpoint file."""
     payload = read(path)
-    return build_model(payload, path), payload.get("metadata", {})
+    metadata = payload.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path} has metadata of the wrong kind ({type(metadata).__name__}, expected a dict)")
+    return build_model(payload, path), metadata

@@ -73,8 +73,9 @@ TRAIN_FLAGS = {
     "val_size": (_non_negative_int, "training images held out for validation (deterministic split)"),
     "train_limit": (_non_negative_int, "train on the first N training images only (0 = all)"),
     "seed": (int, "seed for the split, the numbers, initialisation and shuffling"),
-    "device": (str, "auto (cuda, then mps, then cpu), cpu, cuda or mps"),
-    "bf16": (str, "bfloat16 autocast: auto (where measured faster than fp32 on this machine), on, off"),
+    "device": (str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"),
+    "bf16": (str, "bfloat16 autocast: auto (on a CUDA GPU with bf16, on a CPU with AMX-BF16; stored in the "
+                  "run and reused on resume), on, off"),
     "ema": (float, "decay of the weight moving average used for evaluation (0 = off)"),
 }
 
@@ -111,15 +112,25 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from digitsum.evaluate import evaluate_checkpoint, summary_line
+    """Print the metrics; when eval.json or the figures could not be written (full disk, read-only
+    folder) the metrics are still printed, then the one-line error, and the exit code is 2."""
+    from digitsum.evaluate import ResultsNotSaved, evaluate_checkpoint, summary_line
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.data_root, device=args.device, out_dir=args.out)
+    try:
+        metrics, not_saved = evaluate_checkpoint(args.checkpoint, args.data_root, device=args.device,
+                                                 out_dir=args.out), None
+    except ResultsNotSaved as error:
+        metrics, not_saved = error.metrics, error
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
         print(summary_line(metrics))
         print("per-class digit accuracy: " + "  ".join(f"{d}: {100 * a:.2f}%" for d, a in metrics["per_class"].items()))
-        print(f"wrote eval.json, confusion.png, mistakes.png to {args.out or Path(args.checkpoint).parent}")
+        if not_saved is None:
+            print(f"wrote eval.json, confusion.png, mistakes.png to {args.out or Path(args.checkpoint).parent}")
+    sys.stdout.flush()  # the metrics first, then main() prints the one-line error on stderr
+    if not_saved is not None:
+        raise not_saved
     return 0
 
 
@@ -303,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
     evaluate.add_argument("--out", default=None, help="folder for eval.json and figures (default: the checkpoint's)")
     evaluate.add_argument("--data-root", default=None, help=_data_root_help())
-    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="predict the digit and the sum for image files",

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import io
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -57,8 +58,33 @@ class DataError(DigitsumError):
 
 
 def default_root() -> Path:
-    """The data root: $DIGITSUM_DATA if set, else ./data."""
-    return Path(os.environ.get("DIGITSUM_DATA", DEFAULT_ROOT))
+    """The data root: $DIGITSUM_DATA if set, else ./data (checked and ~-expanded by resolve_root)."""
+    return resolve_root(None)
+
+
+def resolve_root(root: str | os.PathLike | None = None) -> Path:
+    """The data root to use: `root`, else $DIGITSUM_DATA, else ./data; `~` expanded.
+
+    An empty root is an error (it would silently mean the current folder), and so is one the
+    file system cannot name (too long, NUL byte), as one line instead of a traceback later.
+    """
+    if root is None:
+        where, text = "$DIGITSUM_DATA", os.environ.get("DIGITSUM_DATA", DEFAULT_ROOT)
+    else:
+        where, text = "--data-root", os.fspath(root)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text.strip():
+        raise DataError(f"{where} is empty; give a folder (default: ./{DEFAULT_ROOT})")
+    path = Path(os.path.expanduser(text))
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # created when MNIST is fetched (or reported then as not writable)
+    except (OSError, ValueError) as error:  # ENAMETOOLONG, ELOOP, EACCES, embedded NUL
+        reason = getattr(error, "strerror", None) or str(error)
+        raise DataError(f"data root {text[:80]}{'...' if len(text) > 80 else ''} cannot be used ({reason})") from None
+    return path
 
 
 def raw_folder(root: str | os.PathLike) -> Path:
@@ -94,20 +120,40 @@ def decode_idx(data: bytes) -> np.ndarray:
     return body.reshape(shape)
 
 
+class WriteError(DigitsumError):
+    """A file could not be written (disk full, read-only or missing folder, no permission)."""
+
+
+def write_error(path: str | os.PathLike, error: OSError) -> WriteError:
+    """One line naming the file and the reason, e.g. 'cannot write runs/x/last.pt: No space left on device'."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return WriteError(f"cannot write {path}: {reason} (any previous version of it is unchanged)")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` so that `path` is either absent, its old self, or complete (never partial)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `data` so that `path` is either absent, its old self, or complete (never partial).
+
+    Any OSError (full disk, read-only folder, ...) becomes a one-line WriteError naming the file;
+    the temporary file is removed, so a failure leaves the folder as it was.
+    """
+    path = Path(path)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; data files are ordinary readable files
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise write_error(path, error) from None
+    try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; data files are ordinary readable files
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as error:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise write_error(path, error) from None
         raise
 
 
@@ -213,7 +259,11 @@ _FETCHERS = {"local": _from_local, "torchvision": _from_torchvision, "pypi": _fr
 @contextlib.contextmanager
 def _lock(root: Path) -> Iterator[None]:
     """An exclusive lock on the data root, so parallel processes do not fetch over each other."""
-    with open(root / ".digitsum-fetch.lock", "w") as handle:
+    try:
+        handle = open(root / ".digitsum-fetch.lock", "w")
+    except OSError as error:
+        raise write_error(root / ".digitsum-fetch.lock", error) from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -238,7 +288,7 @@ def ensure_mnist(root: str | os.PathLike | None = None, source: str = "auto", fo
     exist but fail verification are an error naming the file unless `force=True`, which fetches
     them again. Raises DataError with one line naming every source tried when none works.
     """
-    root = Path(root) if root is not None else default_root()
+    root = resolve_root(root)
     folder = raw_folder(root)
     if source != "auto" and source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; choose from auto, {', '.join(SOURCES)}")
@@ -258,7 +308,10 @@ def ensure_mnist(root: str | os.PathLike | None = None, source: str = "auto", fo
     with _lock(root):
         if not force and not verify_folder(folder):  # another process fetched while we waited
             return folder
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise write_error(folder, error) from None
         order = SOURCES if source == "auto" else (source,)
         if force:
             order = tuple(s for s in order if s != "local") or order
@@ -267,10 +320,13 @@ def ensure_mnist(root: str | os.PathLike | None = None, source: str = "auto", fo
             if name != "local":
                 log(f"fetching MNIST from {name} into {folder} ...")
             try:
-                _FETCHERS[name](folder)
-                problems = verify_folder(folder)
-                if problems:
-                    raise DataError(problems[0])
+                if name == "local":
+                    _FETCHERS[name](folder)
+                    problems = verify_folder(folder)
+                    if problems:
+                        raise DataError(problems[0])
+                else:
+                    _fetch_staged(name, root, folder)
             except DataError as error:
                 failures.append(f"{name}: {error}")
                 continue
@@ -278,6 +334,36 @@ def ensure_mnist(root: str | os.PathLike | None = None, source: str = "auto", fo
                 log(f"MNIST ready in {folder} (source: {name}, MD5 verified)")
             return folder
         raise DataError("no MNIST source worked; tried " + " | ".join(failures))
+
+
+def _fetch_staged(name: str, root: Path, folder: Path) -> None:
+    """Fetch from source `name` into a fresh folder under `root`, verify, then move the four files in.
+
+    The files already in `folder` (damaged ones with --force) are replaced only by a verified fresh
+    copy, one atomic rename each, and stay as they were when the fetch fails. A fresh folder also
+    matters for torchvision, whose download skips every file that merely exists.
+    """
+    try:
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=".fetch-"))
+    except OSError as error:
+        raise write_error(root / ".fetch-*", error) from None
+    try:
+        staged = raw_folder(staging)
+        try:
+            staged.mkdir(parents=True)
+        except OSError as error:
+            raise write_error(staged, error) from None
+        _FETCHERS[name](staged)
+        problems = verify_folder(staged)
+        if problems:
+            raise DataError(problems[0].replace(str(staged), "the fetched copy"))
+        for file in MNIST_FILES:
+            try:
+                os.replace(staged / file, folder / file)
+            except OSError as error:
+                raise write_error(folder / file, error) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -335,7 +421,7 @@ def load_split(split: str, root: str | os.PathLike | None = None, val_size: int 
     """
     if split not in _NUMBER_STREAMS:
         raise ValueError(f"split must be train, val or test, got {split!r}")
-    root = Path(root) if root is not None else default_root()
+    root = resolve_root(root)
     ensure_mnist(root)
     mnist = _mnist(root, train=split != "test")
     images, digits = mnist.data, mnist.targets.long()

@@ -1,4 +1,4 @@
-"""Where and in which precision to run: the device, and bf16 autocast where it is faster here.
+"""Where and in which precision to run: the device, and bf16 autocast where the hardware runs it faster.
 
 Imports only torch, so inference (predict, serve) can use it without the training and plotting code.
 """
@@ -17,20 +17,43 @@ import torch.nn as nn
 from digitsum.errors import DigitsumError
 
 
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def check_device_name(name: object) -> str:
+    """Why `name` is not a device this project accepts (auto, cpu, cuda, cuda:N, mps), or "" when it is.
+
+    Syntax only: nothing is asked of the hardware, so configs can be checked before any work starts.
+    """
+    if not isinstance(name, str):
+        return f"device must be a string, got {name!r}"
+    if name in ("auto", "cpu", "cuda", "mps"):
+        return ""
+    if name.startswith("cuda:") and name[5:].isdigit() and name[5:].isascii():
+        return ""
+    return f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda, then mps, then cpu; anything else is passed to torch.device after a check."""
+    problem = check_device_name(name)
+    if problem:
+        raise DigitsumError(problem)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DigitsumError("--device cuda was asked for but no CUDA GPU is available")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DigitsumError(f"--device {name} was asked for but no CUDA GPU is available")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise DigitsumError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    if name == "mps" and not _mps_available():
         raise DigitsumError("--device mps was asked for but MPS is not available")
-    if name not in ("cpu", "cuda", "mps"):
-        raise DigitsumError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
     return torch.device(name)
 
 
@@ -43,16 +66,35 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
-# Having bf16 kernels is not the same as being faster with them. Measured on two 2-core CPUs with
-# AVX-512 BF16: an AMD EPYC trained this project's CNN 2.1x faster in bf16, an Intel Xeon without
-# AMX 0.6-0.7x as fast. So on a CPU, "auto" times a small conv stack both ways once per process (~0.1 s)
-# and takes bf16 only when it is clearly faster, so that noise cannot flip the choice run to run.
-BF16_MIN_SPEEDUP = 1.2
+# Having bf16 kernels is not the same as being faster with them. Measured on 2-core CPUs with
+# AVX-512 BF16: an AMD EPYC (Zen 4) trained this project's CNN 2.1x faster in bf16, an Intel Xeon
+# without AMX 0.57-0.73x as fast; an Intel Xeon with AMX-BF16 (tile matrix units) ran the probe below
+# 2.5x-20x faster. "auto" used to time a 0.1 s probe, but a timing flips under machine load, so two
+# runs with the same seed - or a run and its resume - trained in different precisions. The rule is
+# now what the machine *is*: on a CPU, bf16 only with AMX-BF16 (the `amx_bf16` flag of
+# /proc/cpuinfo); this gives up the Zen 4 speed-up (pass --bf16 on there) to never lose 0.6x.
+CPU_BF16_FLAG = "amx_bf16"
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 @functools.cache
 def cpu_bf16_speedup() -> float:
-    """fp32 time / bf16 time of a small conv forward + backward on this CPU (measured once)."""
+    """fp32 time / bf16 time of a small conv forward + backward on this CPU (measured once).
+
+    For benchmarks and reports only: "auto" does not use it, because a timing depends on load.
+    """
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False):  # leaves the caller's RNG alone
         torch.manual_seed(0)
         net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
@@ -74,15 +116,16 @@ def cpu_bf16_speedup() -> float:
 
 
 def bf16_pays_off(device: torch.device) -> bool:
-    """What precision "auto" means: bf16 autocast where the hardware has it and it is faster.
+    """What precision "auto" means: bf16 autocast where the hardware is known to run it faster.
 
-    CUDA: whenever supported (tensor cores). CPU: when supported and measured at least
-    BF16_MIN_SPEEDUP times faster than fp32 on this machine (cpu_bf16_speedup).
+    CUDA: whenever supported (tensor cores). CPU: when oneDNN has bf16 kernels and the CPU has
+    AMX-BF16 (CPU_BF16_FLAG). Decided from what the machine is, never from a timing, so it is the
+    same under any load; training stores the resolved choice and a resume reuses it.
     """
     if device.type == "cuda":
         return bf16_supported(device)
     if device.type == "cpu":
-        return bf16_supported(device) and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+        return CPU_BF16_FLAG in cpu_flags() and bf16_supported(device)
     return False
 
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from digitsum import checkpoint, plots
-from digitsum.data import NUM_NUMBERS, Split, batches, load_split, write_atomic
+from digitsum.errors import DigitsumError
+from digitsum.data import NUM_NUMBERS, Split, WriteError, batches, load_split, write_atomic, write_error
 from digitsum.device import autocast, resolve_device
 from digitsum.model import NUM_DIGITS, DigitSumNet
 
@@ -110,7 +111,9 @@ def evaluate_checkpoint(path: str | os.PathLike, data_root=None, device: str = "
                         figures: bool = True) -> dict:
     """`digitsum evaluate`: test + grid metrics of a checkpoint; writes eval.json and figures.
 
-    Files go next to the checkpoint unless `out_dir` is given.
+    Files go next to the checkpoint unless `out_dir` is given. When they cannot be written (full
+    disk, read-only folder) it raises ResultsNotSaved, a one-line DigitsumError that carries the
+    metrics, so the caller can still report them.
     """
     start = time.perf_counter()
     model, metadata = checkpoint.load_model(path)
@@ -121,13 +124,27 @@ def evaluate_checkpoint(path: str | os.PathLike, data_root=None, device: str = "
     metrics["checkpoint"] = str(path)
     metrics["seconds"] = round(time.perf_counter() - start, 3)
     out = Path(out_dir) if out_dir is not None else Path(path).parent
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "eval.json", (json.dumps(metrics, indent=2) + "\n").encode())
-    if figures:
-        test_cpu = test.to("cpu")
-        plots.confusion(raw["confusion"], out / "confusion.png")
-        plots.mistakes(test_cpu, raw["digit_pred"], raw["sum_pred"], out / "mistakes.png")
+    try:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise write_error(out, error) from None
+        write_atomic(out / "eval.json", (json.dumps(metrics, indent=2) + "\n").encode())
+        if figures:
+            test_cpu = test.to("cpu")
+            plots.confusion(raw["confusion"], out / "confusion.png")
+            plots.mistakes(test_cpu, raw["digit_pred"], raw["sum_pred"], out / "mistakes.png")
+    except WriteError as error:
+        raise ResultsNotSaved(str(error), metrics) from None
     return metrics
+
+
+class ResultsNotSaved(WriteError):
+    """The evaluation ran but its files could not be written; `metrics` holds the results anyway."""
+
+    def __init__(self, message: str, metrics: dict):
+        super().__init__(message)
+        self.metrics = metrics
 
 
 def summary_line(metrics: dict) -> str:

@@ -18,6 +18,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 NUM_DIGITS, NUM_NUMBERS, NUM_SUMS = 10, 10, 19
 IMAGE_SIZE = 28
+MAX_STAGES = 4  # 28 -> 14 -> 7 -> 3 -> 1
+MAX_CHANNELS = 4096  # far above any preset (128); bounds what a config or checkpoint may ask to build
 SUM_INPUTS = ("softmax", "onehot", "logits", "log_softmax")
 
 
@@ -47,9 +49,39 @@ class ModelConfig:
 
     def __post_init__(self):
         # JSON round trips turn tuples into lists; keep the dataclass hashable and comparable.
+        if isinstance(self.channels, (str, bytes)) or not hasattr(self.channels, "__iter__"):
+            raise ValueError(f"channels must be a list of integers, got {self.channels!r}")
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in self.channels):
+            raise ValueError(f"channels must be a list of integers, got {list(self.channels)!r}")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if self.sum_input not in SUM_INPUTS:
             raise ValueError(f"sum_input must be one of {SUM_INPUTS}, got {self.sum_input!r}")
+
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError (one line) unless every field has a type and range the network can use.
+
+        Cheap and builds nothing, so callers run it before any data, file or model exists.
+        """
+        def whole(name: str, low: int, high: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"model {name} must be an integer in {low}..{high}, got {value!r}")
+
+        channels = self.channels
+        if not 1 <= len(channels) <= MAX_STAGES:  # each stage halves 28x28; a fifth would leave 0x0
+            raise ValueError(f"model channels must list 1..{MAX_STAGES} stages, got {list(channels)}")
+        if not all(1 <= c <= MAX_CHANNELS for c in channels):
+            raise ValueError(f"model channels must each be in 1..{MAX_CHANNELS}, got {list(channels)}")
+        whole("convs_per_stage", 1, 8)
+        if self.first_stride not in (1, 2) or isinstance(self.first_stride, bool):
+            raise ValueError(f"model first_stride must be 1 or 2, got {self.first_stride!r}")
+        for name in ("norm_after_pool", "batchnorm", "detach_sum_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model {name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"model dropout must be in [0, 1), got {self.dropout!r}")
+        whole("sum_hidden", 0, MAX_CHANNELS)
+        return self
 
     def to_dict(self) -> dict:
         return asdict(self)

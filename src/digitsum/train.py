@@ -9,9 +9,11 @@ as uint8 tensors and batches are made by indexing a random permutation (see data
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import math
 import os
 import platform
 import sys
@@ -28,9 +30,9 @@ from tqdm import tqdm
 
 import digitsum
 from digitsum import checkpoint, plots
-from digitsum.data import NUM_NUMBERS, Split, batches, load_split, random_affine, write_atomic
+from digitsum.data import NUM_NUMBERS, Split, batches, load_split, random_affine, resolve_root, write_atomic
 from digitsum.errors import DigitsumError, Interrupted
-from digitsum.device import autocast, bf16_pays_off, resolve_device, reuse_freed_memory
+from digitsum.device import autocast, bf16_pays_off, check_device_name, resolve_device, reuse_freed_memory
 from digitsum.evaluate import evaluate_checkpoint, measure, summary_line
 from digitsum.model import DigitSumNet, ModelConfig
 
@@ -66,9 +68,20 @@ class TrainConfig:
     train_limit: int = 0  # train on the first N training images only (0 = all)
     seed: int = 0
     device: str = "auto"
-    bf16: str = "auto"  # auto: bf16 autocast where it is measured faster here (device.bf16_pays_off); on; off
+    bf16: str = "auto"  # auto: bf16 autocast where the hardware runs it faster (device.bf16_pays_off); on; off
     channels_last: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> "TrainConfig":
+        """Raise DigitsumError (one line) unless every setting has a usable type, range and finite value.
+
+        Runs before any data is loaded or any file or folder is written (train() calls it for new
+        runs and on a resumed run's saved settings), so a bad value costs nothing and leaves nothing.
+        """
+        problem = config_problem(self)
+        if problem:
+            raise DigitsumError(problem)
+        return self
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -84,6 +97,69 @@ class TrainConfig:
             raise DigitsumError(f"unknown training settings: {sorted(unknown)}")
         values["model"] = ModelConfig.from_dict(values.get("model", {}))
         return cls(**values)
+
+
+# Seeds: torch.manual_seed takes 0..2**64-1, and the data draws each split's numbers with seed * 10 + stream
+# (data.load_split, stream <= 3), which must fit too.
+MAX_SEED = (2**64 - 1 - 3) // 10
+MAX_EPOCHS = 100_000
+
+
+def config_problem(config: TrainConfig) -> str:
+    """Why `config` cannot be trained (one line), or "" when every field is usable."""
+    def number(name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> str:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{name} must be a finite number, got {value!r}"
+        if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+            if high == math.inf:
+                return f"{name} must be {'>' if low_open else '>='} {low:g}, got {value!r}"
+            return (f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, "
+                    f"got {value!r}")
+        return ""
+
+    def whole(name: str, low: int, high: int) -> str:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return f"{name} must be an integer in {low}..{high}, got {value!r}"
+        return ""
+
+    checks = [
+        "" if config.preset in PRESETS else f"preset must be one of {', '.join(PRESETS)}, got {config.preset!r}",
+        whole("epochs", 1, MAX_EPOCHS),
+        whole("batch_size", 1, 1 << 20),
+        "" if config.optimizer in ("sgd", "adamw") else f"optimizer must be sgd or adamw, got {config.optimizer!r}",
+        number("lr", 0, math.inf, low_open=True),
+        number("sum_lr_scale", 0, math.inf, low_open=True),
+        number("warmup", 0, 1),
+        number("weight_decay", 0, math.inf),
+        number("label_smoothing", 0, 1, high_open=True),
+        number("digit_loss_weight", 0, math.inf),
+        number("sum_loss_weight", 0, math.inf),
+        "" if (config.digit_loss_weight or config.sum_loss_weight) or not isinstance(config.digit_loss_weight, (int, float))
+        else "digit_loss_weight and sum_loss_weight cannot both be 0 (nothing would be trained)",
+        number("rotate", 0, 180),
+        number("scale", 0, 1, high_open=True),  # a zoom of 1 - scale must stay > 0
+        number("shear", 0, 90, high_open=True),  # tan(90 degrees) is infinite
+        number("translate", 0, 28),
+        number("ema", 0, 1, high_open=True),
+        whole("val_size", 0, 1 << 31),
+        whole("train_limit", 0, 1 << 31),
+        whole("seed", 0, MAX_SEED),
+        check_device_name(config.device),
+        "" if config.bf16 in ("auto", "on", "off") else f"bf16 must be auto, on or off, got {config.bf16!r}",
+    ]
+    for name in ("redraw_numbers", "sum_all_numbers", "channels_last"):
+        if not isinstance(getattr(config, name), bool):
+            checks.append(f"{name} must be true or false, got {getattr(config, name)!r}")
+    if not isinstance(config.model, ModelConfig):
+        checks.append(f"model must be a ModelConfig, got {type(config.model).__name__}")
+    else:
+        try:
+            config.model.validate()
+        except ValueError as error:
+            checks.append(str(error))
+    return next((problem for problem in checks if problem), "")
 
 
 # Named recipes. Explicit flags override a preset's values. Each was chosen on the validation
@@ -221,14 +297,33 @@ def default_run_dir(config: TrainConfig, runs_root: Path = Path("runs")) -> Path
     return runs_root / f"{datetime.now():%Y%m%d-%H%M%S}-{config.preset}"
 
 
-def point_latest(run_dir: Path) -> None:
-    """runs/latest -> this run (a relative symlink, replaced atomically)."""
+def point_latest(run_dir: Path, log=print) -> bool:
+    """<parent>/latest -> this run (a relative symlink, replaced atomically); returns whether it was set.
+
+    Only a missing `latest` or a symlink is replaced: a file or folder of that name is the user's, so
+    it is left alone with one line saying why. A failure to link is reported, never raised: the run
+    itself is fine without the convenience link.
+    """
+    run_dir = Path(os.path.abspath(run_dir))  # "." or "sub/.." must name the folder itself
     latest = run_dir.parent / "latest"
+    if not run_dir.name or latest == run_dir:
+        return False  # the run is itself called latest (or is /): nothing to point
+    if latest.exists() and not latest.is_symlink():
+        kind = "folder" if latest.is_dir() else "file"
+        log(f"note: {latest} is a {kind}, not a symlink; left it alone, so it does not point at this run")
+        return False
     temporary = run_dir.parent / f".latest-{os.getpid()}"
-    if temporary.is_symlink() or temporary.exists():
-        temporary.unlink()
-    temporary.symlink_to(run_dir.name)
-    os.replace(temporary, latest)
+    try:
+        if temporary.is_symlink() or temporary.exists():
+            temporary.unlink()
+        temporary.symlink_to(run_dir.name)
+        os.replace(temporary, latest)  # fails (and is reported) if a folder appeared meanwhile
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        log(f"note: could not point {latest} at this run ({error.strerror or error})")
+        return False
+    return True
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
@@ -249,32 +344,108 @@ def environment(device: torch.device, bf16: bool) -> dict:
 
 
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to train into a folder that already holds a run, unless overwrite is asked for."""
+    """Refuse to train into a folder that already holds a run, unless overwrite is asked for.
+
+    Checks only; `make_run_dir` creates the folder once the data has loaded.
+    """
     if run_dir.exists() and not run_dir.is_dir():
         raise DigitsumError(f"output {run_dir} exists and is not a folder")
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if existing and not overwrite:
         raise DigitsumError(f"{run_dir} already holds a run ({', '.join(existing)}); "
                             "pass --overwrite to replace it or choose another --out")
+
+
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run folder; a stale eval.json of an overwritten run goes, so that it cannot pass for this one's."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DigitsumError(f"cannot create output folder {run_dir} ({error.strerror or error})") from None
     if not os.access(run_dir, os.W_OK):
         raise DigitsumError(f"output folder {run_dir} is not writable")
+    remove_stale_temporaries(run_dir)  # a killed earlier run's half-written files
+    try:
+        (run_dir / "eval.json").unlink(missing_ok=True)
+    except OSError as error:
+        raise DigitsumError(f"cannot remove the old {run_dir / 'eval.json'} ({error.strerror or error})") from None
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files a killed run left (write_atomic's `.NAME.*.tmp` of train's own files).
+
+    A kill -9 during a save cannot clean up after itself; the complete files are never touched.
+    """
+    for name in RUN_FILES:
+        for stale in run_dir.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+_TENSOR_DICTS = ("model_train", "optimizer", "scheduler")
+
+
+def resume_state_problem(payload: dict, config: TrainConfig) -> str:
+    """Why a last.pt's training state is not usable with its saved settings (one line), or ""."""
+    epoch = payload.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        return f"epoch is missing or not an integer ({epoch!r})"
+    if not 0 <= epoch <= config.epochs:
+        return f"epoch {epoch} is outside 0..{config.epochs}"
+    rows = payload.get("rows")
+    if not isinstance(rows, list) or len(rows) != epoch:
+        return f"rows must list one metrics row per finished epoch ({epoch}), got {type(rows).__name__}"
+    for row in rows:
+        if not isinstance(row, dict) or set(row) - set(METRIC_COLUMNS) or "seconds" not in row:
+            return f"a metrics row is malformed ({str(row)[:60]})"
+        try:
+            float(row["seconds"])
+        except (TypeError, ValueError):
+            return f"a metrics row has seconds {row['seconds']!r}"
+    best = payload.get("best_score")
+    if best is not None and not (isinstance(best, (list, tuple)) and 1 <= len(best) <= 3
+                                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in best)):
+        return f"best_score is malformed ({str(best)[:60]})"
+    if epoch > 0 and best is None:
+        return "best_score is missing"
+    for name in _TENSOR_DICTS:
+        if not isinstance(payload.get(name), dict):
+            return f"{name} is missing"
+    if config.ema and not isinstance(payload.get("ema"), dict):
+        return "ema is missing (the settings use a weight average)"
+    for name in ("generator", "torch_rng"):
+        value = payload.get(name)
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.ndim != 1:
+            return f"{name} is missing or not a random-number state"
+    if "bf16" in payload and not isinstance(payload["bf16"], bool):
+        return f"bf16 must be true or false, got {payload['bf16']!r}"
+    return ""
 
 
 def load_resume_state(path: Path) -> tuple[TrainConfig, dict]:
-    """The config and state saved in a last.pt, with clear errors for finished or foreign runs."""
+    """The config and state saved in a last.pt, checked field by field so that a tampered or
+    foreign file is one clear CheckpointError, and a finished run with an eval.json is refused."""
     payload = checkpoint.read(path)
     if "optimizer" not in payload or "train_config" not in payload:
-        raise DigitsumError(f"{path} is not resumable (it holds weights only; pass a run's last.pt)")
+        raise checkpoint.CheckpointError(f"{path} is not resumable (it holds weights only; pass a run's last.pt)")
     try:
+        if not isinstance(payload["train_config"], dict):
+            raise TypeError(f"train_config is a {type(payload['train_config']).__name__}, not a dict")
         config = TrainConfig.from_dict(payload["train_config"])
-    except (TypeError, ValueError) as error:
-        raise DigitsumError(f"{path} holds settings this version does not know ({error})") from None
-    if payload["epoch"] >= config.epochs:
-        raise DigitsumError(f"{path} is a finished run ({payload['epoch']}/{config.epochs} epochs); nothing to resume")
+    except (TypeError, ValueError, DigitsumError) as error:
+        raise checkpoint.CheckpointError(f"{path} holds settings this version does not know ({error})") from None
+    problem = config_problem(config)
+    if problem:
+        raise checkpoint.CheckpointError(f"{path} holds unusable settings ({problem})")
+    problem = resume_state_problem(payload, config)
+    if problem:
+        raise checkpoint.CheckpointError(f"{path} is damaged or not a digitsum last.pt ({problem})")
+    # The weights must fit the saved architecture before anything is built from it (see checkpoint.check_weights).
+    checkpoint.check_weights(payload["model_train"], config.model, path, what="model_train")
+    if payload["epoch"] >= config.epochs and (path.parent / "eval.json").exists():
+        raise checkpoint.CheckpointError(
+            f"{path} is a finished run ({payload['epoch']}/{config.epochs} epochs, evaluated in "
+            f"{path.parent / 'eval.json'}); nothing to resume (re-evaluate with: digitsum evaluate {path.parent / 'model.pt'})")
     return config, payload
 
 
@@ -303,16 +474,24 @@ class Setup:
         return self.ema.module if self.ema is not None else self.model
 
 
-def prepare(config: TrainConfig, data_root=None) -> Setup:
+def resolve_bf16(config: TrainConfig, device: torch.device) -> bool:
+    """The precision `config.bf16` means on `device` (auto: device.bf16_pays_off, from the hardware)."""
+    if config.bf16 not in ("auto", "on", "off"):
+        raise DigitsumError(f"bf16 must be auto, on or off, got {config.bf16!r}")
+    return bf16_pays_off(device) if config.bf16 == "auto" else config.bf16 == "on"
+
+
+def prepare(config: TrainConfig, data_root=None, bf16: bool | None = None) -> Setup:
     """Data on the device, a seeded model, optimizer, schedule and weight average for `config`.
 
+    `bf16` is a precision decided before (a resumed run's stored one); None resolves config.bf16.
     Also keeps freed memory in the process (device.reuse_freed_memory): 1.2x images/s on a CPU.
     """
+    config.validate()
     reuse_freed_memory()
     device = resolve_device(config.device)
-    bf16 = {"auto": bf16_pays_off(device), "on": True, "off": False}.get(config.bf16)
     if bf16 is None:
-        raise DigitsumError(f"bf16 must be auto, on or off, got {config.bf16!r}")
+        bf16 = resolve_bf16(config, device)
     train_split = load_split("train", data_root, config.val_size, config.seed,
                              limit=config.train_limit or None).to(device)
     val_split = load_split("val", data_root, config.val_size, config.seed).to(device) if config.val_size else None
@@ -339,21 +518,42 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
           stop_after: int | None = None, evaluate_test: bool = True, figures: bool = True) -> dict:
     """Train a DigitSumNet, write the run folder, evaluate on the test set; return a summary.
 
-    `resume` continues from a last.pt (its saved settings win; `config` is ignored).
-    `stop_after` ends after that many epochs of this call with a resumable last.pt (for tests).
+    `resume` continues from a last.pt (its saved settings and precision win; `config` is ignored);
+    a last.pt of a finished run without an eval.json (its final evaluation failed or was
+    interrupted) is finished: curves and evaluation only. `stop_after` ends after that many epochs
+    of this call with a resumable last.pt (for tests). Every setting, the data root and the output
+    folder are checked before any data is loaded or any file is written.
     """
+    data_root = resolve_root(data_root)
     if resume is not None:
-        resume = Path(resume)
+        resume = Path(resume).resolve()  # the real run folder, even via runs/latest or from inside it
         config, state = load_resume_state(resume)
         run_dir = resume.parent
     else:
+        if not isinstance(config, TrainConfig):
+            raise DigitsumError("train() needs a TrainConfig or resume=")
+        config.validate()
         state = None
-        run_dir = Path(out_dir) if out_dir is not None else default_run_dir(config)
+        run_dir = Path(out_dir if out_dir is not None else default_run_dir(config)).resolve()
         check_run_dir(run_dir, overwrite)
     if progress is None:
         progress = sys.stderr.isatty()
 
-    setup = prepare(config, data_root)
+    if state is not None and state["epoch"] >= config.epochs:
+        log(f"{run_dir} finished training but has no eval.json (its final evaluation did not happen); "
+            "running it now")
+        return finish(config, run_dir, list(state["rows"]), data_root, log, evaluate_test, figures)
+
+    stored_bf16 = None
+    if state is not None:
+        stored_bf16 = state.get("bf16")
+        if stored_bf16 is None:  # last.pt of an older version: the choice is in config.json's environment
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                stored_bf16 = json.loads((run_dir / "config.json").read_text())["environment"]["bf16"]
+            if not isinstance(stored_bf16, bool):
+                stored_bf16 = None
+                log("note: this last.pt does not record its precision; deciding it again")
+    setup = prepare(config, data_root, bf16=stored_bf16)
     device, bf16, train_split, val_split = setup.device, setup.bf16, setup.train_split, setup.val_split
     model, optimizer, scheduler, ema, generator = (setup.model, setup.optimizer, setup.scheduler, setup.ema,
                                                    setup.generator)
@@ -369,18 +569,21 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
                 ema.load_state_dict(state["ema"])
             generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as error:
-            reason = str(error).strip().splitlines()[0][:120]
-            raise DigitsumError(f"{resume} does not match the run's saved settings ({reason})") from None
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
+            reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+            raise checkpoint.CheckpointError(f"{resume} does not match the run's saved settings ({reason})") from None
         start_epoch, rows = state["epoch"], list(state["rows"])
+        remove_stale_temporaries(run_dir)
         best_score = tuple(state["best_score"]) if state["best_score"] is not None else None
-        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{config.epochs}")
+        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{config.epochs} "
+            f"(bf16 autocast: {'on' if bf16 else 'off'}, as stored)")
     else:
+        make_run_dir(run_dir)
         log(f"training into {run_dir} on {device} (bf16 autocast: {'on' if bf16 else 'off'}), settings:")
         log(describe(config))
         write_atomic(run_dir / "config.json", (json.dumps(
-            {"train": config.to_dict(), "environment": environment(device, bf16),
-             "data_root": str(data_root) if data_root else None, "train_images": len(train_split),
+            {"train": config.to_dict(), "bf16": bf16, "environment": environment(device, bf16),
+             "data_root": str(data_root), "train_images": len(train_split),
              "val_images": len(val_split) if val_split is not None else 0}, indent=2) + "\n").encode())
         if figures:
             plots.samples(train_split.to("cpu"), run_dir / "samples.png")
@@ -392,7 +595,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
             "rows": rows, "best_score": list(best_score) if best_score is not None else None,
-            "train_config": config.to_dict(), "metadata": {"epoch": epoch}})
+            "train_config": config.to_dict(), "bf16": bf16, "metadata": {"epoch": epoch}})
 
     if state is None:
         save_last(0)  # so that even an interrupted first epoch leaves something to resume
@@ -401,6 +604,12 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
             start = time.perf_counter()
             train_metrics = setup.epoch(config, progress)
             seconds = time.perf_counter() - start
+            if not math.isfinite(train_metrics["loss"]):
+                # Checked once per epoch on the summed loss (NaN and inf propagate into it), so the hot
+                # loop never syncs; the diverged weights are not saved over the last good epoch.
+                raise DigitsumError(
+                    f"training diverged: the loss became {train_metrics['loss']} in epoch {epoch} "
+                    f"(lower --lr?); {run_dir / 'last.pt'} keeps epoch {epoch - 1}")
             val_metrics = measure(setup.eval_model, val_split) if val_split is not None else {}
             row = {"epoch": epoch, "seconds": round(seconds, 3), "lr": f"{scheduler.get_last_lr()[0]:.6g}",
                    **{f"train_{k}": f"{v:.6f}" for k, v in train_metrics.items()},
@@ -418,7 +627,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
             write_metrics(run_dir / "metrics.csv", rows)
             save_last(epoch)
             if epoch == start_epoch + 1:
-                point_latest(run_dir)  # only once the run holds a model.pt that commands can use
+                point_latest(run_dir, log)  # only once the run holds a model.pt that commands can use
             log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_metrics['loss']:.4f} "
                 f"digit {100 * train_metrics['digit_accuracy']:.2f}% sum {100 * train_metrics['sum_accuracy']:.2f}%"
                 + (f" | val loss {val_metrics['loss']:.4f} digit {100 * val_metrics['digit_accuracy']:.2f}% "
@@ -429,14 +638,27 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; {run_dir / 'last.pt'} holds the last finished epoch "
                           f"(resume with: digitsum train --resume {run_dir / 'last.pt'})") from None
+    return finish(config, run_dir, rows, data_root, log, evaluate_test, figures)
 
-    if figures:
-        plots.curves(run_dir / "metrics.csv", run_dir / "curves.png")
+
+def finish(config: TrainConfig, run_dir: Path, rows: list[dict], data_root, log=print,
+           evaluate_test: bool = True, figures: bool = True) -> dict:
+    """The end of a run: curves, then the test evaluation (eval.json marks a run as evaluated).
+
+    When this fails or is interrupted, last.pt (at the final epoch) stays resumable: `--resume`
+    runs this step again.
+    """
     summary = {"run_dir": run_dir, "epochs": config.epochs,
                "train_seconds": round(sum(float(r["seconds"]) for r in rows), 2)}
-    log(f"trained {config.epochs} epochs in {summary['train_seconds']:.1f}s of training time")
-    if evaluate_test:
-        metrics = evaluate_checkpoint(run_dir / "model.pt", data_root, config.device, figures=figures)
-        log(summary_line(metrics))
-        summary["metrics"] = metrics
+    try:
+        if figures:
+            plots.curves(run_dir / "metrics.csv", run_dir / "curves.png")
+        log(f"trained {config.epochs} epochs in {summary['train_seconds']:.1f}s of training time")
+        if evaluate_test:
+            metrics = evaluate_checkpoint(run_dir / "model.pt", data_root, config.device, figures=figures)
+            log(summary_line(metrics))
+            summary["metrics"] = metrics
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted during the final evaluation; training is complete in {run_dir} "
+                          f"(evaluate with: digitsum train --resume {run_dir / 'last.pt'})") from None
     return summary

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from digitsum import checkpoint, plots
-from digitsum.errors import DigitsumError
 from digitsum.data import NUM_NUMBERS, Split, WriteError, batches, load_split, write_atomic, write_error
 from digitsum.device import autocast, resolve_device
 from digitsum.model import NUM_DIGITS, DigitSumNet

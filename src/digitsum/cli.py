@@ -319,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="predict the digit and the sum for image files",
                                   description="Read each image (PNG, JPEG, BMP, GIF, WebP, TIFF), turn it into an "
-                                  "MNIST-style 28x28 digit (polarity, ink bounding box scaled to 20 px, centre of "
-                                  "mass centred) and print the predicted digit and digit + number with their "
+                                  "MNIST-style 28x28 digit (EXIF orientation, polarity, uneven light and shadows removed, ruled "
+                                  "lines and specks ignored, ink bounding box scaled to 20 px, centre of mass "
+                                  "centred) and print the predicted digit and digit + number with their "
                                   "probabilities. Images that cannot be used are reported one line each (exit "
                                   "code 2); the others are still predicted.")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")

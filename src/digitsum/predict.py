@@ -90,7 +90,7 @@ def classify(model: DigitSumNet, inputs: torch.Tensor, numbers: Sequence[int],
 
 def predict(model: DigitSumNet, images: Sequence[ImageSource], numbers: Sequence[int] | int,
             views: list | None = None) -> list[dict]:
-    """One result per image, in the `digitsum predict --json` shape (see DESIGN.md).
+    """One result per image, in the `digitsum predict --json` shape (see docs/ARCHITECTURE.md).
 
     `numbers` is one number for all images or one per image. An image (or number) that cannot be
     used gives `{"image": ..., "error": "..."}` and the others are still predicted, in one batch.

@@ -71,6 +71,9 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 MAX_BATCH_BODY_BYTES = 8 * 1024 * 1024  # the batch route's body cap: room for 64 typical photos or drawings
 MAX_BATCH_ITEMS = 64  # images per batch request (413 above); classify runs them as one batch
 MAX_WORKERS = 64  # --workers 1..MAX_WORKERS
+# uvicorn kills a worker that does not answer its supervisor's ping within this; a worker answers
+# only after importing torch, which takes over uvicorn's default 5 s on a busy 2-core machine.
+WORKER_HEALTHCHECK_S = 60
 CHECKPOINT_ENV = "DIGITSUM_SERVE_CHECKPOINT"  # how the parent tells app_from_env which checkpoint to serve
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's switch to multiprocess mode
 WEB_DIR = Path(__file__).parent / "web"
@@ -540,6 +543,7 @@ def _too_many_items(field: str, count: int | str) -> BadInput:
 
 
 async def _read_batch_form(request: "Request") -> list[BatchItem]:
+    from starlette.exceptions import HTTPException
     from starlette.formparsers import MultiPartException
 
     try:
@@ -547,12 +551,13 @@ async def _read_batch_form(request: "Request") -> list[BatchItem]:
         form = await request.form(max_files=MAX_BATCH_ITEMS, max_fields=MAX_BATCH_ITEMS + 8)
     except _BodyAbort:
         raise
-    except MultiPartException as error:
-        if str(error).startswith("Too many files"):
+    except (MultiPartException, HTTPException) as error:  # starlette wraps the parser's error in a 400
+        reason = str(getattr(error, "detail", None) or getattr(error, "message", None) or error)
+        if reason.startswith("Too many files"):
             raise _too_many_items("image", f"more than {MAX_BATCH_ITEMS}") from None
-        if str(error).startswith("Too many fields"):
+        if reason.startswith("Too many fields"):
             raise BadInput(413, "number", f"a batch holds at most {MAX_BATCH_ITEMS} number fields") from None
-        raise BadInput(422, "image", f"malformed multipart body ({str(error)[:100]})") from None
+        raise BadInput(422, "image", f"malformed multipart body ({reason[:100]})") from None
     except Exception as error:
         raise BadInput(422, "image", f"malformed multipart body ({type(error).__name__})") from None
     uploads = form.getlist("image")
@@ -853,7 +858,8 @@ def _server_config(app, workers: int = 1, access_log: bool = True, log_level: st
 
     config = uvicorn.Config(app, access_log=access_log, log_level=log_level, timeout_keep_alive=keep_alive,
                             limit_concurrency=max_connections, http=HeadTimeoutProtocol,
-                            workers=workers, factory=workers > 1)
+                            workers=workers, factory=workers > 1,
+                            timeout_worker_healthcheck=WORKER_HEALTHCHECK_S)
     config.head_timeout = head_timeout  # read by HeadTimeoutProtocol; travels with the config to workers
     return config
 

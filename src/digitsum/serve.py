@@ -339,7 +339,7 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, recording_send)
-        except BaseException:
+        except Exception:  # not CancelledError: a client that went away stays 499
             status = "500" if status == "499" else status
             raise
         finally:

@@ -356,6 +356,34 @@ def test_workers_on_a_port_in_use_is_a_one_line_error(checkpoint, capsys):
     assert error.count("\n") == 1 and "in use" in error
 
 
+def test_a_worker_that_cannot_load_the_model_stops_the_server_with_one_line_errors(checkpoint, tmp_path):
+    """The parent checked the checkpoint; it is gone before the workers (still importing torch) load it.
+    They must not be restarted forever: each says why in one line and the parent exits 2."""
+    doomed = tmp_path / "doomed.pt"
+    doomed.write_bytes(checkpoint.read_bytes())
+    process = subprocess.Popen([sys.executable, "-m", "digitsum.cli", "serve", "--workers", "2", "--port", "0",
+                                "--checkpoint", str(doomed), "--no-access-log"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=worker_env(), start_new_session=True)
+    try:
+        assert "serving" in process.stdout.readline()
+        doomed.unlink()
+        _, errors = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 2
+    worker_errors = [line for line in errors.splitlines() if line.startswith("digitsum serve: error: worker ")]
+    assert worker_errors and all("does not exist" in line for line in worker_errors)
+    assert "Traceback" not in errors
+    assert errors.strip().splitlines()[-1].startswith("digitsum serve: error: a worker process failed to start")
+
+
+def worker_env() -> dict:
+    """This process's environment with the digitsum under test first on PYTHONPATH."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(serve.__file__).parents[1]),
+                                                                     os.environ.get("PYTHONPATH")]))}
+
+
 # ----------------------------------------------------------------------------- --workers 2: a real server
 
 
@@ -363,12 +391,10 @@ class WorkerServer:
     """`digitsum serve --workers 2 --port 0` in its own process group; stdout collected line by line."""
 
     def __init__(self, checkpoint: Path, workers: int = 2):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(serve.__file__).parents[1]),
-                                                                        os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "digitsum.cli", "serve", "--workers", str(workers), "--port", "0",
              "--checkpoint", str(checkpoint), "--no-access-log"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(), start_new_session=True)
         self.lines: list[str] = []
         self.errors: list[str] = []
         threading.Thread(target=self._collect, args=(self.process.stdout, self.lines), daemon=True).start()

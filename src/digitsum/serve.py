@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -68,12 +69,13 @@ except ImportError:
     prometheus_client = None
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
-MAX_BATCH_BODY_BYTES = 8 * 1024 * 1024  # the batch route's body cap: room for 64 typical photos or drawings
+MAX_BATCH_BODY_BYTES = 8 * 1024 * 1024  # the batch route's body cap: 64 drawings, or a few photos
 MAX_BATCH_ITEMS = 64  # images per batch request (413 above); classify runs them as one batch
 MAX_WORKERS = 64  # --workers 1..MAX_WORKERS
-# uvicorn kills a worker that does not answer its supervisor's ping within this; a worker answers
-# only after importing torch, which takes over uvicorn's default 5 s on a busy 2-core machine.
-WORKER_HEALTHCHECK_S = 60
+# uvicorn kills a worker that does not answer its supervisor's ping within this (default 5 s); a
+# worker importing torch on a busy 2-core machine can be slow to answer, and the supervisor does
+# nothing else (not even Ctrl-C) while it waits, so neither too short nor too long.
+WORKER_HEALTHCHECK_S = 20
 CHECKPOINT_ENV = "DIGITSUM_SERVE_CHECKPOINT"  # how the parent tells app_from_env which checkpoint to serve
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's switch to multiprocess mode
 WEB_DIR = Path(__file__).parent / "web"
@@ -818,8 +820,8 @@ if _UvicornHTTPProtocol is not None:
         """uvicorn's HTTP protocol, closing connections that do not finish a request head within
         `config.head_timeout` seconds of connecting or of their last response (uvicorn's keep-alive
         timer is disarmed by the first byte, so a client that sends half a head, or connects and
-        sends nothing, would otherwise hold a connection forever). A module-level class, read from
-        the config, so that uvicorn can pickle it to worker processes."""
+        sends nothing, would otherwise hold a connection forever). A module-level class, with its
+        timeout read from the config, so that worker processes can import it by name."""
 
         _head_timer = None
 
@@ -857,7 +859,10 @@ def _server_config(app, workers: int = 1, access_log: bool = True, log_level: st
     import uvicorn
 
     config = uvicorn.Config(app, access_log=access_log, log_level=log_level, timeout_keep_alive=keep_alive,
-                            limit_concurrency=max_connections, http=HeadTimeoutProtocol,
+                            limit_concurrency=max_connections,
+                            # By name, not the class: a worker then imports this module (and torch)
+                            # only once it runs, after it can answer the supervisor's health pings.
+                            http="digitsum.serve:HeadTimeoutProtocol",
                             workers=workers, factory=workers > 1,
                             timeout_worker_healthcheck=WORKER_HEALTHCHECK_S)
     config.head_timeout = head_timeout  # read by HeadTimeoutProtocol; travels with the config to workers
@@ -881,7 +886,14 @@ def app_from_env() -> "FastAPI":
         raise DigitsumError(f"{CHECKPOINT_ENV} is not set; start workers with `digitsum serve --workers N`")
     # One intra-op thread per worker: N workers already use N cores, more threads only fight over them.
     torch.set_num_threads(1)
-    app = create_app(checkpoint)
+    try:
+        app = create_app(checkpoint)
+    except Exception as error:  # one line, and uvicorn's startup-failure code: the supervisor then
+        from uvicorn.config import STARTUP_FAILURE  # stops instead of restarting this worker forever
+
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"digitsum serve: error: worker {os.getpid()}: {message}", file=sys.stderr, flush=True)
+        sys.exit(STARTUP_FAILURE)
     print(f"digitsum worker {os.getpid()}: loaded {app.state.model_id}", flush=True)
     return app
 
@@ -926,7 +938,7 @@ def _supervise(config, sock: socket.socket) -> None:
     supervisor = Supervisor(config, sockets=[sock])
     supervisor.run()
     if supervisor.startup_failed:
-        raise DigitsumError("a worker process failed to start; see its error above")
+        raise DigitsumError("a worker process failed to start (its error is above); stopped")
 
 
 def run(checkpoint_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,

@@ -224,7 +224,7 @@ def start_server(checkpoint: str, port: int, workers: int = 1) -> subprocess.Pop
     loaded = []  # "digitsum worker PID: loaded MODEL" lines, one per worker
     threading.Thread(target=lambda: [loaded.append(line) for line in process.stdout
                                      if line.startswith("digitsum worker ")], daemon=True).start()
-    deadline = time.monotonic() + 60 * workers
+    deadline = time.monotonic() + 90 * workers
     while True:
         if process.poll() is not None:
             sys.exit(f"server exited with {process.returncode}: {process.stderr.read().strip()}")
@@ -235,8 +235,10 @@ def start_server(checkpoint: str, port: int, workers: int = 1) -> subprocess.Pop
         except OSError:
             pass
         if time.monotonic() > deadline:
-            process.kill()
-            sys.exit(f"server did not answer /api/health within {60 * workers} s")
+            process.terminate()
+            log = process.communicate(timeout=30)[1].strip().splitlines()[-10:]
+            sys.exit(f"server did not answer /api/health within {90 * workers} s "
+                     f"({len(loaded)} of {workers} workers loaded); its log ends:\n" + "\n".join(log))
         time.sleep(0.2)
 
 

@@ -72,10 +72,10 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 MAX_BATCH_BODY_BYTES = 8 * 1024 * 1024  # the batch route's body cap: 64 drawings, or a few photos
 MAX_BATCH_ITEMS = 64  # images per batch request (413 above); classify runs them as one batch
 MAX_WORKERS = 64  # --workers 1..MAX_WORKERS
-# uvicorn kills a worker that does not answer its supervisor's ping within this (default 5 s); a
-# worker importing torch on a busy 2-core machine can be slow to answer, and the supervisor does
-# nothing else (not even Ctrl-C) while it waits, so neither too short nor too long.
-WORKER_HEALTHCHECK_S = 20
+# uvicorn kills a worker that does not answer its supervisor's ping within this (default 5 s). A
+# healthy worker answers within milliseconds, but one loading torch's libraries on a busy 2-core
+# machine holds the GIL for many seconds; only a hung worker makes the supervisor wait this long.
+WORKER_HEALTHCHECK_S = 60
 CHECKPOINT_ENV = "DIGITSUM_SERVE_CHECKPOINT"  # how the parent tells app_from_env which checkpoint to serve
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's switch to multiprocess mode
 WEB_DIR = Path(__file__).parent / "web"

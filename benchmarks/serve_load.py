@@ -235,8 +235,8 @@ def start_server(checkpoint: str, port: int, workers: int = 1) -> subprocess.Pop
         except OSError:
             pass
         if time.monotonic() > deadline:
-            process.terminate()
-            log = process.communicate(timeout=30)[1].strip().splitlines()[-10:]
+            process.terminate()  # stdout is the reader thread's; the log is on stderr
+            log = process.stderr.read().strip().splitlines()[-10:]
             sys.exit(f"server did not answer /api/health within {90 * workers} s "
                      f"({len(loaded)} of {workers} workers loaded); its log ends:\n" + "\n".join(log))
         time.sleep(0.2)

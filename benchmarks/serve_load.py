@@ -229,7 +229,7 @@ def start_server(checkpoint: str, port: int, workers: int = 1) -> subprocess.Pop
         if process.poll() is not None:
             sys.exit(f"server exited with {process.returncode}: {process.stderr.read().strip()}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5) as response:
                 if json.load(response)["model_loaded"] and (workers == 1 or len(loaded) >= workers):
                     return process
         except OSError:

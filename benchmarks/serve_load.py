@@ -15,6 +15,12 @@ canvas; the mostly uniform canvas compresses to well under the 2 MB body limit -
 printed). It prints p50/p99 of the small requests without and with that load (target: p99 < 250 ms).
 
     python benchmarks/serve_load.py --scenario large-uploads [--large-clients 8] [--seconds 20]
+
+`--scenario workers` runs the throughput load (same requests, same checkpoint) against
+`digitsum serve --workers 1` and then `--workers N` (default 2), and prints requests/s and p50/p99
+side by side with the ratios N-workers / 1-worker (medians over `--runs`).
+
+    python benchmarks/serve_load.py --scenario workers [--workers 2] [--requests 2000] [--runs 3]
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ import io
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -208,23 +216,70 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(checkpoint: str, port: int) -> subprocess.Popen:
+def start_server(checkpoint: str, port: int, workers: int = 1) -> subprocess.Popen:
+    """`digitsum serve` on `port`, once it answers (with workers > 1: once every worker loaded the model)."""
     process = subprocess.Popen([sys.executable, "-m", "digitsum.cli", "serve", "--checkpoint", checkpoint,
-                                "--port", str(port), "--no-access-log"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+                                "--port", str(port), "--no-access-log", "--workers", str(workers)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    loaded = []  # "digitsum worker PID: loaded MODEL" lines, one per worker
+    threading.Thread(target=lambda: [loaded.append(line) for line in process.stdout
+                                     if line.startswith("digitsum worker ")], daemon=True).start()
+    deadline = time.monotonic() + 90 * workers
     while True:
         if process.poll() is not None:
             sys.exit(f"server exited with {process.returncode}: {process.stderr.read().strip()}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1) as response:
-                if json.load(response)["model_loaded"]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5) as response:
+                if json.load(response)["model_loaded"] and (workers == 1 or len(loaded) >= workers):
                     return process
         except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                sys.exit("server did not answer /api/health within 60 s")
-            time.sleep(0.2)
+            pass
+        if time.monotonic() > deadline:
+            process.terminate()  # stdout is the reader thread's; the log is on stderr
+            log = process.stderr.read().strip().splitlines()[-10:]
+            sys.exit(f"server did not answer /api/health within {90 * workers} s "
+                     f"({len(loaded)} of {workers} workers loaded); its log ends:\n" + "\n".join(log))
+        time.sleep(0.2)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()  # the parent of --workers N stops its workers on SIGTERM
+    server.wait(timeout=30)
+
+
+def workers_scenario(args) -> int:
+    """The throughput load against 1 worker, then args.workers: a table and the ratios."""
+    results = {}
+    for workers in (1, args.workers):
+        port = free_port()
+        server = start_server(args.checkpoint, port, workers)
+        request = predict_request("127.0.0.1", port, drawing_png(), number=5)
+        runs = []
+        try:
+            asyncio.run(load("127.0.0.1", port, request, args.warmup, args.concurrency))
+            for _ in range(args.runs):
+                latencies, errors, seconds = asyncio.run(load("127.0.0.1", port, request, args.requests,
+                                                              args.concurrency))
+                ms = 1000 * np.array(latencies)
+                runs.append((len(latencies) / seconds, np.percentile(ms, 50), np.percentile(ms, 99), errors))
+        finally:
+            stop_server(server)
+        results[workers] = runs
+    print(f"`digitsum serve --workers 1` vs `--workers {args.workers}` on 127.0.0.1: {args.requests:,} multipart "
+          f"predict requests per run (280x280 PNG drawing), {args.concurrency} in flight from another process, "
+          f"{args.runs} runs each, checkpoint {args.checkpoint}\n")
+    print("| workers | requests/s (median) | p50 ms | p99 ms (median) | errors | requests/s per run |")
+    print("|---|---|---|---|---|---|")
+    medians = {}
+    for workers, runs in results.items():
+        rate, p50, p99 = (statistics.median(run[i] for run in runs) for i in range(3))
+        medians[workers] = (rate, p99)
+        print(f"| {workers} | {rate:.0f} | {p50:.1f} | {p99:.1f} | {sum(run[3] for run in runs)} | "
+              f"{', '.join(f'{run[0]:.0f}' for run in runs)} |")
+    (rate_1, p99_1), (rate_n, p99_n) = medians[1], medians[args.workers]
+    print(f"\n{args.workers} workers / 1 worker: requests/s x{rate_n / rate_1:.2f}, p99 x{p99_n / p99_1:.2f}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (the client runs on the same CPUs)")
+    return 0 if all(run[3] == 0 for runs in results.values() for run in runs) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: 16)")
     parser.add_argument("--runs", type=int, default=3, help="repeated runs, to see whether memory grows (default: 3)")
     parser.add_argument("--warmup", type=int, default=200, help="requests before measuring (default: 200)")
-    parser.add_argument("--scenario", default="throughput", choices=["throughput", "large-uploads"],
+    parser.add_argument("--scenario", default="throughput", choices=["throughput", "large-uploads", "workers"],
                         help="throughput: many small predictions; large-uploads: small requests with and "
-                             "without clients uploading 4096x4096 images (default: throughput)")
+                             "without clients uploading 4096x4096 images; workers: the throughput load against "
+                             "1 and --workers worker processes (default: throughput)")
+    parser.add_argument("--workers", type=int, default=2, help="workers: processes to compare with 1 (default: 2)")
     parser.add_argument("--large-clients", type=int, default=8, help="large-uploads: uploading clients (default: 8)")
     parser.add_argument("--small-clients", type=int, default=2,
                         help="large-uploads: clients sending small predictions (default: 2)")
@@ -245,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20, help="large-uploads: seconds per phase (default: 20)")
     args = parser.parse_args(argv)
 
+    if args.scenario == "workers":
+        return workers_scenario(args)
     port = free_port()
     server = start_server(args.checkpoint, port)
     if args.scenario == "large-uploads":

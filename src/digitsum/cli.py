@@ -39,6 +39,7 @@ _positive_int = _checked(int, lambda v: v >= 1, "expected a positive integer")
 _non_negative_int = _checked(int, lambda v: v >= 0, "expected an integer >= 0")
 _positive_float = _checked(float, lambda v: v > 0, "expected a number > 0")
 _port = _checked(int, lambda v: 0 <= v <= 65535, "port must be an integer in 0..65535 (0 = any free port)")
+_workers = _checked(int, lambda v: 1 <= v <= 64, "workers must be an integer in 1..64")  # serve.MAX_WORKERS (serve is imported only to run)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -242,7 +243,7 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     from digitsum.serve import run
 
-    run(args.checkpoint, host=args.host, port=args.port, access_log=args.access_log)
+    run(args.checkpoint, host=args.host, port=args.port, access_log=args.access_log, workers=args.workers)
     return 0
 
 
@@ -340,14 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     serve = commands.add_parser("serve", help="HTTP API and drawing page (needs the [serve] extra)",
-                                description="Serve POST /api/predict, GET /api/health, the drawing page at / and "
-                                "the OpenAPI docs at /docs with FastAPI + uvicorn. Limits: request bodies 2 MB, "
-                                "64 connections (503 beyond), idle keep-alive connections closed after 5 s, a "
-                                "request head or body chunk that takes over 10 s closes the connection (408).")
+                                description="Serve POST /api/predict, POST /api/predict_batch (up to 64 images), "
+                                "GET /api/health, GET /metrics (Prometheus), the drawing page at / and the OpenAPI "
+                                "docs at /docs with FastAPI + uvicorn. Limits: request bodies 2 MB (batch: 8 MB), "
+                                "64 connections per worker (503 beyond), idle keep-alive connections closed after "
+                                "5 s, a request head or body chunk that takes over 10 s closes the connection (408).")
     serve.add_argument("--checkpoint", default=str(LATEST_MODEL), help=f"model checkpoint (default: {LATEST_MODEL})")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8000,
                        help="port to listen on, 0..65535; 0 = any free port, printed at start (default: 8000)")
+    serve.add_argument("--workers", type=_workers, default=1,
+                       help="worker processes sharing the port, 1..64, each loading the model once; /metrics "
+                            "adds them up (default: 1 = serve from this process)")
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                        help="log every request (default: on)")
     serve.set_defaults(func=cmd_serve)

@@ -788,7 +788,8 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
                 summary = {"run_dir": run_dir, "epochs": epoch, "stopped": True}
                 if world is not None:
                     distributed.barrier()
-                    summary.update(rank=world.rank, weights_sha256=distributed.state_digest(model))
+                    summary.update(rank=world.rank, weights_sha256=distributed.state_digest(model),
+                               eval_weights_sha256=distributed.state_digest(setup.eval_model))
                 return summary
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; {run_dir / 'last.pt'} holds the last finished epoch "
@@ -799,7 +800,8 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
     summary = (finish(config, run_dir, rows, data_root, log, evaluate_test, figures) if main
                else {"run_dir": run_dir, "epochs": config.epochs})
     distributed.barrier()
-    summary.update(rank=world.rank, weights_sha256=distributed.state_digest(model))
+    summary.update(rank=world.rank, weights_sha256=distributed.state_digest(model),
+                   eval_weights_sha256=distributed.state_digest(setup.eval_model))
     return summary
 
 

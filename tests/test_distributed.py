@@ -196,3 +196,40 @@ def test_a_single_process_run_never_touches_torch_distributed(synthetic_root, tm
     assert "rank" not in summary
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert "world_size" not in state and "rank_states" not in state
+
+
+# ----------------------------------------------------------------------------- benchmarks/gpu_check.py
+
+
+def load_gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", TESTS.parent / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_without_a_gpu_says_not_run_and_exits_0(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(SRC)}
+    result = subprocess.run([sys.executable, str(TESTS.parent / "benchmarks" / "gpu_check.py"), "--data-root",
+                             str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "not run: no GPU"
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
+
+
+def test_gpu_check_pieces_work_on_the_cpu(synthetic_root, tmp_path):
+    from PIL import Image
+
+    from digitsum.data import load_split
+
+    gpu_check = load_gpu_check()
+    files = gpu_check.write_test_pngs(synthetic_root, tmp_path, count=5)
+    test = load_split("test", synthetic_root)
+    for index, (path, digit) in enumerate(files):
+        assert digit == int(test.digits[index])
+        assert torch.equal(torch.from_numpy(__import__("numpy").array(Image.open(path))), test.images[index])
+    result = gpu_check.cli("train", "--help", timeout=60)  # the CLI the check drives is this checkout's
+    assert result.returncode == 0 and "--preset" in result.stdout
+    assert gpu_check.first_error(subprocess.CompletedProcess([], 2, "", "digitsum train: error: x\n")) == \
+        "digitsum train: error: x"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,7 +229,7 @@ def test_gpu_check_pieces_work_on_the_cpu(synthetic_root, tmp_path):
     test = load_split("test", synthetic_root)
     for index, (path, digit) in enumerate(files):
         assert digit == int(test.digits[index])
-        assert torch.equal(torch.from_numpy(__import__("numpy").array(Image.open(path))), test.images[index])
+        assert torch.equal(torch.from_numpy(np.array(Image.open(path))), test.images[index])
     result = gpu_check.cli("train", "--help", timeout=60)  # the CLI the check drives is this checkout's
     assert result.returncode == 0 and "--preset" in result.stdout
     assert gpu_check.first_error(subprocess.CompletedProcess([], 2, "", "digitsum train: error: x\n")) == \

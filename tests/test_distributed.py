@@ -52,24 +52,23 @@ def metric_rows(run_dir: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
+def two_process_train(base: Path, name: str, args: list[str], **env) -> subprocess.CompletedProcess:
+    """`train ARGS` by two processes; each rank's summary goes to base/name/rank<R>.json."""
+    (base / name).mkdir()
+    result = torchrun(["train", "--data-root", str(base / "data"), *args],
+                      {"DIGITSUM_TEST_MNIST_TABLE": str(base / "table.json"),
+                       "DIGITSUM_TEST_SUMMARY_DIR": str(base / name), **env})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
-    """A 3-epoch 2-process run straight through, and the same run stopped after epoch 1 then resumed."""
+    """A 3-epoch 2-process run on the synthetic MNIST (shared by the tests below)."""
     base = tmp_path_factory.mktemp("ddp")
-    root = base / "data"
-    (base / "table.json").write_text(json.dumps(make_synthetic_mnist(root)))
-    results = {"base": base, "root": root}
-    for name, extra, args in (
-            ("straight", {}, ["--out", str(base / "runs" / "straight")]),
-            ("stopped", {"DIGITSUM_TEST_STOP_AFTER": "1"}, ["--out", str(base / "runs2" / "resumed")]),
-            ("resumed", {}, ["--resume", str(base / "runs2" / "resumed" / "last.pt")])):
-        (base / name).mkdir()
-        env = {"DIGITSUM_TEST_MNIST_TABLE": str(base / "table.json"), "DIGITSUM_TEST_SUMMARY_DIR": str(base / name),
-               **extra}
-        flags = FLAGS if name != "resumed" else []
-        results[name] = torchrun(["train", "--data-root", str(root), *args, *flags], env)
-        assert results[name].returncode == 0, results[name].stdout + results[name].stderr
-    return results
+    (base / "table.json").write_text(json.dumps(make_synthetic_mnist(base / "data")))
+    straight = two_process_train(base, "straight", ["--out", str(base / "runs" / "straight"), *FLAGS])
+    return {"base": base, "root": base / "data", "straight": straight}
 
 
 def test_two_processes_hold_identical_weights_and_write_one_complete_run_folder(two_process_runs):
@@ -104,12 +103,16 @@ def test_two_processes_hold_identical_weights_and_write_one_complete_run_folder(
         assert abs(hits - round(hits)) < 1e-3
 
 
+@pytest.mark.slow  # two more 2-process launches (~30 s on 2 busy cores)
 def test_a_stopped_two_process_run_resumes_to_the_same_weights(two_process_runs):
     base = two_process_runs["base"]
+    two_process_train(base, "stopped", ["--out", str(base / "runs2" / "resumed"), *FLAGS], DIGITSUM_TEST_STOP_AFTER="1")
     stopped = summaries(base / "stopped")
     assert all(s["stopped"] and s["epochs"] == 1 for s in stopped)
+    assert stopped[0]["weights_sha256"] == stopped[1]["weights_sha256"]
+    resumed_run = two_process_train(base, "resumed", ["--resume", str(base / "runs2" / "resumed" / "last.pt")])
     resumed, straight = summaries(base / "resumed"), summaries(base / "straight")
-    assert "resuming" in two_process_runs["resumed"].stdout + two_process_runs["resumed"].stderr
+    assert "resuming" in resumed_run.stdout + resumed_run.stderr
     for rank in (0, 1):
         assert resumed[rank]["weights_sha256"] == straight[0]["weights_sha256"]
         assert resumed[rank]["eval_weights_sha256"] == straight[0]["eval_weights_sha256"]
@@ -120,8 +123,8 @@ def test_a_two_process_last_pt_is_refused_by_one_process(two_process_runs):
     base = two_process_runs["base"]
     stopped_copy = base / "runs" / "stopped-copy"
     stopped_copy.mkdir()
-    state = torch.load(base / "runs2" / "resumed" / "last.pt", weights_only=True)
-    state["epoch"], state["rows"] = 1, state["rows"][:1]  # as it was after the stop
+    state = torch.load(base / "runs" / "straight" / "last.pt", weights_only=True)
+    state["epoch"], state["rows"] = 1, state["rows"][:1]  # as if stopped after epoch 1
     torch.save(state, stopped_copy / "last.pt")
     with pytest.raises(DigitsumError, match="trained by 2 processes.*--nproc-per-node 2"):
         train(None, resume=stopped_copy / "last.pt", data_root=two_process_runs["root"], log=lambda *a: None)

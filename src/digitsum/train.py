@@ -687,6 +687,10 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
             if not isinstance(stored_bf16, bool):
                 stored_bf16 = None
                 log("note: this last.pt does not record its precision; deciding it again")
+    if world is not None and stored_bf16 is None:
+        # One precision for all processes: rank 0's choice (auto looks at each machine's hardware).
+        stored_bf16 = distributed.broadcast_object(
+            resolve_bf16(config, distributed.rank_device(world, resolve_device(config.device))))
     setup = prepare(config, data_root, bf16=stored_bf16, world=world)
     device, bf16, train_split, val_split = setup.device, setup.bf16, setup.train_split, setup.val_split
     model, optimizer, scheduler, ema, generator = (setup.model, setup.optimizer, setup.scheduler, setup.ema,

@@ -287,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model and evaluate it on the test set",
                                 description="Train DigitSumNet with an explicit PyTorch loop. Writes runs/<name>/ "
                                 "(config.json, metrics.csv, model.pt, last.pt, curves.png, samples.png, eval.json, "
-                                "confusion.png, mistakes.png) and points runs/latest at it.")
+                                "confusion.png, mistakes.png) and points runs/latest at it. Under torchrun "
+                                "(torchrun --nproc-per-node N -m digitsum train ...) the N processes train one model "
+                                "with DistributedDataParallel, --batch-size per process; rank 0 writes the run.")
     train.add_argument("--preset", default="default", choices=list(PRESETS),
                        help="named recipe; explicit flags override its values (default: default)")
     train.add_argument("--out", default=None, help="run folder (default: runs/<date>-<time>-<preset>)")

@@ -29,9 +29,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import digitsum
-from digitsum import checkpoint, plots
+from digitsum import checkpoint, distributed, plots
 from digitsum.data import NUM_NUMBERS, Split, batches, load_split, random_affine, resolve_root, write_atomic
 from digitsum.errors import DigitsumError, Interrupted
+from digitsum.distributed import World, all_reduce_sum
 from digitsum.device import autocast, bf16_pays_off, check_device_name, resolve_device, reuse_freed_memory
 from digitsum.evaluate import evaluate_checkpoint, measure, summary_line
 from digitsum.model import DigitSumNet, ModelConfig
@@ -242,23 +243,36 @@ def augmenter(config: TrainConfig, generator: torch.Generator):
 
 def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: TrainConfig,
                     generator: torch.Generator, bf16: bool, ema=None, progress: bool = False,
-                    on_step=None) -> dict:
+                    on_step=None, world: World | None = None,
+                    augment_generator: torch.Generator | None = None) -> dict:
     """One pass over the training split; returns mean loss and accuracies (as seen while training).
 
     `on_step(model)`, if given, runs after every optimizer step; returning True ends the epoch
     early (benchmarks use it to measure time-to-accuracy).
+
+    With a `world` (torchrun), `model` is the DistributedDataParallel wrapper: every rank draws the
+    same permutation from `generator` (seeded alike on all ranks) and trains on its own contiguous
+    slice of it, augmenting and redrawing numbers from its own `augment_generator`; the returned
+    metrics are summed over all ranks, so every rank returns the same numbers.
     """
     model.train()
     device = train_split.images.device
     totals = torch.zeros(3, device=device)  # loss * B, digit hits, sum hits: summed on device, no sync
-    steps = len(train_split) // config.batch_size
+    if world is None:
+        steps = len(train_split) // config.batch_size
+        epoch_batches = batches(train_split, config.batch_size, shuffle=True, generator=generator, drop_last=True,
+                                augment=augmenter(config, generator), redraw_numbers=config.redraw_numbers)
+    else:
+        shard = rank_shard(train_split, world, generator)
+        steps = len(shard) // config.batch_size
+        epoch_batches = batches(shard, config.batch_size, shuffle=False, generator=augment_generator,
+                                drop_last=True, augment=augmenter(config, augment_generator),
+                                redraw_numbers=config.redraw_numbers)
+    network = getattr(model, "module", model)  # the DigitSumNet itself (under DDP, model.module)
     bar = tqdm(total=steps, disable=not progress, leave=False, unit="batch", dynamic_ncols=True)
     seen = 0
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    for images, numbers, digits, sums in batches(train_split, config.batch_size, shuffle=True,
-                                                 generator=generator, drop_last=True,
-                                                 augment=augmenter(config, generator),
-                                                 redraw_numbers=config.redraw_numbers):
+    for images, numbers, digits, sums in epoch_batches:
         images = images.contiguous(memory_format=memory_format)
         with autocast(device, bf16):
             digit_logits, sum_logits = model(images, numbers)
@@ -266,7 +280,7 @@ def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: Tra
             # The sum block also sees each image with all ten numbers (the whole grid): ten times
             # the addition practice for a block that costs next to nothing next to the CNN.
             grid_numbers = torch.arange(NUM_NUMBERS, device=device).repeat(len(digits))  # (B*10,)
-            grid_sum_logits = model.add(digit_logits.repeat_interleave(NUM_NUMBERS, 0), grid_numbers)
+            grid_sum_logits = network.add(digit_logits.repeat_interleave(NUM_NUMBERS, 0), grid_numbers)
             loss = loss_fn(digit_logits, grid_sum_logits, digits,
                            digits.repeat_interleave(NUM_NUMBERS) + grid_numbers, config)
         else:
@@ -276,18 +290,32 @@ def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: Tra
         optimizer.step()
         scheduler.step()
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update_parameters(network)
         with torch.no_grad():
             totals += torch.stack([loss.detach() * len(digits),
                                    (digit_logits.argmax(1) == digits).sum(),
                                    (sum_logits.argmax(1) == sums).sum()]).float()
         bar.update()
         seen += len(digits)
-        if on_step is not None and on_step(model):
+        if on_step is not None and on_step(network):
             break
     bar.close()
+    if world is not None:
+        # Loss sums and hit counts of all ranks (steps are equal, so is every rank's `seen`).
+        all_reduce_sum(totals)
+        seen *= world.size
     loss_sum, digit_hits, sum_hits = totals.tolist()
     return {"loss": loss_sum / seen, "digit_accuracy": digit_hits / seen, "sum_accuracy": sum_hits / seen}
+
+
+def rank_shard(split: Split, world: World, generator: torch.Generator) -> Split:
+    """This rank's part of one epoch: a permutation drawn from `generator` (the same on every rank,
+    as all ranks seed it alike), cut into `world.size` equal contiguous slices (the remainder is
+    dropped so that every rank takes the same number of steps); rank r takes slice r."""
+    order = torch.randperm(len(split), generator=generator, device=split.images.device)
+    per_rank = len(split) // world.size
+    mine = order[world.rank * per_rank : (world.rank + 1) * per_rank]
+    return Split(split.images[mine], split.digits[mine], split.numbers[mine])
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -419,6 +447,17 @@ def resume_state_problem(payload: dict, config: TrainConfig) -> str:
             return f"{name} is missing or not a random-number state"
     if "bf16" in payload and not isinstance(payload["bf16"], bool):
         return f"bf16 must be true or false, got {payload['bf16']!r}"
+    if "world_size" in payload:  # written by a torchrun run: every rank's random streams
+        size, ranks = payload["world_size"], payload.get("rank_states")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+            return f"world_size must be an integer >= 2, got {size!r}"
+        if not isinstance(ranks, list) or len(ranks) != size:
+            return f"rank_states must hold one entry per process ({size})"
+        for entry in ranks:
+            if not isinstance(entry, dict) or not all(
+                    isinstance(entry.get(name), torch.Tensor) and entry[name].dtype == torch.uint8
+                    for name in ("augment_generator", "torch_rng")):
+                return "rank_states holds an entry that is not a random-number state"
     return ""
 
 
@@ -462,11 +501,22 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: AveragedModel | None
     generator: torch.Generator
+    # Under torchrun: this rank's place, the DDP wrapper that trains `model`, and this rank's own
+    # generator for augmentation and redrawn numbers (`generator` then only draws the shared permutation).
+    world: World | None = None
+    ddp: torch.nn.Module | None = None
+    augment_generator: torch.Generator | None = None
 
     def epoch(self, config: "TrainConfig", progress: bool = False, on_step=None) -> dict:
         """Train one epoch with this setup (see train_one_epoch)."""
-        return train_one_epoch(self.model, self.optimizer, self.scheduler, self.train_split, config,
-                               self.generator, self.bf16, self.ema, progress, on_step)
+        if self.world is None:
+            return train_one_epoch(self.model, self.optimizer, self.scheduler, self.train_split, config,
+                                   self.generator, self.bf16, self.ema, progress, on_step)
+        metrics = train_one_epoch(self.ddp, self.optimizer, self.scheduler, self.train_split, config,
+                                  self.generator, self.bf16, self.ema, progress, on_step,
+                                  world=self.world, augment_generator=self.augment_generator)
+        distributed.broadcast_state(*[m for m in (self.model, self.ema) if m is not None])
+        return metrics
 
     @property
     def eval_model(self) -> DigitSumNet:
@@ -481,15 +531,20 @@ def resolve_bf16(config: TrainConfig, device: torch.device) -> bool:
     return bf16_pays_off(device) if config.bf16 == "auto" else config.bf16 == "on"
 
 
-def prepare(config: TrainConfig, data_root=None, bf16: bool | None = None) -> Setup:
+def prepare(config: TrainConfig, data_root=None, bf16: bool | None = None, world: World | None = None) -> Setup:
     """Data on the device, a seeded model, optimizer, schedule and weight average for `config`.
 
     `bf16` is a precision decided before (a resumed run's stored one); None resolves config.bf16.
     Also keeps freed memory in the process (device.reuse_freed_memory): 1.2x images/s on a CPU.
+    With a `world` (torchrun, process group joined) the model is wrapped in DistributedDataParallel,
+    each rank's schedule counts its own steps (its 1/N of the training set) and each rank gets its
+    own seeded augmentation generator and global RNG (dropout).
     """
     config.validate()
     reuse_freed_memory()
     device = resolve_device(config.device)
+    if world is not None:
+        device = distributed.rank_device(world, device)
     if bf16 is None:
         bf16 = resolve_bf16(config, device)
     train_split = load_split("train", data_root, config.val_size, config.seed,
@@ -497,17 +552,30 @@ def prepare(config: TrainConfig, data_root=None, bf16: bool | None = None) -> Se
     val_split = load_split("val", data_root, config.val_size, config.seed).to(device) if config.val_size else None
     if len(train_split) < config.batch_size:
         raise DigitsumError(f"batch size {config.batch_size} is larger than the {len(train_split)} training images")
+    per_rank = len(train_split) // world.size if world is not None else len(train_split)
+    if per_rank < config.batch_size:
+        raise DigitsumError(f"batch size {config.batch_size} is larger than the {per_rank} training images "
+                            f"of each of the {world.size} processes (lower --batch-size)")
 
     torch.manual_seed(config.seed)
     model = DigitSumNet(config.model).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    steps_per_epoch = len(train_split) // config.batch_size
+    steps_per_epoch = per_rank // config.batch_size
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * config.epochs)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
            if config.ema else None)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    return Setup(device, bf16, train_split, val_split, model, optimizer, scheduler, ema, generator)
+    if world is None:
+        return Setup(device, bf16, train_split, val_split, model, optimizer, scheduler, ema, generator)
+    from torch.nn.parallel import DistributedDataParallel
+
+    # DDP copies rank 0's weights to every rank here (they are equal anyway: same seed).
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    augment_generator = torch.Generator(device=device).manual_seed(world.seed(config.seed))
+    torch.manual_seed(world.seed(config.seed))  # dropout masks differ between ranks
+    return Setup(device, bf16, train_split, val_split, model, optimizer, scheduler, ema, generator,
+                 world=world, ddp=ddp, augment_generator=augment_generator)
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -523,26 +591,92 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
     interrupted) is finished: curves and evaluation only. `stop_after` ends after that many epochs
     of this call with a resumable last.pt (for tests). Every setting, the data root and the output
     folder are checked before any data is loaded or any file is written.
+
+    Started by torchrun (WORLD_SIZE > 1 in the environment) every process calls this: they train
+    one model with DistributedDataParallel on their own slices of the data (batch_size per process,
+    so the global batch is batch_size x WORLD_SIZE), and only rank 0 logs and writes the run
+    folder. Without torchrun torch.distributed is never touched.
     """
+    world = distributed.world_from_env()
     data_root = resolve_root(data_root)
     if resume is not None:
         resume = Path(resume).resolve()  # the real run folder, even via runs/latest or from inside it
         config, state = load_resume_state(resume)
         run_dir = resume.parent
+        check_world_size(state, world, resume)
     else:
         if not isinstance(config, TrainConfig):
             raise DigitsumError("train() needs a TrainConfig or resume=")
         config.validate()
         state = None
-        run_dir = Path(out_dir if out_dir is not None else default_run_dir(config)).resolve()
-        check_run_dir(run_dir, overwrite)
-    if progress is None:
-        progress = sys.stderr.isatty()
+        if world is None:
+            run_dir = Path(out_dir if out_dir is not None else default_run_dir(config)).resolve()
+            check_run_dir(run_dir, overwrite)
+    if world is None:
+        if progress is None:
+            progress = sys.stderr.isatty()
+        return _train(config, state, run_dir, data_root, log, progress, stop_after, evaluate_test, figures,
+                      resume=resume)
 
+    # torchrun: join the group, then agree on the checks of the run folder before anyone writes.
+    distributed.init(world, distributed.rank_device(world, resolve_device(config.device)))
+    try:
+        if state is None:
+            # The default name has a timestamp: rank 0's is everyone's.
+            run_dir = Path(out_dir) if out_dir is not None else distributed.broadcast_object(default_run_dir(config))
+            run_dir = run_dir.resolve()
+            try:
+                check_run_dir(run_dir, overwrite)
+                problem = ""
+            except DigitsumError as error:
+                problem = str(error)
+            problem = distributed.agree_on_error(problem)
+            if problem:
+                raise DigitsumError(problem)
+        if not world.main:
+            log, progress = _quiet, False
+        elif progress is None:
+            progress = sys.stderr.isatty()
+        if world.main:
+            log(f"{world.size} processes (torchrun), {config.batch_size} images per process and step: "
+                f"global batch {config.batch_size * world.size}")
+        return _train(config, state, run_dir, data_root, log, progress, stop_after, evaluate_test, figures,
+                      resume=resume, world=world)
+    finally:
+        distributed.close()
+
+
+def _quiet(*args) -> None:
+    """The log of ranks other than 0."""
+
+
+def check_world_size(state: dict, world: World | None, path: Path) -> None:
+    """A last.pt continues exactly only with as many processes as it was trained by (the data
+    slices, step counts and per-rank random streams depend on it): refuse another count."""
+    saved = state.get("world_size", 1)
+    now = world.size if world is not None else 1
+    if saved != now and state["epoch"] < state["train_config"].get("epochs", 0):
+        how = (f"torchrun --nproc-per-node {saved} -m digitsum train --resume {path}" if saved > 1
+               else f"digitsum train --resume {path} (one process, without torchrun)")
+        raise DigitsumError(f"{path} was trained by {saved} process{'es' if saved > 1 else ''}, "
+                            f"this is {now}; resume it with the same count: {how}")
+
+
+def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, log, progress: bool,
+           stop_after: int | None, evaluate_test: bool, figures: bool, resume: Path | None = None,
+           world: World | None = None) -> dict:
+    """The run itself, once every check has passed (see train)."""
+    main = world is None or world.main
     if state is not None and state["epoch"] >= config.epochs:
+        if not main:  # rank 0 alone finishes the run; the others wait for it
+            distributed.barrier()
+            return {"run_dir": run_dir, "epochs": config.epochs, "rank": world.rank}
         log(f"{run_dir} finished training but has no eval.json (its final evaluation did not happen); "
             "running it now")
-        return finish(config, run_dir, list(state["rows"]), data_root, log, evaluate_test, figures)
+        summary = finish(config, run_dir, list(state["rows"]), data_root, log, evaluate_test, figures)
+        if world is not None:
+            distributed.barrier()
+        return summary
 
     stored_bf16 = None
     if state is not None:
@@ -553,7 +687,11 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
             if not isinstance(stored_bf16, bool):
                 stored_bf16 = None
                 log("note: this last.pt does not record its precision; deciding it again")
-    setup = prepare(config, data_root, bf16=stored_bf16)
+    if world is not None and stored_bf16 is None:
+        # One precision for all processes: rank 0's choice (auto looks at each machine's hardware).
+        stored_bf16 = distributed.broadcast_object(
+            resolve_bf16(config, distributed.rank_device(world, resolve_device(config.device))))
+    setup = prepare(config, data_root, bf16=stored_bf16, world=world)
     device, bf16, train_split, val_split = setup.device, setup.bf16, setup.train_split, setup.val_split
     model, optimizer, scheduler, ema, generator = (setup.model, setup.optimizer, setup.scheduler, setup.ema,
                                                    setup.generator)
@@ -568,34 +706,47 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
             if ema is not None:
                 ema.load_state_dict(state["ema"])
             generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
+            if world is None:
+                torch.set_rng_state(state["torch_rng"])
+            else:
+                restore_rank_state(setup, state["rank_states"][world.rank])
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
             reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
             raise checkpoint.CheckpointError(f"{resume} does not match the run's saved settings ({reason})") from None
         start_epoch, rows = state["epoch"], list(state["rows"])
-        remove_stale_temporaries(run_dir)
+        if main:
+            remove_stale_temporaries(run_dir)
         best_score = tuple(state["best_score"]) if state["best_score"] is not None else None
         log(f"resuming {run_dir} at epoch {start_epoch + 1}/{config.epochs} "
             f"(bf16 autocast: {'on' if bf16 else 'off'}, as stored)")
-    else:
+    elif main:
         make_run_dir(run_dir)
         log(f"training into {run_dir} on {device} (bf16 autocast: {'on' if bf16 else 'off'}), settings:")
         log(describe(config))
-        write_atomic(run_dir / "config.json", (json.dumps(
-            {"train": config.to_dict(), "bf16": bf16, "environment": environment(device, bf16),
-             "data_root": str(data_root), "train_images": len(train_split),
-             "val_images": len(val_split) if val_split is not None else 0}, indent=2) + "\n").encode())
+        run_info = {"train": config.to_dict(), "bf16": bf16, "environment": environment(device, bf16),
+                    "data_root": str(data_root), "train_images": len(train_split),
+                    "val_images": len(val_split) if val_split is not None else 0}
+        if world is not None:
+            run_info["world_size"] = world.size
+            run_info["global_batch_size"] = config.batch_size * world.size
+        write_atomic(run_dir / "config.json", (json.dumps(run_info, indent=2) + "\n").encode())
         if figures:
             plots.samples(train_split.to("cpu"), run_dir / "samples.png")
 
     def save_last(epoch: int) -> None:
-        checkpoint.save(run_dir / "last.pt", {
+        payload = {
             "model_config": config.model.to_dict(), "model": setup.eval_model.state_dict(),
             "model_train": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
             "rows": rows, "best_score": list(best_score) if best_score is not None else None,
-            "train_config": config.to_dict(), "bf16": bf16, "metadata": {"epoch": epoch}})
+            "train_config": config.to_dict(), "bf16": bf16, "metadata": {"epoch": epoch}}
+        if world is not None:
+            # Every rank's own random streams, so that a resume continues each of them exactly.
+            payload["world_size"] = world.size
+            payload["rank_states"] = distributed.gather_objects(rank_state(setup))
+        if main:
+            checkpoint.save(run_dir / "last.pt", payload)
 
     if state is None:
         save_last(0)  # so that even an interrupted first epoch leaves something to resume
@@ -610,6 +761,8 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
                 raise DigitsumError(
                     f"training diverged: the loss became {train_metrics['loss']} in epoch {epoch} "
                     f"(lower --lr?); {run_dir / 'last.pt'} keeps epoch {epoch - 1}")
+            # Under torchrun every rank measures the whole validation split with the same weights:
+            # the numbers are those of a single-process evaluation, and all ranks choose the same best.
             val_metrics = measure(setup.eval_model, val_split) if val_split is not None else {}
             row = {"epoch": epoch, "seconds": round(seconds, 3), "lr": f"{scheduler.get_last_lr()[0]:.6g}",
                    **{f"train_{k}": f"{v:.6f}" for k, v in train_metrics.items()},
@@ -620,13 +773,15 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
                      if val_metrics else (epoch,))
             if best_score is None or score >= best_score:
                 best_score = score
-                checkpoint.save(run_dir / "model.pt", {
-                    "model_config": config.model.to_dict(), "model": setup.eval_model.state_dict(),
-                    "metadata": {"epoch": epoch, "val": val_metrics, "train_config": config.to_dict(),
-                                 "environment": environment(device, bf16), "run": str(run_dir)}})
-            write_metrics(run_dir / "metrics.csv", rows)
+                if main:
+                    checkpoint.save(run_dir / "model.pt", {
+                        "model_config": config.model.to_dict(), "model": setup.eval_model.state_dict(),
+                        "metadata": {"epoch": epoch, "val": val_metrics, "train_config": config.to_dict(),
+                                     "environment": environment(device, bf16), "run": str(run_dir)}})
+            if main:
+                write_metrics(run_dir / "metrics.csv", rows)
             save_last(epoch)
-            if epoch == start_epoch + 1:
+            if epoch == start_epoch + 1 and main:
                 point_latest(run_dir, log)  # only once the run holds a model.pt that commands can use
             log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_metrics['loss']:.4f} "
                 f"digit {100 * train_metrics['digit_accuracy']:.2f}% sum {100 * train_metrics['sum_accuracy']:.2f}%"
@@ -634,11 +789,40 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_ro
                    f"sum {100 * val_metrics['sum_accuracy']:.2f}%" if val_metrics else "")
                 + f" | lr {scheduler.get_last_lr()[0]:.4f} | {seconds:.1f}s")
             if stop_after is not None and epoch - start_epoch >= stop_after and epoch < config.epochs:
-                return {"run_dir": run_dir, "epochs": epoch, "stopped": True}
+                summary = {"run_dir": run_dir, "epochs": epoch, "stopped": True}
+                if world is not None:
+                    distributed.barrier()
+                    summary.update(rank=world.rank, weights_sha256=distributed.state_digest(model),
+                               eval_weights_sha256=distributed.state_digest(setup.eval_model))
+                return summary
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; {run_dir / 'last.pt'} holds the last finished epoch "
                           f"(resume with: digitsum train --resume {run_dir / 'last.pt'})") from None
-    return finish(config, run_dir, rows, data_root, log, evaluate_test, figures)
+    if world is None:
+        return finish(config, run_dir, rows, data_root, log, evaluate_test, figures)
+    # Rank 0 draws the curves and evaluates on the test set; the others wait until the folder is complete.
+    summary = (finish(config, run_dir, rows, data_root, log, evaluate_test, figures) if main
+               else {"run_dir": run_dir, "epochs": config.epochs})
+    distributed.barrier()
+    summary.update(rank=world.rank, weights_sha256=distributed.state_digest(model),
+                   eval_weights_sha256=distributed.state_digest(setup.eval_model))
+    return summary
+
+
+def rank_state(setup: Setup) -> dict:
+    """This rank's random streams: its augmentation generator and its global RNG (dropout)."""
+    state = {"augment_generator": setup.augment_generator.get_state(), "torch_rng": torch.get_rng_state()}
+    if setup.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(setup.device)
+    return state
+
+
+def restore_rank_state(setup: Setup, state: dict) -> None:
+    """Undo rank_state: continue this rank's random streams where the saved run left them."""
+    setup.augment_generator.set_state(state["augment_generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and setup.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], setup.device)
 
 
 def finish(config: TrainConfig, run_dir: Path, rows: list[dict], data_root, log=print,

@@ -237,3 +237,24 @@ def test_files_that_used_to_crash_the_server_are_predicted_or_refused_with_a_4xx
         assert response.status_code == status, (name, response.text)
         if status == 200:
             assert 0 <= response.json()["digit"] <= 9 and response.json()["number"] == 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_both_backends_serve_the_same_api_with_the_same_answers(tmp_path, backend):
+    pytest.importorskip("onnxruntime")
+    path = random_checkpoint(tmp_path / "model.pt")
+    with TestClient(create_app(path, backend=backend)) as backend_client, \
+            TestClient(create_app(path, backend="torch")) as torch_client:
+        assert backend_client.get("/api/health").json()["backend"] == backend
+        ours, reference = post_form(backend_client), post_form(torch_client)
+        assert ours.status_code == reference.status_code == 200
+        assert ours.json()["digit"] == reference.json()["digit"] and ours.json()["sum"] == reference.json()["sum"]
+        assert np.allclose(ours.json()["digit_probabilities"], reference.json()["digit_probabilities"], atol=1e-3)
+        bad = post_form(backend_client, number="12")
+        assert bad.status_code == 422 and field_of(bad) == "number"
+
+
+def test_an_unknown_backend_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--backend", "tensorrt"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err

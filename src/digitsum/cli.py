@@ -243,7 +243,8 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     from digitsum.serve import run
 
-    run(args.checkpoint, host=args.host, port=args.port, access_log=args.access_log, workers=args.workers)
+    run(args.checkpoint, host=args.host, port=args.port, access_log=args.access_log, workers=args.workers,
+        backend=args.backend)
     return 0
 
 
@@ -352,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8000,
                        help="port to listen on, 0..65535; 0 = any free port, printed at start (default: 8000)")
+    serve.add_argument("--backend", default=None, choices=["torch", "onnxruntime"],
+                       help="runtime of the model: torch, or onnxruntime (needs the [onnx] extra; a .pt checkpoint is "
+                            "exported in memory at start, a .onnx file from `digitsum export` is used as it is) "
+                            "(default: onnxruntime for a .onnx file, torch otherwise)")
     serve.add_argument("--workers", type=_workers, default=1,
                        help="worker processes sharing the port, 1..64, each loading the model once; /metrics "
                             "adds them up (default: 1 = serve from this process)")

@@ -51,7 +51,8 @@ from PIL import Image
 from digitsum import __version__
 from digitsum.data import NUM_NUMBERS
 from digitsum.errors import DigitsumError
-from digitsum.predict import ImageError, NotAnImageError, _top, classify, load_predictor, preprocess
+from digitsum.onnx_backend import BACKENDS, load_backend
+from digitsum.predict import ImageError, NotAnImageError, _top, classify, preprocess
 
 try:
     from fastapi import FastAPI, Request
@@ -76,6 +77,7 @@ MAX_WORKERS = 64  # --workers 1..MAX_WORKERS
 # healthy worker answers within milliseconds, but one loading torch's libraries on a busy 2-core
 # machine holds the GIL for many seconds; only a hung worker makes the supervisor wait this long.
 WORKER_HEALTHCHECK_S = 60
+BACKEND_ENV = "DIGITSUM_SERVE_BACKEND"  # ... and which runtime (torch or onnxruntime)
 CHECKPOINT_ENV = "DIGITSUM_SERVE_CHECKPOINT"  # how the parent tells app_from_env which checkpoint to serve
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's switch to multiprocess mode
 WEB_DIR = Path(__file__).parent / "web"
@@ -670,18 +672,20 @@ async def _preprocess_batch(lanes: PreprocessLanes, items: list[BatchItem]) -> l
 
 
 def create_app(checkpoint_path: str | os.PathLike, read_timeout: float = READ_TIMEOUT_S,
-               lanes: PreprocessLanes | None = None) -> "FastAPI":
+               lanes: PreprocessLanes | None = None, backend: str | None = None) -> "FastAPI":
     """The FastAPI app serving one checkpoint (loaded once, here; CheckpointError if unusable).
 
     `read_timeout`: seconds each chunk of a request body may take (408 after); `lanes`: where
-    preprocessing runs (default PreprocessLanes(): LARGE_SLOTS and SMALL_SLOTS worker threads).
+    preprocessing runs (default PreprocessLanes(): LARGE_SLOTS and SMALL_SLOTS worker threads);
+    `backend`: "torch" or "onnxruntime" (None: by the file, .onnx -> onnxruntime; see resolve_backend).
     """
     if FastAPI is None:
         raise DigitsumError("serving needs FastAPI and uvicorn: pip install 'digitsum[serve]'")
     if prometheus_client is None:
         raise DigitsumError("serving needs prometheus-client: pip install 'digitsum[serve]'")
     path = Path(checkpoint_path)
-    model, metadata = load_predictor(path)
+    backend = resolve_backend(path, backend)
+    model, metadata = load_backend(path, backend)
     identity = model_id(path)
     lanes = lanes or PreprocessLanes()
     metrics = Metrics(identity)
@@ -699,7 +703,7 @@ def create_app(checkpoint_path: str | os.PathLike, read_timeout: float = READ_TI
     async def health() -> dict:
         """Whether the model is loaded, which one, the digitsum version, and the serving process's pid
         (with --workers N, requests spread over N processes)."""
-        return {"status": "ok", "model_loaded": True, "model": identity, "version": __version__,
+        return {"status": "ok", "model_loaded": True, "model": identity, "backend": backend, "version": __version__,
                 "epoch": metadata.get("epoch"), "pid": os.getpid()}
 
     # HEAD for uptime monitors (uvicorn sends the headers only); one OpenAPI operation is enough.
@@ -887,7 +891,7 @@ def app_from_env() -> "FastAPI":
     # One intra-op thread per worker: N workers already use N cores, more threads only fight over them.
     torch.set_num_threads(1)
     try:
-        app = create_app(checkpoint)
+        app = create_app(checkpoint, backend=os.environ.get(BACKEND_ENV) or None)
     except Exception as error:  # one line, and uvicorn's startup-failure code: the supervisor then
         from uvicorn.config import STARTUP_FAILURE  # stops instead of restarting this worker forever
 
@@ -941,10 +945,22 @@ def _supervise(config, sock: socket.socket) -> None:
         raise DigitsumError("a worker process failed to start (its error is above); stopped")
 
 
+def resolve_backend(path: Path, backend: str | None) -> str:
+    """The runtime that serves `path`: `backend` if given ("torch" or "onnxruntime"), else
+    onnxruntime for a .onnx file (`digitsum export`) and torch for a .pt checkpoint."""
+    if backend is None:
+        return "onnxruntime" if path.suffix.lower() == ".onnx" else "torch"
+    if backend not in BACKENDS:
+        raise DigitsumError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    return backend
+
+
 def run(checkpoint_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
-        access_log: bool = True, workers: int = 1) -> None:
-    """Load the checkpoint and serve until Ctrl-C (uvicorn; `workers` processes, 1 = this one)."""
+        access_log: bool = True, workers: int = 1, backend: str | None = None) -> None:
+    """Load the checkpoint and serve until Ctrl-C (uvicorn; `workers` processes, 1 = this one;
+    `backend`: torch or onnxruntime, see resolve_backend)."""
     check_workers(workers)
+    backend = resolve_backend(Path(checkpoint_path), backend)
     try:
         import uvicorn  # noqa: F401
     except ImportError:
@@ -957,26 +973,32 @@ def run(checkpoint_path: str | os.PathLike, host: str = "127.0.0.1", port: int =
         shown_host = f"[{host}]" if ":" in host else host
         where = f"on http://{shown_host}:{port}/ (API docs at /docs, metrics at /metrics); Ctrl-C stops"
         if workers == 1:
-            app = create_app(checkpoint_path)
+            app = create_app(checkpoint_path, backend=backend)
             # One intra-op thread: requests are single images, and extra threads only fight over the cores.
             torch.set_num_threads(1)
             print(f"digitsum serving {checkpoint_path} {where}", flush=True)
             build_server(app, access_log=access_log).run(sockets=[sock])
         else:
-            _run_workers(checkpoint_path, sock, workers, access_log, where)
+            _run_workers(checkpoint_path, sock, workers, access_log, where, backend)
     finally:
         sock.close()
 
 
-def _run_workers(checkpoint_path, sock: socket.socket, workers: int, access_log: bool, where: str) -> None:
+def _run_workers(checkpoint_path, sock: socket.socket, workers: int, access_log: bool, where: str,
+                 backend: str = "torch") -> None:
     from digitsum.checkpoint import load_model
 
     path = Path(checkpoint_path).absolute()
-    load_model(path)  # a bad checkpoint is one clear error here, not N workers failing to start
+    # A bad checkpoint is one clear error here, not N workers failing to start.
+    if path.suffix.lower() == ".onnx":
+        load_backend(path, "onnxruntime")
+    else:
+        load_model(path)
     metrics_dir = tempfile.mkdtemp(prefix="digitsum-metrics-")
-    saved = {name: os.environ.get(name) for name in (CHECKPOINT_ENV, MULTIPROC_ENV)}
+    saved = {name: os.environ.get(name) for name in (CHECKPOINT_ENV, MULTIPROC_ENV, BACKEND_ENV)}
     # Workers are spawned (not forked): they import prometheus-client after this, so in multiprocess mode.
     os.environ[CHECKPOINT_ENV], os.environ[MULTIPROC_ENV] = str(path), metrics_dir
+    os.environ[BACKEND_ENV] = backend
     try:
         print(f"digitsum serving {checkpoint_path} with {workers} worker processes {where}", flush=True)
         config = _server_config("digitsum.serve:app_from_env", workers=workers, access_log=access_log)

@@ -8,7 +8,7 @@ ARGS   ?=
 # torch and torchvision as this machine holds them on disk; override on other platforms.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: train test install data serve bench clean
+.PHONY: train test lint install data serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 
 serve: $(STAMP)
 	$(BIN)/digitsum serve $(ARGS)

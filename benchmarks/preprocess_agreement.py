@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({round((1 - agreement) * count)} differ) | >= 99.9% | {'yes' if agreement >= 0.999 else 'NO'} |")
     print(f"| 28x28 PNG round trip: 28x28 view identical to the MNIST image | {100 * identical:.2f}% | - | - |")
     print(f"| drawn style (280x280 JPEG q75): digit accuracy | {100 * drawn_accuracy:.2f}% "
-          f"({abs(gap):.2f} pts {'below' if gap >= 0 else 'above'} the tensor path) | within 0.5 pts | {'yes' if gap <= 0.5 else 'NO'} |")
+          f"({abs(gap):.2f} pts {'below' if gap >= 0 else 'above'} the tensor path) | within 0.5 pts "
+          f"| {'yes' if gap <= 0.5 else 'NO'} |")
     print(f"| preprocessing time per image (PNG 28x28 / JPEG 280x280) | {1000 * png_seconds / count:.2f} ms / "
           f"{1000 * drawn_seconds / count:.2f} ms | - | - |")
     return 0 if agreement >= 0.999 and gap <= 0.5 else 1

@@ -71,7 +71,7 @@ def wheel_shaped_zip(path, train_rows, test_rows):
     header = "label," + ",".join(f"{r}x{c}" for r in range(1, 29) for c in range(1, 29))
     with zipfile.ZipFile(path, "w") as archive:
         for member, (labels, images) in ((data.PYPI_CSVS["train"], train_rows), (data.PYPI_CSVS["t10k"], test_rows)):
-            lines = [header] + [",".join([str(l)] + [str(p) for p in image.ravel()]) for l, image in zip(labels, images)]
+            lines = [header] + [",".join([str(label)] + [str(p) for p in image.ravel()]) for label, image in zip(labels, images)]
             archive.writestr(member, "\n".join(lines) + "\n")
 
 

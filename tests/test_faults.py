@@ -50,7 +50,8 @@ class Log(list):
 
 def run(config, root, out, log=None, **kwargs):
     kwargs.setdefault("evaluate_test", False)
-    return train(config, out_dir=out, data_root=root, log=log if log is not None else Log(), progress=False, figures=False, **kwargs)
+    return train(config, out_dir=out, data_root=root, log=log if log is not None else Log(), progress=False,
+                 figures=False, **kwargs)
 
 
 def metric_values(run_dir: Path) -> list[dict]:

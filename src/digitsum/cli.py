@@ -39,7 +39,8 @@ _positive_int = _checked(int, lambda v: v >= 1, "expected a positive integer")
 _non_negative_int = _checked(int, lambda v: v >= 0, "expected an integer >= 0")
 _positive_float = _checked(float, lambda v: v > 0, "expected a number > 0")
 _port = _checked(int, lambda v: 0 <= v <= 65535, "port must be an integer in 0..65535 (0 = any free port)")
-_workers = _checked(int, lambda v: 1 <= v <= 64, "workers must be an integer in 1..64")  # serve.MAX_WORKERS (serve is imported only to run)
+# 64 = serve.MAX_WORKERS (serve is imported only to run)
+_workers = _checked(int, lambda v: 1 <= v <= 64, "workers must be an integer in 1..64")
 
 
 class _Parser(argparse.ArgumentParser):

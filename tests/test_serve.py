@@ -42,9 +42,12 @@ def field_of(response) -> str:
     return response.json()["detail"][0]["loc"][-1]
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    app = create_app(random_checkpoint(tmp_path_factory.mktemp("serve") / "model.pt"))
+@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+def client(request, tmp_path_factory):
+    """The API with each backend: every test of this file runs against torch and onnxruntime."""
+    if request.param == "onnxruntime":
+        pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+    app = create_app(random_checkpoint(tmp_path_factory.mktemp("serve") / "model.pt"), backend=request.param)
     with TestClient(app) as client:
         yield client
 

@@ -338,12 +338,21 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def _ink_is_dark(gray: np.ndarray) -> bool:
-    """Polarity: is the ink darker than the paper? Ink is thin, so it is what a median filter
+    """Polarity: is the ink darker than the paper? Where the border is uniform, it is the paper.
+    Otherwise (shadows, gradients, a digit touching the edge): ink is thin, so it is what a median filter
     removes, while a median keeps the straight edges of shadows and lit patches. On a ~48 px
     thumbnail (min-pooled to see dark strokes, max-pooled to see light ones, so thin strokes are
     not averaged away) with a window of half its size: compare how much darker and how much
     lighter than its local median each one is. The median pixel alone is not the paper when a
     shadow covers most of the page."""
+    # Plain paper all round (a uniform border, the usual photo or scan): the paper is the border,
+    # and bold ink whose loops a median would call "thin and light" cannot fool it.
+    frame = max(1, min(gray.shape) // 20)
+    border = np.concatenate([gray[:frame].ravel(), gray[-frame:].ravel(), gray[:, :frame].ravel(),
+                             gray[:, -frame:].ravel()])
+    low, paper, high = np.percentile(border, [10, 50, 90])
+    if high - low < 0.15:
+        return bool(paper >= 0.5)
     factor = max(1, max(gray.shape) // 48)
     if factor > 1:
         height, width = (gray.shape[0] // factor) * factor, (gray.shape[1] // factor) * factor

@@ -107,3 +107,18 @@ def test_the_installed_console_script_reports_errors_without_a_traceback(tmp_pat
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
+
+
+def test_help_imports_no_torch_and_lists_every_preset():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom digitsum import cli\nparser = cli.build_parser()\n"
+            "for argv in (['--help'], ['train', '--help'], ['serve', '--help'], ['predict', '--help']):\n"
+            "    try:\n        parser.parse_args(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False"
+    from digitsum.train import PRESETS
+
+    assert tuple(PRESETS) == cli.PRESET_NAMES

@@ -2,13 +2,15 @@
 
 MNIST digits were made by fitting each digit's bounding box into 20x20 pixels (keeping the aspect
 ratio, with antialiasing) and pasting that into a 28x28 field so the centre of mass sits at the
-centre, white ink on black. `preprocess()` does the same to whatever a user has:
+centre, white ink on black. `preprocess_view()` does the same to whatever a user has:
 
     read (Pillow, first frame; a large JPEG is decoded at 1/2, 1/4 or 1/8 scale)
     -> reduce a large image to at most WORK_SIDE px by box averaging, before any float conversion
     -> EXIF orientation (all 8 values)
     -> any mode/bit depth to grey in [0, 1] (transparency flattened, NaN/inf tamed)
-    -> polarity (which way the ink deviates from the paper)
+    -> (an image under SMALL_SIDE px, or a drawing app's exact-colour canvas: a cropped digit on a
+       uniform ground, read with one global background - MNIST itself comes back unchanged)
+    -> polarity (a uniform border is the paper; otherwise the ink is what a median removes)
     -> flat-field correction: the paper's brightness is estimated locally by a grey-scale
        morphological closing (the "black top-hat" method of document imaging: the closing removes
        every dark feature narrower than its window - the strokes - and keeps the lighting, even a

@@ -364,3 +364,25 @@ def test_an_mnist_digit_pasted_anywhere_on_a_uniform_or_gradient_background_keep
         originals.append(digit)
     agree = classes(np.stack(views)) == classes(np.stack(originals))
     assert agree.mean() >= 0.99
+
+
+def test_a_tightly_cropped_one_from_edge_to_edge_is_the_digit_not_a_page_border():
+    rng = np.random.default_rng(0)
+    for stroke in (slice(95, 107), slice(98, 101)):  # a marker and a thin pen
+        page = (225 + rng.integers(0, 20, (200, 200))).astype(np.uint8)  # grainy paper
+        page[:, stroke] = 30
+        page[150:156, 30:36] = 30  # and a speck of dust
+        view = preprocess_view(Image.fromarray(page))
+        height, width = ink_box(view)
+        assert height == 20 and width <= 4
+
+
+def test_transparent_pixels_colour_does_not_leak_into_a_large_canvas():
+    views = []
+    for hidden in (255, 0):  # the colour stored under alpha 0 differs between apps
+        canvas = np.zeros((2400, 2400, 4), np.uint8)
+        canvas[..., :3] = hidden
+        stroke = np.asarray(seven((2400, 2400), width=40), np.uint8) < 128
+        canvas[stroke] = (0, 0, 0, 255)
+        views.append(preprocess_view(Image.fromarray(canvas, "RGBA")))
+    assert similar(views[0], views[1]) > 0.95

@@ -5,11 +5,13 @@ ratio, with antialiasing) and pasting that into a 28x28 field so the centre of m
 centre, white ink on black. `preprocess_view()` does the same to whatever a user has:
 
     read (Pillow, first frame; a large JPEG is decoded at 1/2, 1/4 or 1/8 scale)
-    -> reduce a large image to at most WORK_SIDE px by box averaging, before any float conversion
+    -> reduce a large image by an integer factor to under 2 x WORK_SIDE px (box averaging), before any
+       float conversion
     -> EXIF orientation (all 8 values)
     -> any mode/bit depth to grey in [0, 1] (transparency flattened, NaN/inf tamed)
     -> (an image under SMALL_SIDE px, or a drawing app's exact-colour canvas: a cropped digit on a
-       uniform ground, read with one global background - MNIST itself comes back unchanged)
+       uniform ground, read with one global background, as before the photo steps: an MNIST image
+       comes back as it was, to one grey level where its brightest pixel is below 255)
     -> polarity (a uniform border is the paper; otherwise the ink is what a median removes)
     -> flat-field correction: the paper's brightness is estimated locally by a grey-scale
        morphological closing (the "black top-hat" method of document imaging: the closing removes
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageChops, UnidentifiedImageError
 from scipy import ndimage
 
 from digitsum.errors import DigitsumError
@@ -44,7 +46,7 @@ DIGIT_BOX = 20  # MNIST fits the digit's longer side into 20 px ...
 CENTRE = 14.0  # ... and puts its centre of mass here (row and column index; measured on MNIST: 13.99, 14.01)
 NOISE_FLOOR = 0.1  # after stretching to [0, 1], fainter pixels are background noise (JPEG ringing, paper grain)
 MIN_CONTRAST = 0.1  # an image whose ink differs from its background by less than this is blank
-WORK_SIDE = 512  # the digit is found at most at this resolution (bounded time and memory) ...
+WORK_SIDE = 512  # the digit is found at under twice this resolution (bounded time and memory) ...
 DETAIL_SIDE = 96  # ... and re-cut from the full-resolution image when it is smaller than this there
 SMALL_SIDE = 48  # a smaller image is a cropped digit (MNIST is 28x28): no paper, light or ruling to remove
 STRONG_INK = 0.4  # ink at >= this fraction of the strongest ink is a stroke; fainter is an edge, a ruled line or shading
@@ -208,10 +210,18 @@ def _reduced(image: Image.Image, side: int) -> Image.Image:
     opacity = Image.new("L", luminance.size) if alpha else None
     for top in range(0, height, rows):
         strip = image.crop((0, top, width, min(height, top + rows)))
-        luminance.paste(strip.convert("L").reduce(factor), (0, top // factor))
-        if alpha:
-            opacity.paste(strip.getchannel("A").reduce(factor), (0, top // factor))
-    return Image.merge("LA", [luminance, opacity]) if alpha else luminance
+        grey = strip.convert("L")
+        if alpha:  # average colour weighted by opacity (premultiplied), as Pillow's own reduce does
+            strip_alpha = strip.getchannel("A")
+            grey = ImageChops.multiply(grey, strip_alpha)
+            opacity.paste(strip_alpha.reduce(factor), (0, top // factor))
+        luminance.paste(grey.reduce(factor), (0, top // factor))
+    if not alpha:
+        return luminance
+    weights = np.asarray(opacity, np.float32)
+    unpremultiplied = np.asarray(luminance, np.float32) * 255.0 / np.maximum(weights, 1.0)
+    luminance = Image.fromarray(np.clip(np.round(unpremultiplied), 0, 255).astype(np.uint8))
+    return Image.merge("LA", [luminance, opacity])
 
 
 def _to_unit(values: np.ndarray, mode: str) -> np.ndarray:
@@ -292,8 +302,8 @@ def _clean_canvas(gray: np.ndarray) -> bool:
 def _cropped_digit_ink(gray: np.ndarray, name: str) -> np.ndarray:
     """Ink of an image too small to hold paper, light and a digit apart (MNIST itself, an icon):
     it is taken as a cropped digit on a uniform ground. Polarity from the median pixel, contrast
-    stretched, faint pixels kept only next to real ink. (This is what makes a 28x28 MNIST image
-    come back unchanged.)"""
+    stretched, faint pixels kept only next to real ink. (This is what makes a 28x28 MNIST image come
+    back as it was - to one grey level where its brightest pixel is below 255.)"""
     background = float(np.median(gray))
     ink = 1.0 - gray if background > 0.5 else gray
     background = min(background, 1.0 - background)
@@ -421,6 +431,11 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
     height, width = ink.shape
     strong = ink >= STRONG_INK
     lines = _straight_lines(ink >= FAINT_INK)  # (faint ruling breaks up at the strokes' threshold)
+    # One straight line and next to no other ink is a thin '1' from edge to edge, not ruled paper
+    # (which has several lines, or a digit beside its margin line).
+    rest = float(ink[strong & ~lines].sum())
+    if lines.any() and (rest == 0 or (rest < 0.25 * float(ink[lines].sum()) and ndimage.label(lines, structure=np.ones((3, 3), bool))[1] == 1)):
+        lines[:] = False
     strong &= ~lines
     labels, count = ndimage.label(strong, structure=np.ones((3, 3), bool))
     if count == 0:
@@ -431,7 +446,10 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
     top, left, bottom, right = boxes.T
     # A page border or a shadow band along it: from edge to edge and thin next to its length
     # (ruled lines are gone already, see _straight_lines).
-    edge_to_edge = ((left == 0) & (right == width)) | ((top == 0) & (bottom == height))
+    # ... lying along that edge (a tightly cropped '1' also runs from edge to edge, in the middle).
+    along_top_or_bottom = (left == 0) & (right == width) & ((top < 0.1 * height) | (bottom > 0.9 * height))
+    along_left_or_right = (top == 0) & (bottom == height) & ((left < 0.1 * width) | (right > 0.9 * width))
+    edge_to_edge = along_top_or_bottom | along_left_or_right
     band = area <= 0.08 * min(height, width) * np.maximum(bottom - top, right - left)
     keep = ~(edge_to_edge & band) if min(height, width) >= 40 else np.ones(count, bool)
     if not keep.any():
@@ -637,7 +655,8 @@ def _detail(image: Image.Image, orientation: int, ink: np.ndarray, name: str) ->
         if min(gray.shape) < 8:
             return ink
         fine = flat_field(gray, name)
-        return fine * digit_mask(fine)
+        mask = digit_mask(fine)
+        return fine * mask if mask.any() else ink
     except (ImageError, ValueError, OSError):
         return ink
 

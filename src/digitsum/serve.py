@@ -973,9 +973,10 @@ def run(checkpoint_path: str | os.PathLike, host: str = "127.0.0.1", port: int =
         shown_host = f"[{host}]" if ":" in host else host
         where = f"on http://{shown_host}:{port}/ (API docs at /docs, metrics at /metrics); Ctrl-C stops"
         if workers == 1:
-            app = create_app(checkpoint_path, backend=backend)
-            # One intra-op thread: requests are single images, and extra threads only fight over the cores.
+            # One intra-op thread: requests are single images, and extra threads only fight over the
+            # cores (set first: the onnxruntime backend takes its thread count from torch's).
             torch.set_num_threads(1)
+            app = create_app(checkpoint_path, backend=backend)
             print(f"digitsum serving {checkpoint_path} {where}", flush=True)
             build_server(app, access_log=access_log).run(sockets=[sock])
         else:
@@ -986,14 +987,9 @@ def run(checkpoint_path: str | os.PathLike, host: str = "127.0.0.1", port: int =
 
 def _run_workers(checkpoint_path, sock: socket.socket, workers: int, access_log: bool, where: str,
                  backend: str = "torch") -> None:
-    from digitsum.checkpoint import load_model
-
     path = Path(checkpoint_path).absolute()
-    # A bad checkpoint is one clear error here, not N workers failing to start.
-    if path.suffix.lower() == ".onnx":
-        load_backend(path, "onnxruntime")
-    else:
-        load_model(path)
+    # A bad checkpoint (for this backend) is one clear error here, not N workers failing to start.
+    load_backend(path, backend)
     metrics_dir = tempfile.mkdtemp(prefix="digitsum-metrics-")
     saved = {name: os.environ.get(name) for name in (CHECKPOINT_ENV, MULTIPROC_ENV, BACKEND_ENV)}
     # Workers are spawned (not forked): they import prometheus-client after this, so in multiprocess mode.

@@ -434,7 +434,8 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
     # One straight line and next to no other ink is a thin '1' from edge to edge, not ruled paper
     # (which has several lines, or a digit beside its margin line).
     rest = float(ink[strong & ~lines].sum())
-    if lines.any() and (rest == 0 or (rest < 0.25 * float(ink[lines].sum()) and ndimage.label(lines, structure=np.ones((3, 3), bool))[1] == 1)):
+    if lines.any() and (rest == 0 or (rest < 0.25 * float(ink[lines].sum())
+                                      and ndimage.label(lines, structure=np.ones((3, 3), bool))[1] == 1)):
         lines[:] = False
     strong &= ~lines
     labels, count = ndimage.label(strong, structure=np.ones((3, 3), bool))

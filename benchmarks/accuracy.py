@@ -18,7 +18,8 @@ import json
 import statistics
 from pathlib import Path
 
-from digitsum.train import PRESETS, preset, train
+from digitsum.config import PRESETS, preset
+from digitsum.train import train
 
 
 def same_recipe(run_dir: Path, config) -> bool:

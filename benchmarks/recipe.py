@@ -31,7 +31,7 @@ VARIANTS = {
 
 def change_for(preset_name: str, change: dict) -> dict:
     """Resolve the relative changes (epochs, width) against the preset."""
-    from digitsum.train import PRESETS
+    from digitsum.config import PRESETS
 
     base = PRESETS[preset_name]
     change = dict(change)

@@ -17,7 +17,8 @@ import statistics
 import tempfile
 from dataclasses import replace
 
-from digitsum.train import preset, train
+from digitsum.config import preset
+from digitsum.train import train
 
 VARIANTS = {
     "one-hot predicted digit -> 128 hidden -> 19, sum lr x13 (chosen)": {},

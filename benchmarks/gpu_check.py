@@ -166,6 +166,9 @@ def check_preset(preset_name: str, args, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from digitsum.device import reuse_freed_memory
+
+    reuse_freed_memory()  # as `digitsum train` does at its start (process-wide)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None, help="MNIST data root (default: $DIGITSUM_DATA or ./data)")
     parser.add_argument("--presets", default="fast,default", help="comma-separated presets (default: fast,default)")

@@ -45,6 +45,9 @@ def change_for(preset_name: str, change: dict) -> dict:
 
 
 def main() -> None:
+    from digitsum.device import reuse_freed_memory
+
+    reuse_freed_memory()  # as `digitsum train` does at its start (process-wide)
     args = ablation_args(__doc__, "default")
     print(f"preset {args.preset}, seeds {args.seeds} (means over seeds), validation split\n")
     print("| change | val digit accuracy | val sum accuracy | training minutes |")

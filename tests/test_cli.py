@@ -61,9 +61,9 @@ def test_resume_with_training_flags_is_refused(synthetic_root, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["train", "--epochs", "zero"], "positive integer"),
-    (["train", "--epochs", "0"], "positive integer"),
-    (["train", "--lr", "-1"], "> 0"),
+    (["train", "--epochs", "zero"], "expected an integer"),
+    (["train", "--epochs", "0"], "epochs must be an integer in 1..100000"),
+    (["train", "--lr", "-1"], "lr must be > 0"),
     (["train", "--preset", "nope"], "invalid choice"),
     (["data", "--source", "ftp"], "invalid choice"),
 ])
@@ -122,7 +122,12 @@ def test_help_imports_no_torch(argv):
     assert result.stdout.strip().splitlines()[-1] == "TORCH False"
 
 
-def test_help_lists_every_preset():
+def test_help_lists_every_preset_and_every_setting_flag(capsys):
     from digitsum.config import PRESETS
 
-    assert tuple(PRESETS) == cli.PRESET_NAMES
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "{" + ",".join(PRESETS) + "}" in text
+    for flag, _, _, _ in cli.config_flags():
+        assert flag in text

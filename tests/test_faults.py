@@ -436,6 +436,11 @@ def test_a_full_disk_while_fetching_data_is_one_line_and_leaves_no_partial_files
     ("--device", "cuda:x", "device"),
     ("--optimizer", "adam", "optimizer"),
     ("--sum-hidden", "100000", "sum_hidden"),
+    ("--channels", "8,x", "channels"),
+    ("--channels", "8,8,8,8,8", "channels"),
+    ("--first-stride", "3", "first_stride"),
+    ("--dropout", "1", "dropout"),
+    ("--config", "missing.json", "config"),
 ])
 def test_bad_training_values_exit_2_before_any_folder_or_file(tmp_path, capsys, monkeypatch, flag, value, fragment):
     work = tmp_path / "work"

@@ -12,6 +12,8 @@ settings and print --help before torch is loaded.
 from __future__ import annotations
 
 import math
+import json
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from digitsum.errors import DigitsumError
@@ -19,31 +21,43 @@ from digitsum.errors import DigitsumError
 MAX_STAGES = 4  # 28 -> 14 -> 7 -> 3 -> 1
 MAX_CHANNELS = 4096  # far above any preset (128); bounds what a config or checkpoint may ask to build
 SUM_INPUTS = ("softmax", "onehot", "logits", "log_softmax")
+OPTIMIZERS = ("sgd", "adamw")
+BF16_MODES = ("auto", "on", "off")
+
+
+def setting(default, help: str, choices: tuple | None = None):
+    """A dataclass field with its documentation (the HfArgumentParser convention): `help` and a fixed
+    set of `choices`, if any, are what `digitsum train` generates the field's flag from (cli.add_config_flags)."""
+    return field(default=default, metadata={"help": help} if choices is None else {"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that decides the architecture (saved in every checkpoint)."""
 
-    # One stage = `convs_per_stage` 3x3 conv+BN+ReLU layers, then a 2x2 max-pool.
-    channels: tuple[int, ...] = (16, 32, 64)
-    convs_per_stage: int = 1
+    channels: tuple[int, ...] = setting((16, 32, 64), "output channels of each stage, 1 to 4 stages; one stage = "
+                                        "--convs-per-stage 3x3 conv+BN+ReLU layers, then a 2x2 max-pool")
+    convs_per_stage: int = setting(1, "3x3 conv layers per stage")
     # 2: the first conv has stride 2 and replaces the first max-pool (28x28 -> 14x14 at once), which
     # skips the one full-resolution activation, the memory-bound part of a small CNN. Measured on
     # `default`: ~1.3x inference images/s but -0.08 and -0.18 validation points, so `default` keeps
     # stride 1; `fast` uses it (with norm_after_pool), where speed is the point.
-    first_stride: int = 1
+    first_stride: int = setting(1, "2: a stride-2 first conv replaces the first max-pool (faster, a little less "
+                                   "accurate)", choices=(1, 2))
     # True: each stage's last BatchNorm+ReLU come after its max-pool (conv -> pool -> BN -> ReLU), so
     # they touch a quarter of the values - in training, where BN cannot be folded away, that is most
     # of the memory-bound work. A different net (BN normalises pooled values), not a rewrite of the
     # same one; `fast` uses it with first_stride=2 (benchmarks/train_speed.py).
-    norm_after_pool: bool = False
-    batchnorm: bool = True  # False: plain conv (with bias) + ReLU, for the ablation in benchmarks/recipe.py
-    dropout: float = 0.0  # before the digit classifier
+    norm_after_pool: bool = setting(False, "each stage's last BatchNorm+ReLU after its max-pool (conv -> pool -> "
+                                           "BN -> ReLU)")
+    batchnorm: bool = setting(True, "BatchNorm after each conv (off: plain conv with bias + ReLU, for the ablation "
+                                    "in benchmarks/recipe.py)")
+    dropout: float = setting(0.0, "dropout before the digit classifier")
     # What of the digit head feeds the sum block, and whether the sum loss trains the CNN too.
-    sum_input: str = "onehot"
-    sum_hidden: int = 128  # 0 = the original single linear layer 20 -> 19
-    detach_sum_input: bool = False
+    sum_input: str = setting("onehot", "what of the digit head feeds the sum block: onehot = the predicted digit, "
+                                       "trained through the softmax", choices=SUM_INPUTS)
+    sum_hidden: int = setting(128, "hidden units of the sum block, 0 = one linear layer 20->19")
+    detach_sum_input: bool = setting(False, "the sum loss does not train the CNN (the sum block's input is detached)")
 
     def __post_init__(self):
         # JSON round trips turn tuples into lists; keep the dataclass hashable and comparable.
@@ -112,32 +126,37 @@ def check_device_name(name: object) -> str:
 class TrainConfig:
     """Every setting of a training run (saved in config.json and in every checkpoint)."""
 
-    preset: str = "default"
-    epochs: int = 16
-    batch_size: int = 256
-    optimizer: str = "sgd"  # sgd (Nesterov momentum 0.9) or adamw
-    lr: float = 0.3  # peak of the one-cycle schedule
-    sum_lr_scale: float = 13.0  # the sum block learns addition slowly at the CNN's rate (see README)
-    warmup: float = 0.2  # fraction of steps spent rising to the peak
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    digit_loss_weight: float = 1.0
-    sum_loss_weight: float = 1.0
-    # Batch augmentation (0 = off): degrees, +-fraction, degrees, pixels.
-    rotate: float = 8.0
-    scale: float = 0.08
-    shear: float = 0.0
-    translate: float = 1.5
-    redraw_numbers: bool = False  # fresh numbers each batch instead of the stored ones
-    sum_all_numbers: bool = False  # train the sum block on every image with every number 0..9
-    ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
-    val_size: int = 5000
-    train_limit: int = 0  # train on the first N training images only (0 = all)
-    seed: int = 0
-    device: str = "auto"
-    bf16: str = "auto"  # auto: bf16 autocast where the hardware runs it faster (device.bf16_pays_off); on; off
-    channels_last: bool = True
-    model: ModelConfig = field(default_factory=ModelConfig)
+    preset: str = setting("default", "the named recipe these settings started from")
+    epochs: int = setting(16, "number of epochs")
+    batch_size: int = setting(256, "images per batch (per process under torchrun)")
+    optimizer: str = setting("sgd", "sgd (Nesterov momentum 0.9) or adamw", choices=OPTIMIZERS)
+    lr: float = setting(0.3, "peak learning rate of the one-cycle schedule")
+    # The sum block learns addition slowly at the CNN's rate (see README).
+    sum_lr_scale: float = setting(13.0, "the sum block's learning rate as a multiple of --lr")
+    warmup: float = setting(0.2, "fraction of steps spent rising to the peak learning rate")
+    weight_decay: float = setting(5e-4, "weight decay (not applied to BatchNorm and biases)")
+    label_smoothing: float = setting(0.1, "label smoothing of both cross-entropies")
+    digit_loss_weight: float = setting(1.0, "weight of the digit cross-entropy in the loss")
+    sum_loss_weight: float = setting(1.0, "weight of the sum cross-entropy in the loss")
+    # Batch augmentation (0 = off).
+    rotate: float = setting(8.0, "augmentation: random rotation up to +-this many degrees (0 = off)")
+    scale: float = setting(0.08, "augmentation: random zoom by up to +-this fraction (0 = off)")
+    shear: float = setting(0.0, "augmentation: random shear up to +-this many degrees (0 = off)")
+    translate: float = setting(1.5, "augmentation: random shift up to +-this many pixels (0 = off)")
+    redraw_numbers: bool = setting(False, "fresh numbers each batch instead of the stored ones")
+    sum_all_numbers: bool = setting(False, "train the sum block on every image with every number 0..9")
+    ema: float = setting(0.0, "decay of an exponential moving average of the weights, used for evaluation "
+                              "(0 = off)")
+    val_size: int = setting(5000, "training images held out for validation (deterministic split)")
+    train_limit: int = setting(0, "train on the first N training images only (0 = all)")
+    seed: int = setting(0, "seed for the split, the numbers, initialisation and shuffling")
+    device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
+                                                  "check": lambda name: check_device_name(name)})
+    bf16: str = setting("auto", "bfloat16 autocast: auto (on a CUDA GPU with bf16, on a CPU with AMX-BF16: "
+                                "device.bf16_pays_off; the choice is stored in the run and reused on resume), on, off",
+                        choices=BF16_MODES)
+    channels_last: bool = setting(True, "channels-last memory format for training (faster convolutions on a CPU)")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the architecture"})
 
     def validate(self) -> "TrainConfig":
         """Raise DigitsumError (one line) unless every setting has a usable type, range and finite value.
@@ -195,7 +214,7 @@ def config_problem(config: TrainConfig) -> str:
         "" if config.preset in PRESETS else f"preset must be one of {', '.join(PRESETS)}, got {config.preset!r}",
         whole("epochs", 1, MAX_EPOCHS),
         whole("batch_size", 1, 1 << 20),
-        "" if config.optimizer in ("sgd", "adamw") else f"optimizer must be sgd or adamw, got {config.optimizer!r}",
+        "" if config.optimizer in OPTIMIZERS else f"optimizer must be sgd or adamw, got {config.optimizer!r}",
         number("lr", 0, math.inf, low_open=True),
         number("sum_lr_scale", 0, math.inf, low_open=True),
         number("warmup", 0, 1),
@@ -214,7 +233,7 @@ def config_problem(config: TrainConfig) -> str:
         whole("train_limit", 0, 1 << 31),
         whole("seed", 0, MAX_SEED),
         check_device_name(config.device),
-        "" if config.bf16 in ("auto", "on", "off") else f"bf16 must be auto, on or off, got {config.bf16!r}",
+        "" if config.bf16 in BF16_MODES else f"bf16 must be auto, on or off, got {config.bf16!r}",
     ]
     for name in ("redraw_numbers", "sum_all_numbers", "channels_last"):
         if not isinstance(getattr(config, name), bool):
@@ -260,3 +279,37 @@ def describe(config: TrainConfig) -> str:
     model = values.pop("model")
     lines = [f"  {k} = {v}" for k, v in values.items()] + [f"  model.{k} = {v}" for k, v in model.items()]
     return "\n".join(lines)
+
+
+def read_config_file(path: str | os.PathLike) -> TrainConfig:
+    """The TrainConfig saved in a run's config.json (its "train" section), or in a JSON file that is
+    such a section by itself; every problem is one DigitsumError line.
+
+    When the settings say bf16 "auto" and the file records the precision its run resolved that to
+    (config.json's "bf16"), that precision is pinned ("on"/"off"), so the run is repeated in the
+    same arithmetic on any machine. Values are not range-checked here (TrainConfig.validate does).
+    """
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, ValueError) as error:
+        raise DigitsumError(f"cannot read --config {path} ({getattr(error, 'strerror', None) or error})") from None
+    try:
+        values = json.loads(text)
+    except ValueError as error:
+        raise DigitsumError(f"--config {path} is not JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise DigitsumError(f"--config {path} must hold a JSON object, got {type(values).__name__}")
+    run_bf16 = values.get("bf16") if "train" in values else None
+    section = values.get("train", values)
+    if not isinstance(section, dict):
+        raise DigitsumError(f"--config {path}: \"train\" must be a JSON object, got {type(section).__name__}")
+    if not isinstance(section.get("model", {}), dict):
+        raise DigitsumError(f"--config {path}: \"model\" must be a JSON object, got {type(section['model']).__name__}")
+    try:
+        config = TrainConfig.from_dict(section)
+    except (DigitsumError, ValueError, TypeError) as error:
+        raise DigitsumError(f"--config {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    if config.bf16 == "auto" and isinstance(run_bf16, bool):
+        config = replace(config, bf16="on" if run_bf16 else "off")
+    return config
+

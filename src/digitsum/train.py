@@ -428,7 +428,7 @@ def prepare(config: TrainConfig, data_root=None, bf16: bool | None = None, world
 # ----------------------------------------------------------------------------- the whole run
 
 
-def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_root=None, overwrite: bool = False,
+def train(config: TrainConfig | None, out_dir: str | os.PathLike | None = None, data_root=None, overwrite: bool = False,
           resume: str | os.PathLike | None = None, log=print, progress: bool | None = None,
           stop_after: int | None = None, evaluate_test: bool = True, figures: bool = True) -> dict:
     """Train a DigitSumNet, write the run folder, evaluate on the test set; return a summary.

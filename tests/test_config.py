@@ -82,6 +82,24 @@ def test_only_the_excluded_fields_have_no_flag():
     assert {name for name in cli.NOT_FLAGS} <= {field.name for field in dataclasses.fields(TrainConfig)}
 
 
+def test_the_flags_follow_the_dataclass_when_a_field_goes(monkeypatch):
+    """Nothing lists the fields by hand: a TrainConfig without `ema` has no --ema, and the rest still map."""
+    import typing
+
+    types = typing.get_type_hints(TrainConfig)
+    reduced = dataclasses.make_dataclass("TrainConfig", [
+        (f.name, types[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                  metadata=f.metadata))
+        for f in dataclasses.fields(TrainConfig) if f.name != "ema"], frozen=True)
+    monkeypatch.setattr(cli, "TrainConfig", reduced)
+    dests = [dest for _, dest, _, _ in cli.config_flags()]
+    assert "train.ema" not in dests and "train.epochs" in dests and "model.channels" in dests
+    args = cli.build_parser().parse_args(["train", "--epochs", "3", "--channels", "8"])
+    assert cli.config_overrides(args) == ({"epochs": 3}, {"channels": (8,)})
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--ema", "0.5"])
+
+
 def test_every_train_flag_of_earlier_versions_still_exists():
     subcommands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = {option for action in subcommands.choices["train"]._actions for option in action.option_strings}

@@ -4,6 +4,10 @@
     TrainConfig   every setting of a training run (config.json's "train" section, every checkpoint)
     PRESETS       the named recipes; preset(name, **overrides)
     config_problem(config) -> one line saying why a config cannot be trained, or ""
+    read_config_file(path) -> the TrainConfig of a run's config.json (`digitsum train --config`)
+
+Each field's documentation is its metadata (`setting(default, help, choices)`, the HfArgumentParser
+convention): `digitsum train` generates one flag per field from it (cli.config_flags).
 
 Importing this module imports no torch, so the command line can build its flags, validate a run's
 settings and print --help before torch is loaded.
@@ -11,8 +15,8 @@ settings and print --help before torch is loaded.
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -151,7 +155,7 @@ class TrainConfig:
     train_limit: int = setting(0, "train on the first N training images only (0 = all)")
     seed: int = setting(0, "seed for the split, the numbers, initialisation and shuffling")
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
-                                                  "check": lambda name: check_device_name(name)})
+                                                  "check": check_device_name})
     bf16: str = setting("auto", "bfloat16 autocast: auto (on a CUDA GPU with bf16, on a CPU with AMX-BF16: "
                                 "device.bf16_pays_off; the choice is stored in the run and reused on resume), on, off",
                         choices=BF16_MODES)

@@ -18,7 +18,8 @@ import json
 import statistics
 from pathlib import Path
 
-from digitsum.train import PRESETS, preset, train
+from digitsum.config import PRESETS, preset
+from digitsum.train import train
 
 
 def same_recipe(run_dir: Path, config) -> bool:
@@ -46,6 +47,9 @@ def run_or_reuse(name: str, seed: int, out: Path, data_root) -> dict:
 
 
 def main() -> None:
+    from digitsum.device import reuse_freed_memory
+
+    reuse_freed_memory()  # as `digitsum train` does at its start (process-wide)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="best", help=f"comma-separated, from {', '.join(PRESETS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")

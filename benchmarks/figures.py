@@ -15,7 +15,8 @@ import torch
 
 from digitsum import plots
 from digitsum.data import load_split, to_unit
-from digitsum.train import PRESETS, augmenter
+from digitsum.config import PRESETS
+from digitsum.train import augmenter
 
 
 def main() -> None:

@@ -51,7 +51,8 @@ def time_to_target(preset_name: str, seed: int, check_every: int, data_root) -> 
 
     from digitsum.data import load_split
     from digitsum.evaluate import measure
-    from digitsum.train import prepare, preset
+    from digitsum.config import preset
+    from digitsum.train import prepare
 
     config = preset(preset_name, seed=seed, device="cuda")
     setup = prepare(config, data_root)
@@ -165,6 +166,9 @@ def check_preset(preset_name: str, args, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from digitsum.device import reuse_freed_memory
+
+    reuse_freed_memory()  # as `digitsum train` does at its start (process-wide)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=None, help="MNIST data root (default: $DIGITSUM_DATA or ./data)")
     parser.add_argument("--presets", default="fast,default", help="comma-separated presets (default: fast,default)")
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print("not run: no GPU")
         return 0
     sys.path.insert(0, str(REPO / "src"))
-    from digitsum.data import resolve_root
+    from digitsum.mnist import resolve_root
 
     args.data_root = resolve_root(args.data_root)
     print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; data {args.data_root}")

@@ -34,7 +34,7 @@ import torch
 from digitsum.device import autocast, bf16_pays_off, bf16_supported, cpu_bf16_speedup, reuse_freed_memory
 from digitsum.model import DigitSumNet, count_parameters, inference_model, training_flops_per_image
 from digitsum.predict import BF16_MIN_BATCH, INFERENCE_CHUNK, classify
-from digitsum.train import PRESETS
+from digitsum.config import PRESETS
 
 
 def prepared(model: DigitSumNet) -> DigitSumNet:

@@ -31,7 +31,7 @@ VARIANTS = {
 
 def change_for(preset_name: str, change: dict) -> dict:
     """Resolve the relative changes (epochs, width) against the preset."""
-    from digitsum.train import PRESETS
+    from digitsum.config import PRESETS
 
     base = PRESETS[preset_name]
     change = dict(change)
@@ -45,6 +45,9 @@ def change_for(preset_name: str, change: dict) -> dict:
 
 
 def main() -> None:
+    from digitsum.device import reuse_freed_memory
+
+    reuse_freed_memory()  # as `digitsum train` does at its start (process-wide)
     args = ablation_args(__doc__, "default")
     print(f"preset {args.preset}, seeds {args.seeds} (means over seeds), validation split\n")
     print("| change | val digit accuracy | val sum accuracy | training minutes |")

@@ -17,7 +17,8 @@ import statistics
 import tempfile
 from dataclasses import replace
 
-from digitsum.train import preset, train
+from digitsum.config import preset
+from digitsum.train import train
 
 VARIANTS = {
     "one-hot predicted digit -> 128 hidden -> 19, sum lr x13 (chosen)": {},
@@ -67,6 +68,9 @@ def variant_results(args, variants: dict, resolve=lambda preset_name, change: ch
 
 
 def main() -> None:
+    from digitsum.device import reuse_freed_memory
+
+    reuse_freed_memory()  # as `digitsum train` does at its start (process-wide)
     args = ablation_args(__doc__, "fast")
     print(f"preset {args.preset}, seeds {args.seeds} (means over seeds)\n")
     print("| sum block variant | val digit accuracy | val sum accuracy | test grid addition errors | addition table |")

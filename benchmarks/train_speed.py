@@ -77,7 +77,8 @@ def matmul_peak_gflops(size: int = 4096, repeats: int = 5) -> float:
 def run_ours(preset_name: str, seed: int, check_every: int, data_root) -> dict:
     from digitsum.data import load_split
     from digitsum.model import training_flops_per_image
-    from digitsum.train import preset, prepare
+    from digitsum.config import preset
+    from digitsum.train import prepare
 
     config = preset(preset_name, seed=seed)
     setup = prepare(config, data_root)
@@ -141,7 +142,8 @@ def run_classic(seed: int, check_every: int, epochs: int, data_root) -> dict:
     import torchvision
     from torchvision import transforms
 
-    from digitsum.data import default_root, draw_numbers, ensure_mnist, load_split
+    from digitsum.data import draw_numbers, load_split
+    from digitsum.mnist import default_root, ensure_mnist
 
     root = data_root or default_root()
     ensure_mnist(root)

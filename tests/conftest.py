@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digitsum import data
+from digitsum import mnist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def make_synthetic_mnist(root: Path, train: int = 600, test: int = 200, seed: in
     Each class is a distinct blob position/shape plus noise, so a tiny model can learn it.
     """
     rng = np.random.default_rng(seed)
-    folder = data.raw_folder(root)
+    folder = mnist.raw_folder(root)
     table = {}
     for prefix, count in (("train", train), ("t10k", test)):
         labels = np.arange(count) % 10
@@ -31,7 +31,7 @@ def make_synthetic_mnist(root: Path, train: int = 600, test: int = 200, seed: in
             images[i, row : row + 8, col : col + 6] = 255
         for kind, array in (("images-idx3", images), ("labels-idx1", labels.astype(np.uint8))):
             path = folder / f"{prefix}-{kind}-ubyte"
-            data.write_idx(path, array)
+            mnist.write_idx(path, array)
             table[path.name] = (path.stat().st_size, hashlib.md5(path.read_bytes()).hexdigest())
     return table
 
@@ -41,7 +41,7 @@ def synthetic_root(tmp_path, monkeypatch) -> Path:
     """A data root holding a small synthetic MNIST that verifies (its MD5 table is patched in)."""
     root = tmp_path / "data"
     table = make_synthetic_mnist(root)
-    monkeypatch.setattr(data, "MNIST_FILES", table)
+    monkeypatch.setattr(mnist, "MNIST_FILES", table)
     return root
 
 
@@ -49,5 +49,5 @@ def synthetic_root(tmp_path, monkeypatch) -> Path:
 def real_root() -> Path:
     """The real MNIST, fetched once into the data root ($DIGITSUM_DATA or ./data) and reused."""
     root = Path(os.environ.get("DIGITSUM_DATA", REPO / "data"))
-    data.ensure_mnist(root)
+    mnist.ensure_mnist(root)
     return root

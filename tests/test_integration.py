@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from digitsum.train import preset, train
+from digitsum.config import preset
+from digitsum.train import train
 
 pytestmark = pytest.mark.slow
 

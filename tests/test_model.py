@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from digitsum import checkpoint
 from digitsum.checkpoint import CheckpointError
-from digitsum.model import (DigitSumNet, MaxPool2x2, ModelConfig, fold_batchnorm, inference_model,
-                            training_flops_per_image)
+from digitsum.config import ModelConfig
+from digitsum.model import DigitSumNet, MaxPool2x2, fold_batchnorm, inference_model, training_flops_per_image
 
 SMALL = ModelConfig(channels=(8, 16), sum_hidden=32)
 

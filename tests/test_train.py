@@ -10,8 +10,8 @@ import torch
 
 from digitsum import checkpoint
 from digitsum.errors import DigitsumError, Interrupted
-from digitsum.model import ModelConfig
-from digitsum.train import TrainConfig, train
+from digitsum.config import ModelConfig, TrainConfig
+from digitsum.train import train
 
 TINY = TrainConfig(epochs=2, batch_size=50, lr=0.05, val_size=100, bf16="off",
                    model=ModelConfig(channels=(8, 16), sum_hidden=32))
@@ -147,7 +147,7 @@ def test_grid_training_of_the_sum_block_learns_the_synthetic_sums(synthetic_root
 
 
 def test_presets_differ_only_where_they_say_and_flags_override_them():
-    from digitsum.train import PRESETS, preset
+    from digitsum.config import PRESETS, preset
 
     assert preset("fast").epochs == PRESETS["fast"].epochs and preset("fast").preset == "fast"
     assert preset("best", epochs=3, seed=7).epochs == 3 and preset("best", seed=7).seed == 7

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from digitsum.data import write_atomic
 from digitsum.errors import DigitsumError
+from digitsum.files import write_atomic
 from digitsum.model import DigitSumNet, ModelConfig
 
 FORMAT = "digitsum-checkpoint-v1"

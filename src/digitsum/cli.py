@@ -6,16 +6,15 @@ Errors a user can cause (DigitsumError) print one line on stderr and exit with c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-from dataclasses import replace
+import typing
 from pathlib import Path
 
+from digitsum.config import PRESETS, ModelConfig, TrainConfig, preset, read_config_file
 from digitsum.errors import DigitsumError, Interrupted
-
-# train.PRESETS' names, spelled out so that `digitsum --help` does not import torch (tested equal).
-PRESET_NAMES = ("default", "fast", "best")
 
 LATEST_MODEL = Path("runs") / "latest" / "model.pt"
 
@@ -38,9 +37,6 @@ def _checked(convert, accept, expected: str):
 
 
 _number = _checked(int, lambda v: 0 <= v <= 9, "number must be an integer in 0..9")
-_positive_int = _checked(int, lambda v: v >= 1, "expected a positive integer")
-_non_negative_int = _checked(int, lambda v: v >= 0, "expected an integer >= 0")
-_positive_float = _checked(float, lambda v: v > 0, "expected a number > 0")
 _port = _checked(int, lambda v: 0 <= v <= 65535, "port must be an integer in 0..65535 (0 = any free port)")
 # 64 = serve.MAX_WORKERS (serve is imported only to run)
 _workers = _checked(int, lambda v: 1 <= v <= 64, "workers must be an integer in 1..64")
@@ -58,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_data(args) -> int:
-    from digitsum.data import ensure_mnist
+    from digitsum.mnist import ensure_mnist
 
     folder = ensure_mnist(args.data_root, source=args.source, force=args.force)
     print(f"MNIST verified in {folder}")
@@ -67,46 +63,141 @@ def cmd_data(args) -> int:
 
 # ----------------------------------------------------------------------------- train
 
-# Flags that map one to one onto TrainConfig / ModelConfig fields (default None = "use the preset").
-TRAIN_FLAGS = {
-    "epochs": (_positive_int, "number of epochs"),
-    "batch_size": (_positive_int, "images per batch"),
-    "lr": (_positive_float, "peak learning rate of the one-cycle schedule"),
-    "optimizer": (str, "sgd or adamw"),
-    "weight_decay": (float, "weight decay (not applied to BatchNorm and biases)"),
-    "label_smoothing": (float, "label smoothing of both cross-entropies"),
-    "val_size": (_non_negative_int, "training images held out for validation (deterministic split)"),
-    "train_limit": (_non_negative_int, "train on the first N training images only (0 = all)"),
-    "seed": (int, "seed for the split, the numbers, initialisation and shuffling"),
-    "device": (str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"),
-    "bf16": (str, "bfloat16 autocast: auto (on a CUDA GPU with bf16, on a CPU with AMX-BF16; stored in the "
-                  "run and reused on resume), on, off"),
-    "ema": (float, "decay of the weight moving average used for evaluation (0 = off)"),
-}
+# Every TrainConfig field and every field of its ModelConfig is a flag of `digitsum train`, generated
+# from the dataclass (config_flags): --name-with-dashes, the type from the annotation, choices and help
+# from the field's metadata (config.setting). Model fields have no prefix (--channels 16,32,64).
+# Fields that are not flags of their own: --preset chooses the recipe, `model` is its fields' flags.
+NOT_FLAGS = {"preset", "model"}
 
 
-def _train_config(args):
-    from digitsum.train import preset
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text}") from None
 
-    overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
-    if args.sum_input is not None or args.sum_hidden is not None:
-        from digitsum.train import PRESETS
 
-        base = PRESETS.get(args.preset, PRESETS["default"]).model
-        model_overrides = {k: v for k, v in (("sum_input", args.sum_input), ("sum_hidden", args.sum_hidden))
-                           if v is not None}
-        overrides["model"] = replace(base, **model_overrides)
-    return preset(args.preset, **overrides), overrides
+def _decimal(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text}") from None
+
+
+def _integers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas (e.g. 16,32,64), got {text}") from None
+
+
+FLAG_TYPES = {int: _integer, float: _decimal, str: str, tuple[int, ...]: _integers}
+
+
+def config_flags() -> list[tuple[str, str, dataclasses.Field, object]]:
+    """(flag, dest, field, annotation) of every user-settable field of TrainConfig and ModelConfig.
+
+    dest is "train.NAME" or "model.NAME" (train_config_from_args maps it back). Nothing is listed by
+    hand but NOT_FLAGS, so fields added to or removed from the dataclasses come and go as flags.
+    """
+    flags = []
+    for section, cls in (("train", TrainConfig), ("model", ModelConfig)):
+        annotations = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            if not (section == "train" and field.name in NOT_FLAGS):
+                flags.append(("--" + field.name.replace("_", "-"), f"{section}.{field.name}", field,
+                              annotations[field.name]))
+    return flags
+
+
+def _checked_by(check, convert):
+    """An argparse type: `convert`, then reject the value if the field's `check` names a problem."""
+    def parse(text: str):
+        value = convert(text)
+        problem = check(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    return parse
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add config_flags() to `parser` (default None: the value comes from --preset or --config)."""
+    group = parser.add_argument_group(
+        "settings", "Each flag sets one field of the run's settings (config.json's \"train\" section; model "
+        "fields without a prefix) over the preset's or --config's value. (default preset: X) is "
+        "`default`'s value; booleans take --NAME / --no-NAME.")
+    base, taken = PRESETS["default"], set()
+    for flag, dest, field, annotation in config_flags():
+        if flag in taken:  # a model field named like a training field would be ambiguous
+            raise RuntimeError(f"two settings would both be {flag}")
+        taken.add(flag)
+        default = getattr(base.model if dest.startswith("model.") else base, field.name)
+        text = field.metadata.get("help", field.name.replace("_", " ")).replace("%", "%%")
+        options: dict = {"dest": dest, "default": None, "help": f"{text} (default preset: {_shown(default)})",
+                         "metavar": "N,N,..." if annotation == tuple[int, ...] else field.name.upper()}
+        if annotation is bool:
+            options["action"] = argparse.BooleanOptionalAction
+            del options["metavar"]
+        elif annotation in FLAG_TYPES:
+            convert = FLAG_TYPES[annotation]
+            options["type"] = _checked_by(field.metadata["check"], convert) if "check" in field.metadata else convert
+        else:
+            raise TypeError(f"no flag type for the setting {dest} ({annotation})")
+        if "choices" in field.metadata:
+            options["choices"] = list(field.metadata["choices"])
+            del options["metavar"]  # argparse shows {a,b,c}
+        group.add_argument(flag, **options)
+
+
+def config_overrides(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(TrainConfig fields, ModelConfig fields) given on the command line."""
+    given: dict[str, dict] = {"train": {}, "model": {}}
+    for dest, value in vars(args).items():
+        section, _, name = dest.partition(".")
+        if section in given and name and value is not None:
+            given[section][name] = value
+    return given["train"], given["model"]
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The settings a `digitsum train` command line means: --config's file or --preset's recipe (they
+    exclude each other), with every given setting flag over it. Not validated (TrainConfig.validate)."""
+    train_values, model_values = config_overrides(args)
+    if args.config is not None:
+        if args.preset is not None:
+            raise DigitsumError("--config repeats a saved run's settings and --preset would replace them all; "
+                                "give one of the two")
+        base = read_config_file(args.config)
+    else:
+        base = preset(args.preset or "default")
+    try:
+        return dataclasses.replace(base, **train_values, model=dataclasses.replace(base.model, **model_values))
+    except ValueError as error:  # ModelConfig's own checks (e.g. channels)
+        raise DigitsumError(str(error)) from None
 
 
 def cmd_train(args) -> int:
+    if args.resume:
+        if any(config_overrides(args)) or args.out or args.preset is not None or args.config is not None:
+            raise DigitsumError("--resume continues a run with its saved settings; "
+                                "do not combine it with --preset, --config, --out or setting flags")
+        config = None  # the run's own, from its last.pt
+    else:
+        config = train_config_from_args(args).validate()  # every value, before torch, data or folders
+    from digitsum.device import reuse_freed_memory
     from digitsum.train import train
 
-    config, overrides = _train_config(args)
+    reuse_freed_memory()  # process-wide (1.2x images/s on a CPU): this process, or each torchrun process
     if args.resume:
-        if overrides or args.out or args.preset != "default":
-            raise DigitsumError("--resume continues a run with its saved settings; "
-                                "do not combine it with --preset, --out or training flags")
         train(config, resume=args.resume, data_root=args.data_root)
         return 0
     train(config, out_dir=args.out, data_root=args.data_root, overwrite=args.overwrite)
@@ -207,6 +298,7 @@ def _save_view(view, path: Path) -> str | None:
 
 
 def cmd_predict(args) -> int:
+    from digitsum.device import reuse_freed_memory
     from digitsum.predict import load_predictor, predict
 
     if (args.number is None) == (args.numbers is None):
@@ -215,6 +307,7 @@ def cmd_predict(args) -> int:
         raise DigitsumError(f"--numbers has {len(args.numbers)} values for {len(args.images)} images")
     if args.show_dir:
         _check_show_dir(Path(args.show_dir))  # before any work: a bad folder must not cost the predictions
+    reuse_freed_memory()  # process-wide: up to 2x faster batches on Linux
     model, _ = load_predictor(args.checkpoint)
     views: list = []
     results = predict(model, args.images, args.number if args.numbers is None else args.numbers, views)
@@ -293,21 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 "confusion.png, mistakes.png) and points runs/latest at it. Under torchrun "
                                 "(torchrun --nproc-per-node N -m digitsum train ...) the N processes train one model "
                                 "with DistributedDataParallel, --batch-size per process; rank 0 writes the run.")
-    train.add_argument("--preset", default="default", choices=list(PRESET_NAMES),
-                       help="named recipe; explicit flags override its values (default: default)")
+    train.add_argument("--preset", default=None, choices=list(PRESETS),
+                       help="named recipe; setting flags override its values (default: default)")
+    train.add_argument("--config", default=None, metavar="CONFIG_JSON",
+                       help="repeat a run: its config.json's \"train\" section (or a JSON object of such settings) "
+                            "instead of a preset; setting flags override it; bf16 auto is pinned to the precision the "
+                            "run resolved it to (pass --bf16 auto to decide again); not with --preset")
     train.add_argument("--out", default=None, help="run folder (default: runs/<date>-<time>-<preset>)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train.add_argument("--resume", default=None, metavar="LAST_PT",
                        help="continue an interrupted run from its last.pt (e.g. runs/latest/last.pt)")
     train.add_argument("--data-root", default=None, help=_data_root_help())
-    for name, (kind, text) in TRAIN_FLAGS.items():
-        train.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text + " (default: preset's)")
-    # The choices are model.SUM_INPUTS, spelled out so that --help does not import torch.
-    train.add_argument("--sum-input", default=None, choices=["onehot", "softmax", "logits", "log_softmax"],
-                       help="what of the digit head feeds the sum block: onehot = the predicted digit, "
-                            "trained through the softmax (default: preset's)")
-    train.add_argument("--sum-hidden", type=_non_negative_int, default=None,
-                       help="hidden units of the sum block, 0 = one linear layer 20->19 (default: preset's)")
+    add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="test-set and grid metrics of a checkpoint",

@@ -14,25 +14,12 @@ import time
 import torch
 import torch.nn as nn
 
+from digitsum.config import check_device_name
 from digitsum.errors import DigitsumError
 
 
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-
-
-def check_device_name(name: object) -> str:
-    """Why `name` is not a device this project accepts (auto, cpu, cuda, cuda:N, mps), or "" when it is.
-
-    Syntax only: nothing is asked of the hardware, so configs can be checked before any work starts.
-    """
-    if not isinstance(name, str):
-        return f"device must be a string, got {name!r}"
-    if name in ("auto", "cpu", "cuda", "mps"):
-        return ""
-    if name.startswith("cuda:") and name[5:].isdigit() and name[5:].isascii():
-        return ""
-    return f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N or mps"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -142,7 +129,9 @@ _KEEP_BELOW = 1 << 30  # allocations under 1 GiB come from the heap, and the hea
 def reuse_freed_memory() -> bool:
     """Keep freed tensor memory in the process for the next batch (Linux/glibc; elsewhere a no-op).
 
-    Process-wide and idempotent; train.prepare and predict.load_predictor call it. The cost: memory
+    Process-wide and idempotent, so it is set where a process starts, not by library functions:
+    the CLI's train and predict commands (torchrun's processes run `digitsum train` too) and the
+    server's processes (serve.run, serve.app_from_env) call it. The cost: memory
     a run has freed is not given back to the OS until the process ends (the peak stays resident).
     Returns whether the setting took effect.
     """

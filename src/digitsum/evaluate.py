@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from digitsum import checkpoint, plots
-from digitsum.data import NUM_NUMBERS, Split, WriteError, batches, load_split, write_atomic, write_error
+from digitsum.data import NUM_NUMBERS, Split, batches, load_split
 from digitsum.device import autocast, resolve_device
+from digitsum.files import WriteError, write_atomic, write_error
 from digitsum.model import NUM_DIGITS, DigitSumNet
 
 

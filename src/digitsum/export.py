@@ -34,8 +34,9 @@ import torch.nn as nn
 
 from digitsum import __version__
 from digitsum.checkpoint import load_model
-from digitsum.data import (MEAN, STD, default_root, ensure_mnist, file_problem, raw_folder, read_idx, standardize,
-                           write_atomic)
+from digitsum.data import MEAN, STD, standardize
+from digitsum.files import write_atomic
+from digitsum.mnist import default_root, ensure_mnist, file_problem, raw_folder, read_idx
 from digitsum.model import NUM_NUMBERS, DigitSumNet
 from digitsum.onnx_backend import (INSTALL_HINT, METADATA_KEY, ONNX_INPUTS, ONNX_OUTPUTS, OnnxBackend, OnnxError,
                                    _first_line)

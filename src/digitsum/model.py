@@ -3,96 +3,22 @@
     image (B,1,28,28) -> CNN trunk -> digit logits (B,10)
     [digit representation (B,10) ; one_hot(number) (B,10)] = (B,20) -> FC block -> sum logits (B,19)
 
-This file imports nothing from the project, so it can be read (and copied) on its own.
+Its settings, ModelConfig, live in config.py (no torch there); this file imports nothing else from the project.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from digitsum.config import ModelConfig
+
 NUM_DIGITS, NUM_NUMBERS, NUM_SUMS = 10, 10, 19
 IMAGE_SIZE = 28
-MAX_STAGES = 4  # 28 -> 14 -> 7 -> 3 -> 1
-MAX_CHANNELS = 4096  # far above any preset (128); bounds what a config or checkpoint may ask to build
-SUM_INPUTS = ("softmax", "onehot", "logits", "log_softmax")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything that decides the architecture (saved in every checkpoint)."""
-
-    # One stage = `convs_per_stage` 3x3 conv+BN+ReLU layers, then a 2x2 max-pool.
-    channels: tuple[int, ...] = (16, 32, 64)
-    convs_per_stage: int = 1
-    # 2: the first conv has stride 2 and replaces the first max-pool (28x28 -> 14x14 at once), which
-    # skips the one full-resolution activation, the memory-bound part of a small CNN. Measured on
-    # `default`: ~1.3x inference images/s but -0.08 and -0.18 validation points, so `default` keeps
-    # stride 1; `fast` uses it (with norm_after_pool), where speed is the point.
-    first_stride: int = 1
-    # True: each stage's last BatchNorm+ReLU come after its max-pool (conv -> pool -> BN -> ReLU), so
-    # they touch a quarter of the values - in training, where BN cannot be folded away, that is most
-    # of the memory-bound work. A different net (BN normalises pooled values), not a rewrite of the
-    # same one; `fast` uses it with first_stride=2 (benchmarks/train_speed.py).
-    norm_after_pool: bool = False
-    batchnorm: bool = True  # False: plain conv (with bias) + ReLU, for the ablation in benchmarks/recipe.py
-    dropout: float = 0.0  # before the digit classifier
-    # What of the digit head feeds the sum block, and whether the sum loss trains the CNN too.
-    sum_input: str = "onehot"
-    sum_hidden: int = 128  # 0 = the original single linear layer 20 -> 19
-    detach_sum_input: bool = False
-
-    def __post_init__(self):
-        # JSON round trips turn tuples into lists; keep the dataclass hashable and comparable.
-        if isinstance(self.channels, (str, bytes)) or not hasattr(self.channels, "__iter__"):
-            raise ValueError(f"channels must be a list of integers, got {self.channels!r}")
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in self.channels):
-            raise ValueError(f"channels must be a list of integers, got {list(self.channels)!r}")
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        if self.sum_input not in SUM_INPUTS:
-            raise ValueError(f"sum_input must be one of {SUM_INPUTS}, got {self.sum_input!r}")
-
-    def validate(self) -> "ModelConfig":
-        """Raise ValueError (one line) unless every field has a type and range the network can use.
-
-        Cheap and builds nothing, so callers run it before any data, file or model exists.
-        """
-        def whole(name: str, low: int, high: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"model {name} must be an integer in {low}..{high}, got {value!r}")
-
-        channels = self.channels
-        if not 1 <= len(channels) <= MAX_STAGES:  # each stage halves 28x28; a fifth would leave 0x0
-            raise ValueError(f"model channels must list 1..{MAX_STAGES} stages, got {list(channels)}")
-        if not all(1 <= c <= MAX_CHANNELS for c in channels):
-            raise ValueError(f"model channels must each be in 1..{MAX_CHANNELS}, got {list(channels)}")
-        whole("convs_per_stage", 1, 8)
-        if self.first_stride not in (1, 2) or isinstance(self.first_stride, bool):
-            raise ValueError(f"model first_stride must be 1 or 2, got {self.first_stride!r}")
-        for name in ("norm_after_pool", "batchnorm", "detach_sum_input"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"model {name} must be true or false, got {getattr(self, name)!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"model dropout must be in [0, 1), got {self.dropout!r}")
-        whole("sum_hidden", 0, MAX_CHANNELS)
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown model settings: {sorted(unknown)}")
-        return cls(**values)
 
 
 def conv_block(in_channels: int, out_channels: int, batchnorm: bool = True, stride: int = 1,

@@ -12,7 +12,8 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from digitsum.data import Split, write_atomic  # noqa: E402
+from digitsum.data import Split  # noqa: E402
+from digitsum.files import write_atomic  # noqa: E402
 
 
 def _save(figure, path: Path) -> None:

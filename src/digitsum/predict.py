@@ -15,7 +15,7 @@ import torch
 from digitsum.data import NUM_NUMBERS, normalize
 from digitsum.errors import DigitsumError
 from digitsum.checkpoint import load_model
-from digitsum.device import autocast, bf16_pays_off, reuse_freed_memory
+from digitsum.device import autocast, bf16_pays_off
 from digitsum.model import DigitSumNet, inference_model
 from digitsum.preprocess import (MAX_FILE_BYTES, MAX_SIDE, ImageError, ImageSource, NotAnImageError, _name, grayscale,  # noqa: F401
                                  ink_map, mnist_layout, open_image, preprocess_view)
@@ -48,14 +48,14 @@ def _top(probabilities: torch.Tensor, k: int = 3) -> list[dict]:
 
 def load_predictor(path: str | os.PathLike) -> tuple[DigitSumNet, dict]:
     """(model ready for inference, metadata) from a checkpoint: eval mode, BatchNorm folded in,
-    ReLU after max-pool, channels-last (model.inference_model). Also keeps freed memory in the
-    process (device.reuse_freed_memory), which makes batches up to 2x faster on Linux.
-    A `.onnx` path gives an onnxruntime backend instead (onnx_backend.load_onnx), which classify accepts."""
+    ReLU after max-pool, channels-last (model.inference_model). A process that predicts many
+    batches should call device.reuse_freed_memory() once at its start (the CLI and the server do): up to
+    2x faster batches on Linux. A `.onnx` path gives an onnxruntime backend instead (onnx_backend.load_onnx),
+    which classify accepts."""
     if Path(path).suffix.lower() == ".onnx":  # `digitsum export`'s graph, run by onnxruntime
         from digitsum.onnx_backend import load_onnx
 
         return load_onnx(path)
-    reuse_freed_memory()
     model, metadata = load_model(path)
     return inference_model(model), metadata
 

@@ -50,6 +50,7 @@ from PIL import Image
 
 from digitsum import __version__
 from digitsum.data import NUM_NUMBERS
+from digitsum.device import reuse_freed_memory
 from digitsum.errors import DigitsumError
 from digitsum.onnx_backend import BACKENDS, load_backend
 from digitsum.predict import ImageError, NotAnImageError, _top, classify, preprocess
@@ -900,6 +901,7 @@ def app_from_env() -> "FastAPI":
         raise DigitsumError(f"{CHECKPOINT_ENV} is not set; start workers with `digitsum serve --workers N`")
     # One intra-op thread per worker: N workers already use N cores, more threads only fight over them.
     torch.set_num_threads(1)
+    reuse_freed_memory()  # process-wide: this is the worker process's start
     try:
         app = create_app(checkpoint, backend=os.environ.get(BACKEND_ENV) or None)
     except Exception as error:  # one line, and uvicorn's startup-failure code: the supervisor then
@@ -986,6 +988,7 @@ def run(checkpoint_path: str | os.PathLike, host: str = "127.0.0.1", port: int =
             # One intra-op thread: requests are single images, and extra threads only fight over the
             # cores (set first: the onnxruntime backend takes its thread count from torch's).
             torch.set_num_threads(1)
+            reuse_freed_memory()  # process-wide: set here, at the serving process's start
             app = create_app(checkpoint_path, backend=backend)
             print(f"digitsum serving {checkpoint_path} {where}", flush=True)
             build_server(app, access_log=access_log).run(sockets=[sock])

@@ -18,7 +18,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -30,170 +30,19 @@ from tqdm import tqdm
 
 import digitsum
 from digitsum import checkpoint, distributed, plots
-from digitsum.data import NUM_NUMBERS, Split, batches, load_split, random_affine, resolve_root, write_atomic
+from digitsum.config import TrainConfig, config_problem, describe
+from digitsum.data import NUM_NUMBERS, Split, batches, load_split, random_affine
 from digitsum.errors import DigitsumError, Interrupted
 from digitsum.distributed import World, all_reduce_sum
-from digitsum.device import autocast, bf16_pays_off, check_device_name, resolve_device, reuse_freed_memory
+from digitsum.device import autocast, bf16_pays_off, resolve_device
 from digitsum.evaluate import evaluate_checkpoint, measure, summary_line
-from digitsum.model import DigitSumNet, ModelConfig
+from digitsum.files import write_atomic
+from digitsum.mnist import resolve_root
+from digitsum.model import DigitSumNet
 
 RUN_FILES = ("config.json", "metrics.csv", "model.pt", "last.pt")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_digit_accuracy", "train_sum_accuracy", "val_loss",
                   "val_digit_accuracy", "val_sum_accuracy", "lr", "seconds")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a training run (saved in config.json and in every checkpoint)."""
-
-    preset: str = "default"
-    epochs: int = 16
-    batch_size: int = 256
-    optimizer: str = "sgd"  # sgd (Nesterov momentum 0.9) or adamw
-    lr: float = 0.3  # peak of the one-cycle schedule
-    sum_lr_scale: float = 13.0  # the sum block learns addition slowly at the CNN's rate (see README)
-    warmup: float = 0.2  # fraction of steps spent rising to the peak
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    digit_loss_weight: float = 1.0
-    sum_loss_weight: float = 1.0
-    # Batch augmentation (0 = off): degrees, +-fraction, degrees, pixels.
-    rotate: float = 8.0
-    scale: float = 0.08
-    shear: float = 0.0
-    translate: float = 1.5
-    redraw_numbers: bool = False  # fresh numbers each batch instead of the stored ones
-    sum_all_numbers: bool = False  # train the sum block on every image with every number 0..9
-    ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
-    val_size: int = 5000
-    train_limit: int = 0  # train on the first N training images only (0 = all)
-    seed: int = 0
-    device: str = "auto"
-    bf16: str = "auto"  # auto: bf16 autocast where the hardware runs it faster (device.bf16_pays_off); on; off
-    channels_last: bool = True
-    model: ModelConfig = field(default_factory=ModelConfig)
-
-    def validate(self) -> "TrainConfig":
-        """Raise DigitsumError (one line) unless every setting has a usable type, range and finite value.
-
-        Runs before any data is loaded or any file or folder is written (train() calls it for new
-        runs and on a resumed run's saved settings), so a bad value costs nothing and leaves nothing.
-        """
-        problem = config_problem(self)
-        if problem:
-            raise DigitsumError(problem)
-        return self
-
-    def to_dict(self) -> dict:
-        values = asdict(self)
-        values["model"] = self.model.to_dict()
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        values = dict(values)
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise DigitsumError(f"unknown training settings: {sorted(unknown)}")
-        values["model"] = ModelConfig.from_dict(values.get("model", {}))
-        return cls(**values)
-
-
-# Seeds: torch.manual_seed takes 0..2**64-1, and the data draws each split's numbers with seed * 10 + stream
-# (data.load_split, stream <= 3), which must fit too.
-MAX_SEED = (2**64 - 1 - 3) // 10
-MAX_EPOCHS = 100_000
-
-
-def config_problem(config: TrainConfig) -> str:
-    """Why `config` cannot be trained (one line), or "" when every field is usable."""
-    def number(name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> str:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"{name} must be a finite number, got {value!r}"
-        if value < low or (low_open and value == low) or value > high or (high_open and value == high):
-            if high == math.inf:
-                return f"{name} must be {'>' if low_open else '>='} {low:g}, got {value!r}"
-            return (f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, "
-                    f"got {value!r}")
-        return ""
-
-    def whole(name: str, low: int, high: int) -> str:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            return f"{name} must be an integer in {low}..{high}, got {value!r}"
-        return ""
-
-    checks = [
-        "" if config.preset in PRESETS else f"preset must be one of {', '.join(PRESETS)}, got {config.preset!r}",
-        whole("epochs", 1, MAX_EPOCHS),
-        whole("batch_size", 1, 1 << 20),
-        "" if config.optimizer in ("sgd", "adamw") else f"optimizer must be sgd or adamw, got {config.optimizer!r}",
-        number("lr", 0, math.inf, low_open=True),
-        number("sum_lr_scale", 0, math.inf, low_open=True),
-        number("warmup", 0, 1),
-        number("weight_decay", 0, math.inf),
-        number("label_smoothing", 0, 1, high_open=True),
-        number("digit_loss_weight", 0, math.inf),
-        number("sum_loss_weight", 0, math.inf),
-        "" if (config.digit_loss_weight or config.sum_loss_weight) or not isinstance(config.digit_loss_weight, (int, float))
-        else "digit_loss_weight and sum_loss_weight cannot both be 0 (nothing would be trained)",
-        number("rotate", 0, 180),
-        number("scale", 0, 1, high_open=True),  # a zoom of 1 - scale must stay > 0
-        number("shear", 0, 90, high_open=True),  # tan(90 degrees) is infinite
-        number("translate", 0, 28),
-        number("ema", 0, 1, high_open=True),
-        whole("val_size", 0, 1 << 31),
-        whole("train_limit", 0, 1 << 31),
-        whole("seed", 0, MAX_SEED),
-        check_device_name(config.device),
-        "" if config.bf16 in ("auto", "on", "off") else f"bf16 must be auto, on or off, got {config.bf16!r}",
-    ]
-    for name in ("redraw_numbers", "sum_all_numbers", "channels_last"):
-        if not isinstance(getattr(config, name), bool):
-            checks.append(f"{name} must be true or false, got {getattr(config, name)!r}")
-    if not isinstance(config.model, ModelConfig):
-        checks.append(f"model must be a ModelConfig, got {type(config.model).__name__}")
-    else:
-        try:
-            config.model.validate()
-        except ValueError as error:
-            checks.append(str(error))
-    return next((problem for problem in checks if problem), "")
-
-
-# Named recipes. Explicit flags override a preset's values. Each was chosen on the validation
-# split; the README lists the measurements behind them.
-PRESETS: dict[str, TrainConfig] = {
-    # What `make train` runs: 99.5% in 90-100 s of training on a 2-core CPU. Dropout 0.25 before
-    # the digit classifier won on validation (benchmarks/recipe.py: +0.06 and +0.02 points, seeds 0, 1).
-    "default": TrainConfig(model=ModelConfig(dropout=0.25)),
-    # Time-to-99%: two epochs, no augmentation, light weight decay, and a cheaper layout of the same
-    # channels - a stride-2 first conv instead of the first pool, BatchNorm after each later pool -
-    # that skips most memory-bound work (1.9x training images/s on a 2-core CPU, benchmarks/train_speed.py).
-    "fast": TrainConfig(preset="fast", epochs=2, weight_decay=1e-4, rotate=0.0, scale=0.0, translate=0.0,
-                        model=ModelConfig(first_stride=2, norm_after_pool=True)),
-    # Accuracy: a deeper, wider CNN, stronger augmentation, longer, and the sum block trained on
-    # every image with every number.
-    "best": TrainConfig(preset="best", epochs=20, lr=0.2, sum_lr_scale=20.0, rotate=10.0, scale=0.1, translate=2.0,
-                        sum_all_numbers=True, model=ModelConfig(channels=(32, 64, 128), convs_per_stage=2)),
-}
-
-
-def preset(name: str, **overrides) -> TrainConfig:
-    """A preset's TrainConfig with `overrides` applied (model settings via model=ModelConfig)."""
-    if name not in PRESETS:
-        raise DigitsumError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return replace(PRESETS[name], preset=name, **overrides)
-
-
-def describe(config: TrainConfig) -> str:
-    """The settings as one readable block (printed at the start of a run)."""
-    values = config.to_dict()
-    model = values.pop("model")
-    lines = [f"  {k} = {v}" for k, v in values.items()] + [f"  model.{k} = {v}" for k, v in model.items()]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
@@ -535,13 +384,11 @@ def prepare(config: TrainConfig, data_root=None, bf16: bool | None = None, world
     """Data on the device, a seeded model, optimizer, schedule and weight average for `config`.
 
     `bf16` is a precision decided before (a resumed run's stored one); None resolves config.bf16.
-    Also keeps freed memory in the process (device.reuse_freed_memory): 1.2x images/s on a CPU.
     With a `world` (torchrun, process group joined) the model is wrapped in DistributedDataParallel,
     each rank's schedule counts its own steps (its 1/N of the training set) and each rank gets its
     own seeded augmentation generator and global RNG (dropout).
     """
     config.validate()
-    reuse_freed_memory()
     device = resolve_device(config.device)
     if world is not None:
         device = distributed.rank_device(world, device)
@@ -581,7 +428,7 @@ def prepare(config: TrainConfig, data_root=None, bf16: bool | None = None, world
 # ----------------------------------------------------------------------------- the whole run
 
 
-def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, data_root=None, overwrite: bool = False,
+def train(config: TrainConfig | None, out_dir: str | os.PathLike | None = None, data_root=None, overwrite: bool = False,
           resume: str | os.PathLike | None = None, log=print, progress: bool | None = None,
           stop_after: int | None = None, evaluate_test: bool = True, figures: bool = True) -> dict:
     """Train a DigitSumNet, write the run folder, evaluate on the test set; return a summary.

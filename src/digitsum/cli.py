@@ -89,13 +89,10 @@ def _train_config(args):
     from digitsum.train import preset
 
     overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
-    if args.sum_input is not None or args.sum_hidden is not None:
+    if args.sum_hidden is not None:
         from digitsum.train import PRESETS
 
-        base = PRESETS.get(args.preset, PRESETS["default"]).model
-        model_overrides = {k: v for k, v in (("sum_input", args.sum_input), ("sum_hidden", args.sum_hidden))
-                           if v is not None}
-        overrides["model"] = replace(base, **model_overrides)
+        overrides["model"] = replace(PRESETS.get(args.preset, PRESETS["default"]).model, sum_hidden=args.sum_hidden)
     return preset(args.preset, **overrides), overrides
 
 
@@ -302,12 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-root", default=None, help=_data_root_help())
     for name, (kind, text) in TRAIN_FLAGS.items():
         train.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text + " (default: preset's)")
-    # The choices are model.SUM_INPUTS, spelled out so that --help does not import torch.
-    train.add_argument("--sum-input", default=None, choices=["onehot", "softmax", "logits", "log_softmax"],
-                       help="what of the digit head feeds the sum block: onehot = the predicted digit, "
-                            "trained through the softmax (default: preset's)")
     train.add_argument("--sum-hidden", type=_non_negative_int, default=None,
-                       help="hidden units of the sum block, 0 = one linear layer 20->19 (default: preset's)")
+                       help="hidden units of the sum block 20 -> N -> 19, N >= 1 (default: preset's)")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="test-set and grid metrics of a checkpoint",

@@ -1,7 +1,7 @@
 """DigitSumNet: an image and a number in, digit logits and sum logits out.
 
     image (B,1,28,28) -> CNN trunk -> digit logits (B,10)
-    [digit representation (B,10) ; one_hot(number) (B,10)] = (B,20) -> FC block -> sum logits (B,19)
+    [one_hot(predicted digit) (B,10) ; one_hot(number) (B,10)] = (B,20) -> FC block -> sum logits (B,19)
 
 This file imports nothing from the project, so it can be read (and copied) on its own.
 """
@@ -20,7 +20,32 @@ NUM_DIGITS, NUM_NUMBERS, NUM_SUMS = 10, 10, 19
 IMAGE_SIZE = 28
 MAX_STAGES = 4  # 28 -> 14 -> 7 -> 3 -> 1
 MAX_CHANNELS = 4096  # far above any preset (128); bounds what a config or checkpoint may ask to build
-SUM_INPUTS = ("softmax", "onehot", "logits", "log_softmax")
+
+# Settings that once chose ablation variants inside DigitSumNet and the training loop. Those variants
+# are no longer built here (the benchmark named builds its own); old checkpoints and config.json files
+# still carry the settings. The one table for both dataclasses (section "model": ModelConfig,
+# "train": TrainConfig): name -> (the value every shipped model had, where the variant lives now).
+RETIRED_SETTINGS: dict[str, dict[str, tuple[object, str]]] = {
+    "model": {"sum_input": ("onehot", "benchmarks/sum_block.py"),
+              "detach_sum_input": (False, "benchmarks/sum_block.py"),
+              "batchnorm": (True, "benchmarks/recipe.py")},
+    "train": {"digit_loss_weight": (1.0, ""), "sum_loss_weight": (1.0, ""), "shear": (0.0, ""),
+              "redraw_numbers": (False, ""), "channels_last": (True, "")},
+}
+
+
+def drop_retired(values: dict, section: str) -> dict:
+    """`values` without the RETIRED_SETTINGS of `section` that hold their shipped value; a ValueError
+    (one line) naming the first that holds another (an ablation variant this version does not build)."""
+    kept = dict(values)
+    for name, (shipped, where) in RETIRED_SETTINGS[section].items():
+        if name not in kept:
+            continue
+        value = kept.pop(name)
+        if value != shipped or isinstance(value, bool) != isinstance(shipped, bool):
+            raise ValueError(f"{section} setting {name} = {value!r} was an ablation variant that is no longer "
+                             f"built (only {shipped!r} is{'; ' + where + ' builds the variants' if where else ''})")
+    return kept
 
 
 @dataclass(frozen=True)
@@ -40,12 +65,8 @@ class ModelConfig:
     # of the memory-bound work. A different net (BN normalises pooled values), not a rewrite of the
     # same one; `fast` uses it with first_stride=2 (benchmarks/train_speed.py).
     norm_after_pool: bool = False
-    batchnorm: bool = True  # False: plain conv (with bias) + ReLU, for the ablation in benchmarks/recipe.py
     dropout: float = 0.0  # before the digit classifier
-    # What of the digit head feeds the sum block, and whether the sum loss trains the CNN too.
-    sum_input: str = "onehot"
-    sum_hidden: int = 128  # 0 = the original single linear layer 20 -> 19
-    detach_sum_input: bool = False
+    sum_hidden: int = 128  # hidden units of the sum block 20 -> sum_hidden -> 19
 
     def __post_init__(self):
         # JSON round trips turn tuples into lists; keep the dataclass hashable and comparable.
@@ -54,8 +75,6 @@ class ModelConfig:
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in self.channels):
             raise ValueError(f"channels must be a list of integers, got {list(self.channels)!r}")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        if self.sum_input not in SUM_INPUTS:
-            raise ValueError(f"sum_input must be one of {SUM_INPUTS}, got {self.sum_input!r}")
 
     def validate(self) -> "ModelConfig":
         """Raise ValueError (one line) unless every field has a type and range the network can use.
@@ -75,12 +94,14 @@ class ModelConfig:
         whole("convs_per_stage", 1, 8)
         if self.first_stride not in (1, 2) or isinstance(self.first_stride, bool):
             raise ValueError(f"model first_stride must be 1 or 2, got {self.first_stride!r}")
-        for name in ("norm_after_pool", "batchnorm", "detach_sum_input"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"model {name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.norm_after_pool, bool):
+            raise ValueError(f"model norm_after_pool must be true or false, got {self.norm_after_pool!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"model dropout must be in [0, 1), got {self.dropout!r}")
-        whole("sum_hidden", 0, MAX_CHANNELS)
+        if self.sum_hidden == 0 and not isinstance(self.sum_hidden, bool):
+            raise ValueError("model sum_hidden = 0 (one linear layer 20 -> 19) was an ablation variant that is no "
+                             "longer built (benchmarks/sum_block.py builds it)")
+        whole("sum_hidden", 1, MAX_CHANNELS)
         return self
 
     def to_dict(self) -> dict:
@@ -88,6 +109,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
+        """The config saved by to_dict (also an older version's: see RETIRED_SETTINGS); ValueError if unusable."""
+        values = drop_retired(values, "model")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(values) - known
         if unknown:
@@ -95,13 +118,23 @@ class ModelConfig:
         return cls(**values)
 
 
-def conv_block(in_channels: int, out_channels: int, batchnorm: bool = True, stride: int = 1,
-               pool: bool = False) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, stride: int = 1, pool: bool = False) -> nn.Sequential:
     """3x3 conv -> BN -> ReLU, or with `pool` conv -> 2x2 max-pool -> BN -> ReLU."""
     # bias=False with BatchNorm: its shift makes a conv bias redundant.
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=not batchnorm)
-    norm = nn.BatchNorm2d(out_channels) if batchnorm else nn.Identity()
-    return nn.Sequential(conv, *([nn.MaxPool2d(2)] if pool else []), norm, nn.ReLU(inplace=True))
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+    return nn.Sequential(conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(out_channels),
+                         nn.ReLU(inplace=True))
+
+
+def predicted_digit_onehot(digit_logits: torch.Tensor) -> torch.Tensor:
+    """The predicted digit as a one-hot vector (B,10) that passes the softmax's gradient.
+
+    Straight-through estimator: the forward value is exactly one of ten inputs, the backward pass
+    is the softmax's, so the sum loss still trains the CNN.
+    """
+    soft = digit_logits.float().softmax(dim=1)
+    hard = F.one_hot(soft.argmax(dim=1), NUM_DIGITS).to(soft.dtype)
+    return hard + (soft - soft.detach())  # parenthesised so the value is exactly `hard`
 
 
 class DigitSumNet(nn.Module):
@@ -118,7 +151,7 @@ class DigitSumNet(nn.Module):
             for conv in range(config.convs_per_stage):
                 stride = config.first_stride if stage == conv == 0 else 1
                 pool_inside = pooled and config.norm_after_pool and conv == config.convs_per_stage - 1
-                layers.append(conv_block(in_channels, out_channels, config.batchnorm, stride, pool_inside))
+                layers.append(conv_block(in_channels, out_channels, stride, pool_inside))
                 in_channels = out_channels
             if pooled and not config.norm_after_pool:
                 layers.append(nn.MaxPool2d(2))
@@ -129,36 +162,16 @@ class DigitSumNet(nn.Module):
             nn.Dropout(config.dropout),
             nn.Linear(in_channels * size * size, NUM_DIGITS),  # derived, never a magic number
         )
-        sum_in = NUM_DIGITS + NUM_NUMBERS  # 20
-        if config.sum_hidden > 0:
-            self.sum_block = nn.Sequential(
-                nn.Linear(sum_in, config.sum_hidden), nn.ReLU(inplace=True),
-                nn.Linear(config.sum_hidden, NUM_SUMS),
-            )
-        else:
-            self.sum_block = nn.Linear(sum_in, NUM_SUMS)
-
-    def digit_representation(self, digit_logits: torch.Tensor) -> torch.Tensor:
-        """What of the digit head the sum block sees (config.sum_input)."""
-        if self.config.detach_sum_input:
-            digit_logits = digit_logits.detach()
-        if self.config.sum_input == "softmax":
-            return digit_logits.float().softmax(dim=1)
-        if self.config.sum_input == "onehot":
-            # The predicted digit as a one-hot vector, with the softmax's gradient (straight-through
-            # estimator): the forward pass is exactly one of ten inputs, the backward pass is smooth.
-            soft = digit_logits.float().softmax(dim=1)
-            hard = F.one_hot(soft.argmax(dim=1), NUM_DIGITS).to(soft.dtype)
-            return hard + (soft - soft.detach())  # parenthesised so the value is exactly `hard`
-        if self.config.sum_input == "log_softmax":
-            return digit_logits.float().log_softmax(dim=1)
-        return digit_logits.float()
+        self.sum_block = nn.Sequential(
+            nn.Linear(NUM_DIGITS + NUM_NUMBERS, config.sum_hidden), nn.ReLU(inplace=True),
+            nn.Linear(config.sum_hidden, NUM_SUMS),
+        )
 
     def add(self, digit_logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         """Sum logits (B,19) from digit logits (B,10) and numbers (B,) in 0..9."""
-        one_hot = F.one_hot(numbers, NUM_NUMBERS).to(torch.float32)  # (B,10)
-        pair = torch.cat([self.digit_representation(digit_logits), one_hot], dim=1)  # (B,20)
-        return self.sum_block(pair)  # (B,19)
+        digit = predicted_digit_onehot(digit_logits)  # (B,10)
+        number = F.one_hot(numbers, NUM_NUMBERS).to(torch.float32)  # (B,10)
+        return self.sum_block(torch.cat([digit, number], dim=1))  # (B,20) -> (B,19)
 
     def forward(self, image: torch.Tensor, number: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image (B,1,28,28) normalised, number (B,) int64 -> (digit_logits (B,10), sum_logits (B,19))."""
@@ -237,6 +250,5 @@ def training_flops_per_image(config: ModelConfig) -> int:
         if not (stage == 0 and config.first_stride == 2):
             size //= 2
     flops += 2 * in_channels * size * size * NUM_DIGITS
-    sum_in = NUM_DIGITS + NUM_NUMBERS
-    flops += 2 * (sum_in * config.sum_hidden + config.sum_hidden * NUM_SUMS) if config.sum_hidden else 2 * sum_in * NUM_SUMS
+    flops += 2 * ((NUM_DIGITS + NUM_NUMBERS) * config.sum_hidden + config.sum_hidden * NUM_SUMS)
     return 3 * flops

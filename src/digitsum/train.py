@@ -749,8 +749,10 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
                              "environment": run_environment, "run": str(run_dir)}}
 
     def save_last(epoch: int, val_metrics: dict) -> None:
+        # Under torchrun each rank's streams are in rank_states; the top-level CPU one is rank 0's.
+        global_rng = rng_states(device) if world is None else {"torch_rng": torch.get_rng_state()}
         resume_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "generator": generator.get_state(), **rng_states(device), "rows": rows,
+                        "generator": generator.get_state(), **global_rng, "rows": rows,
                         "best_score": list(best_score) if best_score is not None else None}
         if ema is not None:  # "model" is the average; the trained weights and its step count come here
             resume_state["model_train"] = model.state_dict()

@@ -452,7 +452,7 @@ def test_every_preset_passes_validation_and_an_unknown_field_value_type_does_not
     for config in PRESETS.values():
         config.validate()
     for bad in ({"epochs": 0}, {"epochs": "3"}, {"batch_size": 0}, {"warmup": 1.5}, {"rotate": float("nan")},
-                {"scale": 1.0}, {"channels_last": "yes"}, {"preset": "../x"},
+                {"scale": 1.0}, {"sum_all_numbers": "yes"}, {"preset": "../x"},
                 {"model": ModelConfig(channels=(8,) * 5)}, {"model": ModelConfig(channels=(0, 8))},
                 {"model": ModelConfig(dropout=1.0)}):
         with pytest.raises(DigitsumError):

@@ -738,12 +738,13 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
         if figures:
             plots.samples(train_split.to("cpu"), run_dir / "samples.png")
 
+    train_config = config.to_dict()
+    del train_config["model"]  # it is model_config
+    run_environment = environment(device, bf16)  # once: platform.platform() reads the interpreter binary
+    del run_environment["bf16"]  # it is metadata.bf16
+
     def model_payload(epoch: int, val_metrics: dict) -> dict:
         """model.pt's layout (last.pt adds "resume"): the evaluated weights and what they are."""
-        train_config = config.to_dict()
-        del train_config["model"]  # it is model_config
-        run_environment = environment(device, bf16)
-        del run_environment["bf16"]  # it is metadata.bf16
         return {"model_config": config.model.to_dict(), "model": setup.eval_model.state_dict(),
                 "metadata": {"epoch": epoch, "val": val_metrics, "train_config": train_config, "bf16": bf16,
                              "environment": run_environment, "run": str(run_dir)}}

@@ -10,12 +10,31 @@ is chosen on; the test set is not looked at. The `default` preset stands in for 
 
 from __future__ import annotations
 
+import torch.nn as nn
 from sum_block import ablation_args, variant_results  # same folder: training runs with one change each
+
+from digitsum.model import DigitSumNet
+
+
+class NoBatchNormNet(DigitSumNet):
+    """DigitSumNet with plain convs (with a bias) + ReLU: every BatchNorm of the trunk removed."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        for block in self.trunk:
+            if isinstance(block, nn.Sequential):
+                conv = block[0]
+                block[0] = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=conv.stride,
+                                     padding=1, bias=True)
+                for index, layer in enumerate(block):
+                    if isinstance(layer, nn.BatchNorm2d):
+                        block[index] = nn.Identity()
+
 
 VARIANTS = {
     "the preset as it is": {},
-    "no BatchNorm (conv bias instead)": {"model": {"batchnorm": False}},
-    "no BatchNorm, peak lr 0.1": {"model": {"batchnorm": False}, "lr": 0.1},
+    "no BatchNorm (conv bias instead)": {"network": NoBatchNormNet},
+    "no BatchNorm, peak lr 0.1": {"network": NoBatchNormNet, "lr": 0.1},
     "no dropout": {"model": {"dropout": 0.0}},
     "dropout 0.25 before the digit classifier": {"model": {"dropout": 0.25}},
     "no label smoothing": {"label_smoothing": 0.0},

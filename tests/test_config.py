@@ -104,7 +104,7 @@ def test_every_train_flag_of_earlier_versions_still_exists():
     subcommands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = {option for action in subcommands.choices["train"]._actions for option in action.option_strings}
     for flag in ("--epochs", "--batch-size", "--lr", "--optimizer", "--weight-decay", "--label-smoothing", "--val-size",
-                 "--train-limit", "--seed", "--device", "--bf16", "--ema", "--sum-input", "--sum-hidden", "--preset",
+                 "--train-limit", "--seed", "--device", "--bf16", "--ema", "--sum-hidden", "--preset",
                  "--out", "--resume", "--overwrite", "--data-root"):
         assert flag in options, flag
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import make_synthetic_mnist
-from digitsum import distributed
+from digitsum import checkpoint, distributed
 from digitsum.data import Split
 from digitsum.distributed import World, world_from_env
 from digitsum.errors import DigitsumError
@@ -81,7 +81,7 @@ def test_two_processes_hold_identical_weights_and_write_one_complete_run_folder(
     saved = torch.load(run_dir / "last.pt", weights_only=True)
     from digitsum.model import DigitSumNet
     model = DigitSumNet(ModelConfig.from_dict(saved["model_config"]))
-    model.load_state_dict(saved["model_train"])
+    model.load_state_dict(checkpoint.train_weights(saved))
     assert distributed.state_digest(model) == rank0["weights_sha256"]  # what rank 0 saved is what both hold
     for name in ("config.json", "metrics.csv", "model.pt", "last.pt", "curves.png", "samples.png", "eval.json",
                  "confusion.png", "mistakes.png"):
@@ -90,9 +90,10 @@ def test_two_processes_hold_identical_weights_and_write_one_complete_run_folder(
     assert (run_dir.parent / "latest").resolve() == run_dir
     config = json.loads((run_dir / "config.json").read_text())
     assert config["world_size"] == 2 and config["global_batch_size"] == 100
-    assert saved["world_size"] == 2 and len(saved["rank_states"]) == 2
+    assert saved["resume"]["world_size"] == 2 and len(saved["resume"]["rank_states"]) == 2
     # Each rank has its own augmentation stream (seeded seed * 1000 + rank).
-    assert not torch.equal(saved["rank_states"][0]["augment_generator"], saved["rank_states"][1]["augment_generator"])
+    ranks = saved["resume"]["rank_states"]
+    assert not torch.equal(ranks[0]["augment_generator"], ranks[1]["augment_generator"])
     # Only rank 0 logs: every epoch line and the final evaluation appear once.
     output = result.stdout + result.stderr
     assert output.count("training into") == 1 and output.count("epoch  1/3") == 1 and output.count("test: digit") == 1
@@ -124,7 +125,7 @@ def test_a_two_process_last_pt_is_refused_by_one_process(two_process_runs):
     stopped_copy = base / "runs" / "stopped-copy"
     stopped_copy.mkdir()
     state = torch.load(base / "runs" / "straight" / "last.pt", weights_only=True)
-    state["epoch"], state["rows"] = 1, state["rows"][:1]  # as if stopped after epoch 1
+    state["metadata"]["epoch"], state["resume"]["rows"] = 1, state["resume"]["rows"][:1]  # as if stopped after epoch 1
     torch.save(state, stopped_copy / "last.pt")
     with pytest.raises(DigitsumError, match="trained by 2 processes.*--nproc-per-node 2"):
         train(None, resume=stopped_copy / "last.pt", data_root=two_process_runs["root"], log=lambda *a: None)
@@ -199,7 +200,7 @@ def test_a_single_process_run_never_touches_torch_distributed(synthetic_root, tm
                     progress=False, figures=False, evaluate_test=False)
     assert "rank" not in summary
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert "world_size" not in state and "rank_states" not in state
+    assert "world_size" not in state["resume"] and "rank_states" not in state["resume"]
 
 
 # ----------------------------------------------------------------------------- benchmarks/gpu_check.py

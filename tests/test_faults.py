@@ -62,7 +62,7 @@ def metric_values(run_dir: Path) -> list[dict]:
 
 
 def weights(path: Path) -> dict:
-    return torch.load(path, weights_only=True)["model_train"]
+    return checkpoint.train_weights(torch.load(path, weights_only=True))
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -252,21 +252,21 @@ def test_bf16_auto_gives_identical_runs_while_another_process_loads_the_cpu(synt
     expected = device.bf16_pays_off(torch.device("cpu"))
     for name in ("a", "b"):
         assert json.loads((tmp_path / name / "config.json").read_text())["bf16"] is expected
-        assert torch.load(tmp_path / name / "last.pt", weights_only=True)["bf16"] is expected
+        assert torch.load(tmp_path / name / "last.pt", weights_only=True)["metadata"]["bf16"] is expected
 
 
 def test_resume_uses_the_stored_precision_not_a_new_decision(synthetic_root, tmp_path, monkeypatch):
     config = replace(MICRO, bf16="auto")
     run(config, synthetic_root, tmp_path / "straight")
     run(config, synthetic_root, tmp_path / "resumed", stop_after=1)
-    stored = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["bf16"]
+    stored = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["metadata"]["bf16"]
     # This machine now "decides" the other way; the resume must not follow it.
     monkeypatch.setattr(train_module, "bf16_pays_off", lambda _: not stored)
     monkeypatch.setattr(device, "bf16_pays_off", lambda _: not stored)
     log = Log()
     run(None, synthetic_root, None, resume=tmp_path / "resumed" / "last.pt", log=log)
     assert any(f"bf16 autocast: {'on' if stored else 'off'}, as stored" in line for line in log)
-    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["bf16"] is stored
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["metadata"]["bf16"] is stored
     assert_same_weights(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "resumed" / "last.pt"))
 
 
@@ -356,7 +356,7 @@ def test_a_failed_final_evaluation_leaves_a_run_that_resume_evaluates(synthetic_
     monkeypatch.setattr(train_module, "evaluate_checkpoint", real_evaluate)
     small_fs.free()
     assert not (out / "eval.json").exists()
-    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == ONE_EPOCH.epochs
+    assert torch.load(out / "last.pt", weights_only=True)["metadata"]["epoch"] == ONE_EPOCH.epochs
     summary = run(None, synthetic_root, None, resume=out / "last.pt", evaluate_test=True)
     assert json.loads((out / "eval.json").read_text())["test"] == summary["metrics"]["test"]
 
@@ -458,7 +458,7 @@ def test_every_preset_passes_validation_and_an_unknown_field_value_type_does_not
     for config in PRESETS.values():
         config.validate()
     for bad in ({"epochs": 0}, {"epochs": "3"}, {"batch_size": 0}, {"warmup": 1.5}, {"rotate": float("nan")},
-                {"scale": 1.0}, {"channels_last": "yes"}, {"preset": "../x"},
+                {"scale": 1.0}, {"sum_all_numbers": "yes"}, {"preset": "../x"},
                 {"model": ModelConfig(channels=(8,) * 5)}, {"model": ModelConfig(channels=(0, 8))},
                 {"model": ModelConfig(dropout=1.0)}):
         with pytest.raises(DigitsumError):
@@ -470,7 +470,7 @@ def test_a_diverging_loss_stops_the_run_with_one_line_and_keeps_the_last_good_ep
     with pytest.raises(DigitsumError, match="diverged: the loss became (nan|inf) in epoch 1") as error:
         run(replace(ONE_EPOCH, lr=1e30), synthetic_root, out)
     assert "\n" not in str(error.value)
-    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 0  # the good starting point
+    assert torch.load(out / "last.pt", weights_only=True)["metadata"]["epoch"] == 0  # the good starting point
     assert not (out / "model.pt").exists()  # no NaN model was saved
 
 
@@ -553,30 +553,34 @@ def test_a_failed_forced_fetch_keeps_the_files_there_were(synthetic_root, tmp_pa
 
 def _tamper(state: dict, change) -> dict:
     state = {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items() if k != "format"}
-    state["train_config"] = json.loads(json.dumps(state["train_config"]))
+    state["metadata"]["train_config"] = json.loads(json.dumps(state["metadata"]["train_config"]))
+    state["resume"] = dict(state["resume"])
     change(state)
     return state
 
 
 TAMPERINGS = {
-    "no epoch": lambda s: s.pop("epoch"),
-    "epoch as text": lambda s: s.update(epoch="1"),
-    "epoch beyond the run": lambda s: s.update(epoch=99),
-    "no rows": lambda s: s.pop("rows"),
-    "rows not one per epoch": lambda s: s.update(rows=[]),
-    "row without seconds": lambda s: s.update(rows=[{"epoch": 1}]),
-    "best score as text": lambda s: s.update(best_score="best"),
-    "batch_size 0": lambda s: s["train_config"].update(batch_size=0),
-    "label_smoothing 2": lambda s: s["train_config"].update(label_smoothing=2.0),
-    "train_config a list": lambda s: s.update(train_config=[1, 2]),
-    "unknown setting": lambda s: s["train_config"].update(speed=11),
-    "no generator": lambda s: s.pop("generator"),
-    "generator as text": lambda s: s.update(generator="seed"),
-    "no optimizer state": lambda s: s.update(optimizer=None),
-    "a weight missing": lambda s: s["model_train"].pop(next(iter(s["model_train"]))),
-    "a weight reshaped": lambda s: s["model_train"].update(
-        {k: v.reshape(-1) for k, v in s["model_train"].items() if v.ndim == 4}),
-    "bf16 as text": lambda s: s.update(bf16="yes"),
+    "no epoch": lambda s: s["metadata"].pop("epoch"),
+    "epoch as text": lambda s: s["metadata"].update(epoch="1"),
+    "epoch beyond the run": lambda s: s["metadata"].update(epoch=99),
+    "no rows": lambda s: s["resume"].pop("rows"),
+    "rows not one per epoch": lambda s: s["resume"].update(rows=[]),
+    "row without seconds": lambda s: s["resume"].update(rows=[{"epoch": 1}]),
+    "best score as text": lambda s: s["resume"].update(best_score="best"),
+    "batch_size 0": lambda s: s["metadata"]["train_config"].update(batch_size=0),
+    "label_smoothing 2": lambda s: s["metadata"]["train_config"].update(label_smoothing=2.0),
+    "train_config a list": lambda s: s["metadata"].update(train_config=[1, 2]),
+    "unknown setting": lambda s: s["metadata"]["train_config"].update(speed=11),
+    "a retired setting at another value": lambda s: s["metadata"]["train_config"].update(shear=5.0),
+    "metadata a list": lambda s: s.update(metadata=[1]),
+    "no resume section": lambda s: s.pop("resume"),
+    "no generator": lambda s: s["resume"].pop("generator"),
+    "generator as text": lambda s: s["resume"].update(generator="seed"),
+    "cuda_rng as text": lambda s: s["resume"].update(cuda_rng="seed"),
+    "no optimizer state": lambda s: s["resume"].update(optimizer=None),
+    "a weight missing": lambda s: s["model"].pop(next(iter(s["model"]))),
+    "a weight reshaped": lambda s: s["model"].update({k: v.reshape(-1) for k, v in s["model"].items() if v.ndim == 4}),
+    "bf16 as text": lambda s: s["metadata"].update(bf16="yes"),
 }
 
 
@@ -609,13 +613,9 @@ def test_a_checkpoint_declaring_a_huge_architecture_is_refused_without_building_
 
     monkeypatch.setattr(checkpoint, "DigitSumNet", Spy)
     monkeypatch.setattr(train_module, "DigitSumNet", Spy)
-    for name, key in (("model.pt", "model_config"), ("last.pt", None)):
+    for name in ("model.pt", "last.pt"):
         payload = torch.load(out / name, weights_only=True)
-        payload.pop("format")
-        if key:
-            payload[key]["channels"] = list(channels)
-        else:
-            payload["train_config"]["model"]["channels"] = list(channels)
+        payload["model_config"]["channels"] = list(channels)
         forged = tmp_path / "forged" / name
         checkpoint.save(forged, payload)
         assert forged.stat().st_size < 1_000_000  # small file, huge declared network

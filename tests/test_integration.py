@@ -37,4 +37,4 @@ def test_ctrl_c_during_training_exits_cleanly_with_a_resumable_last_pt(real_root
     assert process.returncode == 130
     assert "resume with" in err and "Traceback" not in err
     state = torch.load(out / "last.pt", weights_only=True)
-    assert state["epoch"] >= 1
+    assert state["metadata"]["epoch"] >= 1

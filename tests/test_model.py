@@ -1,4 +1,4 @@
-"""DigitSumNet: shapes, the sum block variants, learning, checkpoints."""
+"""DigitSumNet: shapes, the one-hot sum path, learning, checkpoints."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from digitsum import checkpoint
 from digitsum.checkpoint import CheckpointError
 from digitsum.config import ModelConfig
-from digitsum.model import DigitSumNet, MaxPool2x2, fold_batchnorm, inference_model, training_flops_per_image
+from digitsum.model import (DigitSumNet, MaxPool2x2, fold_batchnorm, inference_model, predicted_digit_onehot,
+                            training_flops_per_image)
 
 SMALL = ModelConfig(channels=(8, 16), sum_hidden=32)
 
@@ -23,9 +24,7 @@ def batch(size=8, seed=0):
 
 
 @pytest.mark.parametrize("config", [ModelConfig(), SMALL, ModelConfig(channels=(8, 16, 32, 64)),
-                                    ModelConfig(channels=(8,), convs_per_stage=2, sum_hidden=0),
-                                    ModelConfig(sum_input="softmax"), ModelConfig(sum_input="logits"),
-                                    ModelConfig(sum_input="log_softmax"), ModelConfig(batchnorm=False),
+                                    ModelConfig(channels=(8,), convs_per_stage=2, sum_hidden=1),
                                     ModelConfig(first_stride=2, norm_after_pool=True),
                                     ModelConfig(channels=(4, 8), convs_per_stage=2, norm_after_pool=True)])
 def test_forward_gives_10_digit_and_19_sum_logits(config):
@@ -35,14 +34,14 @@ def test_forward_gives_10_digit_and_19_sum_logits(config):
 
 
 def test_sum_block_sees_20_values_from_the_digit_head_and_the_one_hot_number():
-    model = DigitSumNet(ModelConfig(sum_hidden=0))
-    assert model.sum_block.in_features == 20 and model.sum_block.out_features == 19
+    model = DigitSumNet(ModelConfig(sum_hidden=7))
+    assert model.sum_block[0].in_features == 20 and model.sum_block[0].out_features == 7
+    assert model.sum_block[-1].out_features == 19
 
 
 def test_onehot_sum_input_is_exactly_the_predicted_digit_and_passes_the_softmax_gradient():
-    model = DigitSumNet(ModelConfig(channels=(8,), sum_input="onehot"))
     logits = torch.tensor([[0.1, 2.0, 1.9] + [0.0] * 7, [5.0] + [0.0] * 9], requires_grad=True)
-    representation = model.digit_representation(logits)
+    representation = predicted_digit_onehot(logits)
     assert torch.equal(representation, F.one_hot(torch.tensor([1, 0]), 10).float())  # exact, not 0.99999
     (representation * torch.arange(10.0)).sum().backward()  # straight-through: d/dlogits of softmax
     soft = logits.detach().softmax(1)
@@ -51,19 +50,26 @@ def test_onehot_sum_input_is_exactly_the_predicted_digit_and_passes_the_softmax_
 
 
 def test_onehot_sum_input_trains_the_cnn_through_the_sum_loss():
-    model = DigitSumNet(ModelConfig(channels=(8,), sum_input="onehot"))
+    model = DigitSumNet(ModelConfig(channels=(8,)))
     images, numbers, digits = batch()
     _, sum_logits = model(images, numbers)
     F.cross_entropy(sum_logits, digits + numbers).backward()
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.trunk.parameters())
 
 
-def test_detached_sum_input_sends_no_sum_gradient_into_the_cnn():
-    model = DigitSumNet(ModelConfig(channels=(8,), detach_sum_input=True))
-    images, numbers, digits = batch()
-    _, sum_logits = model(images, numbers)
-    F.cross_entropy(sum_logits, digits + numbers).backward()
-    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.trunk.parameters())
+def test_the_sum_block_sees_the_predicted_digit_and_the_number_as_one_hots():
+    model = DigitSumNet(SMALL).eval()
+    seen = []
+    model.sum_block.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    images, numbers, _ = batch(6)
+    digit_logits, _ = model(images, numbers)
+    expected = torch.cat([F.one_hot(digit_logits.argmax(1), 10), F.one_hot(numbers, 10)], dim=1).float()
+    assert torch.equal(seen[0], expected)
+
+
+def test_a_sum_block_without_hidden_units_is_refused_as_a_benchmark_variant():
+    with pytest.raises(ValueError, match="sum_hidden = 0.*benchmarks/sum_block.py"):
+        ModelConfig(sum_hidden=0).validate()
 
 
 def test_one_training_step_lowers_the_loss():
@@ -85,12 +91,12 @@ def test_one_training_step_lowers_the_loss():
 
 
 def test_first_stride_2_replaces_the_first_pool_and_counts_its_flops():
-    config = ModelConfig(channels=(4,), sum_hidden=0, first_stride=2)
+    config = ModelConfig(channels=(4,), sum_hidden=5, first_stride=2)
     model = DigitSumNet(config)
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.trunk)
     assert model.digit_head[-1].in_features == 4 * 14 * 14
     conv = 2 * 14 * 14 * 4 * 1 * 9
-    assert training_flops_per_image(config) == 3 * (conv + 2 * 4 * 14 * 14 * 10 + 2 * 20 * 19)
+    assert training_flops_per_image(config) == 3 * (conv + 2 * 4 * 14 * 14 * 10 + 2 * (20 * 5 + 5 * 19))
     with pytest.raises(ValueError, match="first_stride"):
         DigitSumNet(ModelConfig(first_stride=3))
 
@@ -109,10 +115,10 @@ def test_norm_after_pool_puts_batchnorm_and_relu_after_each_pool():
 
 
 def test_training_flops_count_the_convolutions_from_the_config():
-    one_stage = ModelConfig(channels=(4,), sum_hidden=0)
+    one_stage = ModelConfig(channels=(4,), sum_hidden=6)
     conv = 2 * 28 * 28 * 4 * 1 * 9
     classifier = 2 * 4 * 14 * 14 * 10
-    sum_block = 2 * 20 * 19
+    sum_block = 2 * (20 * 6 + 6 * 19)
     assert training_flops_per_image(one_stage) == 3 * (conv + classifier + sum_block)
 
 
@@ -177,7 +183,7 @@ def test_maxpool2x2_equals_maxpool2d_exactly(size):
 
 
 @pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(channels=(8, 16), convs_per_stage=2),
-                                    ModelConfig(first_stride=2), ModelConfig(batchnorm=False),
+                                    ModelConfig(first_stride=2),
                                     ModelConfig(first_stride=2, norm_after_pool=True)])
 def test_inference_model_gives_the_same_outputs_and_keeps_the_original(config):
     torch.manual_seed(3)
@@ -215,17 +221,20 @@ def test_folding_batchnorm_keeps_the_outputs():
 def test_addition_table_finds_the_one_wrong_entry_and_the_grid_counts_its_images():
     from digitsum.evaluate import addition_table, grid_metrics
 
-    model = DigitSumNet(ModelConfig(channels=(8,), sum_hidden=0, sum_input="onehot")).eval()
-    with torch.no_grad():  # a linear sum block that adds exactly: score_s = -(s - d - n)^2 expanded
+    model = DigitSumNet(ModelConfig(channels=(8,), sum_hidden=20)).eval()
+    hidden, out = model.sum_block[0], model.sum_block[-1]
+    with torch.no_grad():  # the hidden layer passes the two one-hots on (ReLU keeps 0 and 1), then a
+        hidden.weight.copy_(torch.eye(20))  # linear layer adds exactly: score_s = -(s - d - n)^2 expanded
+        hidden.bias.zero_()
         s, d = torch.arange(19.0)[:, None], torch.arange(10.0)[None, :]
-        model.sum_block.weight.copy_(torch.cat([2 * s * d, 2 * s * d], dim=1))
-        model.sum_block.bias.copy_(-torch.arange(19.0) ** 2)
+        out.weight.copy_(torch.cat([2 * s * d, 2 * s * d], dim=1))
+        out.bias.copy_(-torch.arange(19.0) ** 2)
     assert addition_table(model).all()
     digits = torch.tensor([3, 3, 5, 7])
     logits = 4.0 * F.one_hot(torch.tensor([3, 3, 5, 1]), 10).float()  # three right, one wrong digit
     assert grid_metrics(model, logits, digits)["addition_errors"] == 0
     with torch.no_grad():
-        model.sum_block.weight[7, 3] -= 100.0  # now 3 + 4 is no longer 7
+        out.weight[7, 3] -= 100.0  # now 3 + 4 is no longer 7
     table = addition_table(model)
     assert int(table.sum()) == 99 and not table[3, 4]
     assert grid_metrics(model, logits, digits)["addition_errors"] == 2  # the two right 3s, with number 4

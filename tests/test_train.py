@@ -63,17 +63,19 @@ def test_another_seed_gives_other_metrics(synthetic_root, tmp_path):
     assert metric_values(tmp_path / "a") != metric_values(tmp_path / "b")
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synthetic_root, tmp_path):
-    config = TrainConfig(**{**TINY.__dict__, "redraw_numbers": True, "rotate": 5.0})
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(synthetic_root, tmp_path, ema):
+    config = TrainConfig(**{**TINY.__dict__, "rotate": 5.0, "ema": ema})
     run(config, synthetic_root, tmp_path / "straight", evaluate_test=False)
     stopped = run(config, synthetic_root, tmp_path / "resumed", stop_after=1, evaluate_test=False)
     assert stopped["stopped"]
     run(None, synthetic_root, None, resume=tmp_path / "resumed" / "last.pt", evaluate_test=False)
-    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model_train"]
-    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["model_train"]
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        assert torch.equal(straight[name], resumed[name]), name
+    for weights in (checkpoint.train_weights, lambda payload: payload["model"]):  # trained, evaluated (EMA)
+        straight = weights(torch.load(tmp_path / "straight" / "last.pt", weights_only=True))
+        resumed = weights(torch.load(tmp_path / "resumed" / "last.pt", weights_only=True))
+        assert straight.keys() == resumed.keys()
+        for name in straight:
+            assert torch.equal(straight[name], resumed[name]), name
     assert metric_values(tmp_path / "straight") == metric_values(tmp_path / "resumed")
 
 
@@ -86,7 +88,7 @@ def test_ctrl_c_leaves_a_resumable_last_pt(synthetic_root, tmp_path):
         train(TINY, out_dir=tmp_path / "run", data_root=synthetic_root, log=interrupt_after_first_epoch,
               progress=False, figures=False)
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert state["epoch"] == 1
+    assert state["metadata"]["epoch"] == 1
     summary = run(None, synthetic_root, None, resume=tmp_path / "run" / "last.pt")
     assert summary["epochs"] == 2 and len(metric_values(tmp_path / "run")) == 2
 
@@ -133,7 +135,7 @@ def test_resuming_a_last_pt_whose_weights_do_not_fit_its_settings_is_refused(syn
     run(TINY, synthetic_root, tmp_path / "run", stop_after=1, evaluate_test=False)
     path = tmp_path / "run" / "last.pt"
     state = torch.load(path, weights_only=True)
-    state["train_config"]["model"]["channels"] = [4, 4]
+    state["model_config"]["channels"] = [4, 4]
     checkpoint.save(path, {k: v for k, v in state.items() if k != "format"})
     with pytest.raises(DigitsumError, match="does not match"):
         run(None, synthetic_root, None, resume=path)

@@ -1,8 +1,14 @@
 """Saving and loading checkpoints: plain dicts of tensors and JSON-able values.
 
 Everything here loads with `torch.load(..., weights_only=True)`, so a checkpoint can never run
-code. A checkpoint is {"format", "model_config", "model", "metadata"} plus, for last.pt, the
-optimizer, scheduler and RNG states needed to resume.
+code. model.pt and last.pt share one layout (format version 2):
+
+    {"format": "digitsum-checkpoint", "version": 2,
+     "model_config": ModelConfig.to_dict(), "model": the weights to evaluate (state dict),
+     "metadata": {"epoch", "val", "train_config", "bf16", "environment", "run"}}
+
+and last.pt adds "resume": everything else a run needs to continue exactly (see train.save_last).
+Files of an older format version are upgraded on reading, one MIGRATIONS step per version.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ from pathlib import Path
 import torch
 
 from digitsum.errors import DigitsumError
+from digitsum.config import ModelConfig, drop_retired
 from digitsum.files import write_atomic
-from digitsum.model import DigitSumNet, ModelConfig
+from digitsum.model import DigitSumNet
 
-FORMAT = "digitsum-checkpoint-v1"
+FORMAT = "digitsum-checkpoint"
+VERSION = 2
+FORMAT_V1 = "digitsum-checkpoint-v1"  # version 1 spelled its version into the format name
 
 
 class CheckpointError(DigitsumError):
@@ -27,7 +36,8 @@ class CheckpointError(DigitsumError):
 def save(path: str | os.PathLike, payload: dict) -> None:
     """Write a checkpoint atomically (an interrupted save never leaves a half-written file)."""
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **payload}, buffer)
+    payload = {k: v for k, v in payload.items() if k not in ("format", "version")}
+    torch.save({"format": FORMAT, "version": VERSION, **payload}, buffer)
     write_atomic(Path(path), buffer.getvalue())
 
 
@@ -43,9 +53,103 @@ def read(path: str | os.PathLike) -> dict:
     except Exception as error:  # torch.load raises many types for a file that is not a checkpoint
         reason = str(error).strip().splitlines()[0][:100] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a .pt file: {reason})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    return upgrade(payload, path)
+
+
+def format_version(payload: object) -> int | None:
+    """The format version of a loaded checkpoint, or None when it is not one of ours."""
+    if not isinstance(payload, dict):
+        return None
+    if payload.get("format") == FORMAT_V1:
+        return 1
+    version = payload.get("version")
+    if payload.get("format") == FORMAT and isinstance(version, int) and not isinstance(version, bool) and version >= 2:
+        return version
+    return None
+
+
+def upgrade(payload: dict, path: str | os.PathLike = "checkpoint") -> dict:
+    """The payload in the current layout (VERSION): the MIGRATIONS step of each older version in turn."""
+    version = format_version(payload)
+    if version is None:
         raise CheckpointError(f"{path} is not a digitsum checkpoint")
+    if version > VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {version}, written by a newer digitsum; "
+                              f"this one reads versions 1..{VERSION} (upgrade digitsum)")
+    while version < VERSION:
+        try:
+            payload = MIGRATIONS[version](payload)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+        version += 1
     return payload
+
+
+def _v1_train_config(values: object) -> object:
+    """A v1 train_config in v2's shape: no retired settings, no "model" section (that is model_config)."""
+    if not isinstance(values, dict):
+        return values  # not a settings dict: the readers' own checks say so
+    values = drop_retired(values, "train")
+    if isinstance(values.get("model"), dict):
+        drop_retired(values["model"], "model")  # a retired variant here is refused like in model_config
+    values.pop("model", None)
+    return values
+
+
+# v1 -> v2, the keys of a v1 last.pt that move into "resume" (the rest is model.pt's layout).
+_V1_RESUME_KEYS = ("optimizer", "scheduler", "generator", "torch_rng", "rows", "best_score", "world_size",
+                   "rank_states")
+
+
+def migrate_v1(payload: dict) -> dict:
+    """v1 -> v2. v1 model.pt was {format, model_config, model, metadata{epoch, val, train_config,
+    environment, run}}; v1 last.pt nested differently: epoch, train_config and bf16 at the top (and
+    metadata only {epoch}), model_train beside model (the same weights unless EMA was on), the whole
+    EMA state (its copy of the weights again) and the resume state at the top. Settings of ablation
+    variants this version no longer builds are dropped at their shipped values (config.RETIRED_SETTINGS),
+    any other value is a ValueError naming it."""
+    v2 = {"format": FORMAT, "version": 2}
+    if "model_config" in payload:
+        config = payload["model_config"]
+        v2["model_config"] = drop_retired(config, "model") if isinstance(config, dict) else config
+    if "model" in payload:
+        v2["model"] = payload["model"]
+    metadata = payload.get("metadata", {})
+    if not isinstance(metadata, dict):
+        v2["metadata"] = metadata  # load_model refuses it with its own message
+        return v2
+    metadata = dict(metadata)
+    if "train_config" in metadata:
+        metadata["train_config"] = _v1_train_config(metadata["train_config"])
+    if isinstance(metadata.get("environment"), dict) and "bf16" in metadata["environment"]:
+        metadata["environment"] = dict(metadata["environment"])
+        metadata.setdefault("bf16", metadata["environment"].pop("bf16"))
+    if "optimizer" in payload or "train_config" in payload:  # a last.pt
+        for name in ("epoch", "bf16"):
+            if name in payload:
+                metadata[name] = payload[name]
+        if "train_config" in payload:
+            metadata["train_config"] = _v1_train_config(payload["train_config"])
+        resume = {name: payload[name] for name in _V1_RESUME_KEYS if name in payload}
+        ema = payload.get("ema")
+        if isinstance(ema, dict):  # AveragedModel.state_dict(): n_averaged + module.* (= "model")
+            resume["model_train"] = payload.get("model_train")
+            resume["ema_n_averaged"] = ema.get("n_averaged")
+        elif "model_train" in payload:
+            v2["model"] = payload["model_train"]  # without EMA the same weights as "model": the trained ones
+        v2["resume"] = resume
+    v2["metadata"] = metadata
+    return v2
+
+
+MIGRATIONS = {1: migrate_v1}  # version -> the step that turns a payload of that version into the next
+
+
+def train_weights(payload: dict) -> dict:
+    """The weights a last.pt trains on: resume["model_train"] when they differ from the evaluated
+    "model" (a weight average is on), else "model" itself (stored once)."""
+    resume = payload.get("resume") if isinstance(payload.get("resume"), dict) else {}
+    return resume["model_train"] if "model_train" in resume else payload.get("model")
 
 
 def model_config(payload: dict, path: str | os.PathLike = "checkpoint") -> ModelConfig:

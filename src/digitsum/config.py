@@ -24,9 +24,35 @@ from digitsum.errors import DigitsumError
 
 MAX_STAGES = 4  # 28 -> 14 -> 7 -> 3 -> 1
 MAX_CHANNELS = 4096  # far above any preset (128); bounds what a config or checkpoint may ask to build
-SUM_INPUTS = ("softmax", "onehot", "logits", "log_softmax")
 OPTIMIZERS = ("sgd", "adamw")
 BF16_MODES = ("auto", "on", "off")
+
+
+# Settings that once chose ablation variants inside DigitSumNet and the training loop. Those variants
+# are no longer built there (the benchmark named builds its own); old checkpoints and config.json files
+# still carry the settings. The one table for both dataclasses (section "model": ModelConfig,
+# "train": TrainConfig): name -> (the value every shipped model had, where the variant lives now).
+RETIRED_SETTINGS: dict[str, dict[str, tuple[object, str]]] = {
+    "model": {"sum_input": ("onehot", "benchmarks/sum_block.py"),
+              "detach_sum_input": (False, "benchmarks/sum_block.py"),
+              "batchnorm": (True, "benchmarks/recipe.py")},
+    "train": {"digit_loss_weight": (1.0, ""), "sum_loss_weight": (1.0, ""), "shear": (0.0, ""),
+              "redraw_numbers": (False, ""), "channels_last": (True, "")},
+}
+
+
+def drop_retired(values: dict, section: str) -> dict:
+    """`values` without the RETIRED_SETTINGS of `section` that hold their shipped value; a ValueError
+    (one line) naming the first that holds another (an ablation variant this version does not build)."""
+    kept = dict(values)
+    for name, (shipped, where) in RETIRED_SETTINGS[section].items():
+        if name not in kept:
+            continue
+        value = kept.pop(name)
+        if value != shipped or isinstance(value, bool) != isinstance(shipped, bool):
+            raise ValueError(f"{section} setting {name} = {value!r} was an ablation variant that is no longer "
+                             f"built (only {shipped!r} is{'; ' + where + ' builds the variants' if where else ''})")
+    return kept
 
 
 def setting(default, help: str, choices: tuple | None = None):
@@ -54,14 +80,8 @@ class ModelConfig:
     # same one; `fast` uses it with first_stride=2 (benchmarks/train_speed.py).
     norm_after_pool: bool = setting(False, "each stage's last BatchNorm+ReLU after its max-pool (conv -> pool -> "
                                            "BN -> ReLU)")
-    batchnorm: bool = setting(True, "BatchNorm after each conv (off: plain conv with bias + ReLU, for the ablation "
-                                    "in benchmarks/recipe.py)")
     dropout: float = setting(0.0, "dropout before the digit classifier")
-    # What of the digit head feeds the sum block, and whether the sum loss trains the CNN too.
-    sum_input: str = setting("onehot", "what of the digit head feeds the sum block: onehot = the predicted digit, "
-                                       "trained through the softmax", choices=SUM_INPUTS)
-    sum_hidden: int = setting(128, "hidden units of the sum block, 0 = one linear layer 20->19")
-    detach_sum_input: bool = setting(False, "the sum loss does not train the CNN (the sum block's input is detached)")
+    sum_hidden: int = setting(128, "hidden units of the sum block 20 -> sum_hidden -> 19")
 
     def __post_init__(self):
         # JSON round trips turn tuples into lists; keep the dataclass hashable and comparable.
@@ -70,8 +90,6 @@ class ModelConfig:
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in self.channels):
             raise ValueError(f"channels must be a list of integers, got {list(self.channels)!r}")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        if self.sum_input not in SUM_INPUTS:
-            raise ValueError(f"sum_input must be one of {SUM_INPUTS}, got {self.sum_input!r}")
 
     def validate(self) -> "ModelConfig":
         """Raise ValueError (one line) unless every field has a type and range the network can use.
@@ -91,12 +109,14 @@ class ModelConfig:
         whole("convs_per_stage", 1, 8)
         if self.first_stride not in (1, 2) or isinstance(self.first_stride, bool):
             raise ValueError(f"model first_stride must be 1 or 2, got {self.first_stride!r}")
-        for name in ("norm_after_pool", "batchnorm", "detach_sum_input"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"model {name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.norm_after_pool, bool):
+            raise ValueError(f"model norm_after_pool must be true or false, got {self.norm_after_pool!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"model dropout must be in [0, 1), got {self.dropout!r}")
-        whole("sum_hidden", 0, MAX_CHANNELS)
+        if self.sum_hidden == 0 and not isinstance(self.sum_hidden, bool):
+            raise ValueError("model sum_hidden = 0 (one linear layer 20 -> 19) was an ablation variant that is no "
+                             "longer built (benchmarks/sum_block.py builds it)")
+        whole("sum_hidden", 1, MAX_CHANNELS)
         return self
 
     def to_dict(self) -> dict:
@@ -104,6 +124,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
+        """The config saved by to_dict (also an older version's: see RETIRED_SETTINGS); ValueError if unusable."""
+        values = drop_retired(values, "model")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(values) - known
         if unknown:
@@ -140,14 +162,10 @@ class TrainConfig:
     warmup: float = setting(0.2, "fraction of steps spent rising to the peak learning rate")
     weight_decay: float = setting(5e-4, "weight decay (not applied to BatchNorm and biases)")
     label_smoothing: float = setting(0.1, "label smoothing of both cross-entropies")
-    digit_loss_weight: float = setting(1.0, "weight of the digit cross-entropy in the loss")
-    sum_loss_weight: float = setting(1.0, "weight of the sum cross-entropy in the loss")
     # Batch augmentation (0 = off).
     rotate: float = setting(8.0, "augmentation: random rotation up to +-this many degrees (0 = off)")
     scale: float = setting(0.08, "augmentation: random zoom by up to +-this fraction (0 = off)")
-    shear: float = setting(0.0, "augmentation: random shear up to +-this many degrees (0 = off)")
     translate: float = setting(1.5, "augmentation: random shift up to +-this many pixels (0 = off)")
-    redraw_numbers: bool = setting(False, "fresh numbers each batch instead of the stored ones")
     sum_all_numbers: bool = setting(False, "train the sum block on every image with every number 0..9")
     ema: float = setting(0.0, "decay of an exponential moving average of the weights, used for evaluation "
                               "(0 = off)")
@@ -159,7 +177,6 @@ class TrainConfig:
     bf16: str = setting("auto", "bfloat16 autocast: auto (on a CUDA GPU with bf16, on a CPU with AMX-BF16: "
                                 "device.bf16_pays_off; the choice is stored in the run and reused on resume), on, off",
                         choices=BF16_MODES)
-    channels_last: bool = setting(True, "channels-last memory format for training (faster convolutions on a CPU)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the architecture"})
 
     def validate(self) -> "TrainConfig":
@@ -180,7 +197,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        values = dict(values)
+        """The settings saved by to_dict (also an older version's: see RETIRED_SETTINGS)."""
+        try:
+            values = drop_retired(values, "train")
+        except ValueError as error:
+            raise DigitsumError(str(error)) from None
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -224,13 +245,8 @@ def config_problem(config: TrainConfig) -> str:
         number("warmup", 0, 1),
         number("weight_decay", 0, math.inf),
         number("label_smoothing", 0, 1, high_open=True),
-        number("digit_loss_weight", 0, math.inf),
-        number("sum_loss_weight", 0, math.inf),
-        "" if (config.digit_loss_weight or config.sum_loss_weight) or not isinstance(config.digit_loss_weight, (int, float))
-        else "digit_loss_weight and sum_loss_weight cannot both be 0 (nothing would be trained)",
         number("rotate", 0, 180),
         number("scale", 0, 1, high_open=True),  # a zoom of 1 - scale must stay > 0
-        number("shear", 0, 90, high_open=True),  # tan(90 degrees) is infinite
         number("translate", 0, 28),
         number("ema", 0, 1, high_open=True),
         whole("val_size", 0, 1 << 31),
@@ -239,9 +255,8 @@ def config_problem(config: TrainConfig) -> str:
         check_device_name(config.device),
         "" if config.bf16 in BF16_MODES else f"bf16 must be auto, on or off, got {config.bf16!r}",
     ]
-    for name in ("redraw_numbers", "sum_all_numbers", "channels_last"):
-        if not isinstance(getattr(config, name), bool):
-            checks.append(f"{name} must be true or false, got {getattr(config, name)!r}")
+    if not isinstance(config.sum_all_numbers, bool):
+        checks.append(f"sum_all_numbers must be true or false, got {config.sum_all_numbers!r}")
     if not isinstance(config.model, ModelConfig):
         checks.append(f"model must be a ModelConfig, got {type(config.model).__name__}")
     else:

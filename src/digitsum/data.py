@@ -139,13 +139,12 @@ def random_affine(pixels: torch.Tensor, generator: torch.Generator, rotate: floa
 
 
 def batches(split: Split, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-            drop_last: bool = False, augment=None, redraw_numbers: bool = False
+            drop_last: bool = False, augment=None
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (images float (B,1,28,28) normalised, numbers, digits, sums) by indexing whole batches.
 
     The split's tensors stay wherever they are (CPU or GPU); no per-sample Python runs.
-    `augment(pixels)` transforms a [0, 1] batch before normalisation; `redraw_numbers` draws
-    fresh numbers for every batch (from `generator`) instead of the stored ones.
+    `augment(pixels)` transforms a [0, 1] batch before normalisation.
     """
     count = len(split)
     device = split.images.device
@@ -157,10 +156,7 @@ def batches(split: Split, batch_size: int, shuffle: bool = False, generator: tor
     for start in range(0, stop, batch_size):
         index = order[start : start + batch_size]
         digits = split.digits[index]
-        if redraw_numbers:
-            numbers = torch.randint(0, NUM_NUMBERS, (len(index),), generator=generator, device=device)
-        else:
-            numbers = split.numbers[index]
+        numbers = split.numbers[index]
         pixels = to_unit(split.images[index])
         if augment is not None:
             pixels = augment(pixels)

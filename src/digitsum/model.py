@@ -1,7 +1,7 @@
 """DigitSumNet: an image and a number in, digit logits and sum logits out.
 
     image (B,1,28,28) -> CNN trunk -> digit logits (B,10)
-    [digit representation (B,10) ; one_hot(number) (B,10)] = (B,20) -> FC block -> sum logits (B,19)
+    [one_hot(predicted digit) (B,10) ; one_hot(number) (B,10)] = (B,20) -> FC block -> sum logits (B,19)
 
 Its settings, ModelConfig, live in config.py (no torch there); this file imports nothing else from the project.
 """
@@ -21,13 +21,23 @@ NUM_DIGITS, NUM_NUMBERS, NUM_SUMS = 10, 10, 19
 IMAGE_SIZE = 28
 
 
-def conv_block(in_channels: int, out_channels: int, batchnorm: bool = True, stride: int = 1,
-               pool: bool = False) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, stride: int = 1, pool: bool = False) -> nn.Sequential:
     """3x3 conv -> BN -> ReLU, or with `pool` conv -> 2x2 max-pool -> BN -> ReLU."""
     # bias=False with BatchNorm: its shift makes a conv bias redundant.
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=not batchnorm)
-    norm = nn.BatchNorm2d(out_channels) if batchnorm else nn.Identity()
-    return nn.Sequential(conv, *([nn.MaxPool2d(2)] if pool else []), norm, nn.ReLU(inplace=True))
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+    return nn.Sequential(conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(out_channels),
+                         nn.ReLU(inplace=True))
+
+
+def predicted_digit_onehot(digit_logits: torch.Tensor) -> torch.Tensor:
+    """The predicted digit as a one-hot vector (B,10) that passes the softmax's gradient.
+
+    Straight-through estimator: the forward value is exactly one of ten inputs, the backward pass
+    is the softmax's, so the sum loss still trains the CNN.
+    """
+    soft = digit_logits.float().softmax(dim=1)
+    hard = F.one_hot(soft.argmax(dim=1), NUM_DIGITS).to(soft.dtype)
+    return hard + (soft - soft.detach())  # parenthesised so the value is exactly `hard`
 
 
 class DigitSumNet(nn.Module):
@@ -44,7 +54,7 @@ class DigitSumNet(nn.Module):
             for conv in range(config.convs_per_stage):
                 stride = config.first_stride if stage == conv == 0 else 1
                 pool_inside = pooled and config.norm_after_pool and conv == config.convs_per_stage - 1
-                layers.append(conv_block(in_channels, out_channels, config.batchnorm, stride, pool_inside))
+                layers.append(conv_block(in_channels, out_channels, stride, pool_inside))
                 in_channels = out_channels
             if pooled and not config.norm_after_pool:
                 layers.append(nn.MaxPool2d(2))
@@ -55,36 +65,16 @@ class DigitSumNet(nn.Module):
             nn.Dropout(config.dropout),
             nn.Linear(in_channels * size * size, NUM_DIGITS),  # derived, never a magic number
         )
-        sum_in = NUM_DIGITS + NUM_NUMBERS  # 20
-        if config.sum_hidden > 0:
-            self.sum_block = nn.Sequential(
-                nn.Linear(sum_in, config.sum_hidden), nn.ReLU(inplace=True),
-                nn.Linear(config.sum_hidden, NUM_SUMS),
-            )
-        else:
-            self.sum_block = nn.Linear(sum_in, NUM_SUMS)
-
-    def digit_representation(self, digit_logits: torch.Tensor) -> torch.Tensor:
-        """What of the digit head the sum block sees (config.sum_input)."""
-        if self.config.detach_sum_input:
-            digit_logits = digit_logits.detach()
-        if self.config.sum_input == "softmax":
-            return digit_logits.float().softmax(dim=1)
-        if self.config.sum_input == "onehot":
-            # The predicted digit as a one-hot vector, with the softmax's gradient (straight-through
-            # estimator): the forward pass is exactly one of ten inputs, the backward pass is smooth.
-            soft = digit_logits.float().softmax(dim=1)
-            hard = F.one_hot(soft.argmax(dim=1), NUM_DIGITS).to(soft.dtype)
-            return hard + (soft - soft.detach())  # parenthesised so the value is exactly `hard`
-        if self.config.sum_input == "log_softmax":
-            return digit_logits.float().log_softmax(dim=1)
-        return digit_logits.float()
+        self.sum_block = nn.Sequential(
+            nn.Linear(NUM_DIGITS + NUM_NUMBERS, config.sum_hidden), nn.ReLU(inplace=True),
+            nn.Linear(config.sum_hidden, NUM_SUMS),
+        )
 
     def add(self, digit_logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         """Sum logits (B,19) from digit logits (B,10) and numbers (B,) in 0..9."""
-        one_hot = F.one_hot(numbers, NUM_NUMBERS).to(torch.float32)  # (B,10)
-        pair = torch.cat([self.digit_representation(digit_logits), one_hot], dim=1)  # (B,20)
-        return self.sum_block(pair)  # (B,19)
+        digit = predicted_digit_onehot(digit_logits)  # (B,10)
+        number = F.one_hot(numbers, NUM_NUMBERS).to(torch.float32)  # (B,10)
+        return self.sum_block(torch.cat([digit, number], dim=1))  # (B,20) -> (B,19)
 
     def forward(self, image: torch.Tensor, number: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image (B,1,28,28) normalised, number (B,) int64 -> (digit_logits (B,10), sum_logits (B,19))."""
@@ -163,6 +153,5 @@ def training_flops_per_image(config: ModelConfig) -> int:
         if not (stage == 0 and config.first_stride == 2):
             size //= 2
     flops += 2 * in_channels * size * size * NUM_DIGITS
-    sum_in = NUM_DIGITS + NUM_NUMBERS
-    flops += 2 * (sum_in * config.sum_hidden + config.sum_hidden * NUM_SUMS) if config.sum_hidden else 2 * sum_in * NUM_SUMS
+    flops += 2 * ((NUM_DIGITS + NUM_NUMBERS) * config.sum_hidden + config.sum_hidden * NUM_SUMS)
     return 3 * flops

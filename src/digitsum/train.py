@@ -3,7 +3,7 @@
     train(config, ...) -> runs/<name>/{config.json, metrics.csv, model.pt, last.pt, curves.png,
                                         samples.png, eval.json, confusion.png, mistakes.png}
 
-Loss = digit_loss_weight * CE(digit) + sum_loss_weight * CE(sum). The data lives on the device
+Loss = CE(digit) + CE(sum). The data lives on the device
 as uint8 tensors and batches are made by indexing a random permutation (see data.batches).
 """
 
@@ -79,15 +79,16 @@ def loss_fn(digit_logits, sum_logits, digits, sums, config: TrainConfig) -> torc
     """The joint loss; logits are cast to float32 so bf16 autocast never reaches the softmax."""
     digit_loss = F.cross_entropy(digit_logits.float(), digits, label_smoothing=config.label_smoothing)
     sum_loss = F.cross_entropy(sum_logits.float(), sums, label_smoothing=config.label_smoothing)
-    return config.digit_loss_weight * digit_loss + config.sum_loss_weight * sum_loss
+    return digit_loss + sum_loss
 
 
 def augmenter(config: TrainConfig, generator: torch.Generator):
     """The batch augmentation a config asks for, or None."""
-    if not (config.rotate or config.scale or config.shear or config.translate):
+    if not (config.rotate or config.scale or config.translate):
         return None
+    # No shear: random_affine still draws its (zero-width) shear angle, so the random stream is v1's.
     return partial(random_affine, generator=generator, rotate=config.rotate, scale=config.scale,
-                   shear=config.shear, translate=config.translate)
+                   translate=config.translate)
 
 
 def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: TrainConfig,
@@ -101,7 +102,7 @@ def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: Tra
 
     With a `world` (torchrun), `model` is the DistributedDataParallel wrapper: every rank draws the
     same permutation from `generator` (seeded alike on all ranks) and trains on its own contiguous
-    slice of it, augmenting and redrawing numbers from its own `augment_generator`; the returned
+    slice of it, augmenting from its own `augment_generator`; the returned
     metrics are summed over all ranks, so every rank returns the same numbers.
     """
     model.train()
@@ -110,19 +111,17 @@ def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: Tra
     if world is None:
         steps = len(train_split) // config.batch_size
         epoch_batches = batches(train_split, config.batch_size, shuffle=True, generator=generator, drop_last=True,
-                                augment=augmenter(config, generator), redraw_numbers=config.redraw_numbers)
+                                augment=augmenter(config, generator))
     else:
         shard = rank_shard(train_split, world, generator)
         steps = len(shard) // config.batch_size
         epoch_batches = batches(shard, config.batch_size, shuffle=False, generator=augment_generator,
-                                drop_last=True, augment=augmenter(config, augment_generator),
-                                redraw_numbers=config.redraw_numbers)
+                                drop_last=True, augment=augmenter(config, augment_generator))
     network = getattr(model, "module", model)  # the DigitSumNet itself (under DDP, model.module)
     bar = tqdm(total=steps, disable=not progress, leave=False, unit="batch", dynamic_ncols=True)
     seen = 0
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     for images, numbers, digits, sums in epoch_batches:
-        images = images.contiguous(memory_format=memory_format)
+        images = images.contiguous(memory_format=torch.channels_last)  # the layout CPU convolutions prefer
         with autocast(device, bf16):
             digit_logits, sum_logits = model(images, numbers)
         if config.sum_all_numbers:
@@ -259,19 +258,21 @@ def remove_stale_temporaries(run_dir: Path) -> None:
                 stale.unlink()
 
 
-_TENSOR_DICTS = ("model_train", "optimizer", "scheduler")
+def _is_rng_state(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.ndim == 1
 
 
 def resume_state_problem(payload: dict, config: TrainConfig) -> str:
     """Why a last.pt's training state is not usable with its saved settings (one line), or ""."""
-    epoch = payload.get("epoch")
+    metadata, resume = payload["metadata"], payload["resume"]
+    epoch = metadata.get("epoch")
     if isinstance(epoch, bool) or not isinstance(epoch, int):
-        return f"epoch is missing or not an integer ({epoch!r})"
+        return f"metadata.epoch is missing or not an integer ({epoch!r})"
     if not 0 <= epoch <= config.epochs:
-        return f"epoch {epoch} is outside 0..{config.epochs}"
-    rows = payload.get("rows")
+        return f"metadata.epoch {epoch} is outside 0..{config.epochs}"
+    rows = resume.get("rows")
     if not isinstance(rows, list) or len(rows) != epoch:
-        return f"rows must list one metrics row per finished epoch ({epoch}), got {type(rows).__name__}"
+        return f"resume.rows must list one metrics row per finished epoch ({epoch}), got {type(rows).__name__}"
     for row in rows:
         if not isinstance(row, dict) or set(row) - set(METRIC_COLUMNS) or "seconds" not in row:
             return f"a metrics row is malformed ({str(row)[:60]})"
@@ -279,48 +280,56 @@ def resume_state_problem(payload: dict, config: TrainConfig) -> str:
             float(row["seconds"])
         except (TypeError, ValueError):
             return f"a metrics row has seconds {row['seconds']!r}"
-    best = payload.get("best_score")
+    best = resume.get("best_score")
     if best is not None and not (isinstance(best, (list, tuple)) and 1 <= len(best) <= 3
                                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in best)):
-        return f"best_score is malformed ({str(best)[:60]})"
+        return f"resume.best_score is malformed ({str(best)[:60]})"
     if epoch > 0 and best is None:
-        return "best_score is missing"
-    for name in _TENSOR_DICTS:
-        if not isinstance(payload.get(name), dict):
-            return f"{name} is missing"
-    if config.ema and not isinstance(payload.get("ema"), dict):
-        return "ema is missing (the settings use a weight average)"
+        return "resume.best_score is missing"
+    for name in ("optimizer", "scheduler"):
+        if not isinstance(resume.get(name), dict):
+            return f"resume.{name} is missing"
+    if config.ema:
+        if not isinstance(resume.get("model_train"), dict):
+            return "resume.model_train is missing (the settings use a weight average)"
+        if not isinstance(resume.get("ema_n_averaged"), torch.Tensor):
+            return "resume.ema_n_averaged is missing (the settings use a weight average)"
     for name in ("generator", "torch_rng"):
-        value = payload.get(name)
-        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.ndim != 1:
-            return f"{name} is missing or not a random-number state"
-    if "bf16" in payload and not isinstance(payload["bf16"], bool):
-        return f"bf16 must be true or false, got {payload['bf16']!r}"
-    if "world_size" in payload:  # written by a torchrun run: every rank's random streams
-        size, ranks = payload["world_size"], payload.get("rank_states")
+        if not _is_rng_state(resume.get(name)):
+            return f"resume.{name} is missing or not a random-number state"
+    cuda = resume.get("cuda_rng")
+    if cuda is not None and not (isinstance(cuda, list) and all(_is_rng_state(state) for state in cuda)):
+        return "resume.cuda_rng is not a list of random-number states"
+    if "bf16" in metadata and not isinstance(metadata["bf16"], bool):
+        return f"metadata.bf16 must be true or false, got {metadata['bf16']!r}"
+    if "world_size" in resume:  # written by a torchrun run: every rank's random streams
+        size, ranks = resume["world_size"], resume.get("rank_states")
         if isinstance(size, bool) or not isinstance(size, int) or size < 2:
-            return f"world_size must be an integer >= 2, got {size!r}"
+            return f"resume.world_size must be an integer >= 2, got {size!r}"
         if not isinstance(ranks, list) or len(ranks) != size:
-            return f"rank_states must hold one entry per process ({size})"
+            return f"resume.rank_states must hold one entry per process ({size})"
         for entry in ranks:
             if not isinstance(entry, dict) or not all(
-                    isinstance(entry.get(name), torch.Tensor) and entry[name].dtype == torch.uint8
-                    for name in ("augment_generator", "torch_rng")):
-                return "rank_states holds an entry that is not a random-number state"
+                    _is_rng_state(entry.get(name)) for name in ("augment_generator", "torch_rng")):
+                return "resume.rank_states holds an entry that is not a random-number state"
     return ""
 
 
 def load_resume_state(path: Path) -> tuple[TrainConfig, dict]:
-    """The config and state saved in a last.pt, checked field by field so that a tampered or
+    """The config and checkpoint payload of a last.pt, checked field by field so that a tampered or
     foreign file is one clear CheckpointError, and a finished run with an eval.json is refused."""
     payload = checkpoint.read(path)
-    if "optimizer" not in payload or "train_config" not in payload:
+    if not isinstance(payload.get("resume"), dict):
         raise checkpoint.CheckpointError(f"{path} is not resumable (it holds weights only; pass a run's last.pt)")
+    metadata = payload.get("metadata")
     try:
-        if not isinstance(payload["train_config"], dict):
-            raise TypeError(f"train_config is a {type(payload['train_config']).__name__}, not a dict")
-        config = TrainConfig.from_dict(payload["train_config"])
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("train_config"), dict):
+            raise TypeError("metadata.train_config is not a dict")
+        model_config = checkpoint.model_config(payload, path)
+        config = TrainConfig.from_dict({**metadata["train_config"], "model": model_config.to_dict()})
     except (TypeError, ValueError, DigitsumError) as error:
+        if isinstance(error, checkpoint.CheckpointError):
+            raise
         raise checkpoint.CheckpointError(f"{path} holds settings this version does not know ({error})") from None
     problem = config_problem(config)
     if problem:
@@ -329,10 +338,13 @@ def load_resume_state(path: Path) -> tuple[TrainConfig, dict]:
     if problem:
         raise checkpoint.CheckpointError(f"{path} is damaged or not a digitsum last.pt ({problem})")
     # The weights must fit the saved architecture before anything is built from it (see checkpoint.check_weights).
-    checkpoint.check_weights(payload["model_train"], config.model, path, what="model_train")
-    if payload["epoch"] >= config.epochs and (path.parent / "eval.json").exists():
+    checkpoint.check_weights(payload.get("model"), config.model, path, what="model")
+    if "model_train" in payload["resume"]:
+        checkpoint.check_weights(payload["resume"]["model_train"], config.model, path, what="resume.model_train")
+    epoch = metadata["epoch"]
+    if epoch >= config.epochs and (path.parent / "eval.json").exists():
         raise checkpoint.CheckpointError(
-            f"{path} is a finished run ({payload['epoch']}/{config.epochs} epochs, evaluated in "
+            f"{path} is a finished run ({epoch}/{config.epochs} epochs, evaluated in "
             f"{path.parent / 'eval.json'}); nothing to resume (re-evaluate with: digitsum evaluate {path.parent / 'model.pt'})")
     return config, payload
 
@@ -351,7 +363,7 @@ class Setup:
     ema: AveragedModel | None
     generator: torch.Generator
     # Under torchrun: this rank's place, the DDP wrapper that trains `model`, and this rank's own
-    # generator for augmentation and redrawn numbers (`generator` then only draws the shared permutation).
+    # generator for augmentation (`generator` then only draws the shared permutation).
     world: World | None = None
     ddp: torch.nn.Module | None = None
     augment_generator: torch.Generator | None = None
@@ -405,9 +417,7 @@ def prepare(config: TrainConfig, data_root=None, bf16: bool | None = None, world
                             f"of each of the {world.size} processes (lower --batch-size)")
 
     torch.manual_seed(config.seed)
-    model = DigitSumNet(config.model).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = DigitSumNet(config.model).to(device, memory_format=torch.channels_last)
     steps_per_epoch = per_rank // config.batch_size
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * config.epochs)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
@@ -500,9 +510,9 @@ def _quiet(*args) -> None:
 def check_world_size(state: dict, world: World | None, path: Path) -> None:
     """A last.pt continues exactly only with as many processes as it was trained by (the data
     slices, step counts and per-rank random streams depend on it): refuse another count."""
-    saved = state.get("world_size", 1)
+    saved = state["resume"].get("world_size", 1)
     now = world.size if world is not None else 1
-    if saved != now and state["epoch"] < state["train_config"].get("epochs", 0):
+    if saved != now and state["metadata"]["epoch"] < state["metadata"]["train_config"].get("epochs", 0):
         how = (f"torchrun --nproc-per-node {saved} -m digitsum train --resume {path}" if saved > 1
                else f"digitsum train --resume {path} (one process, without torchrun)")
         raise DigitsumError(f"{path} was trained by {saved} process{'es' if saved > 1 else ''}, "
@@ -514,20 +524,20 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
            world: World | None = None) -> dict:
     """The run itself, once every check has passed (see train)."""
     main = world is None or world.main
-    if state is not None and state["epoch"] >= config.epochs:
+    if state is not None and state["metadata"]["epoch"] >= config.epochs:
         if not main:  # rank 0 alone finishes the run; the others wait for it
             distributed.barrier()
             return {"run_dir": run_dir, "epochs": config.epochs, "rank": world.rank}
         log(f"{run_dir} finished training but has no eval.json (its final evaluation did not happen); "
             "running it now")
-        summary = finish(config, run_dir, list(state["rows"]), data_root, log, evaluate_test, figures)
+        summary = finish(config, run_dir, list(state["resume"]["rows"]), data_root, log, evaluate_test, figures)
         if world is not None:
             distributed.barrier()
         return summary
 
     stored_bf16 = None
     if state is not None:
-        stored_bf16 = state.get("bf16")
+        stored_bf16 = state["metadata"].get("bf16")
         if stored_bf16 is None:  # last.pt of an older version: the choice is in config.json's environment
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 stored_bf16 = json.loads((run_dir / "config.json").read_text())["environment"]["bf16"]
@@ -547,23 +557,25 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
     best_score, start_epoch = None, 0
     if state is not None:
         try:
-            model.load_state_dict(state["model_train"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            generator.set_state(state["generator"])
+            resume_state = state["resume"]
+            model.load_state_dict(checkpoint.train_weights(state))
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+            if ema is not None:  # the average is the evaluated "model"; only its step count is extra
+                ema.load_state_dict({"n_averaged": resume_state["ema_n_averaged"],
+                                     **{f"module.{name}": value for name, value in state["model"].items()}})
+            generator.set_state(resume_state["generator"])
             if world is None:
-                torch.set_rng_state(state["torch_rng"])
+                restore_rng_states(resume_state, device, log)
             else:
-                restore_rank_state(setup, state["rank_states"][world.rank])
+                restore_rank_state(setup, resume_state["rank_states"][world.rank])
         except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
             reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
             raise checkpoint.CheckpointError(f"{resume} does not match the run's saved settings ({reason})") from None
-        start_epoch, rows = state["epoch"], list(state["rows"])
+        start_epoch, rows = state["metadata"]["epoch"], list(state["resume"]["rows"])
         if main:
             remove_stale_temporaries(run_dir)
-        best_score = tuple(state["best_score"]) if state["best_score"] is not None else None
+        best_score = tuple(state["resume"]["best_score"]) if state["resume"]["best_score"] is not None else None
         log(f"resuming {run_dir} at epoch {start_epoch + 1}/{config.epochs} "
             f"(bf16 autocast: {'on' if bf16 else 'off'}, as stored)")
     elif main:
@@ -580,23 +592,35 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
         if figures:
             plots.samples(train_split.to("cpu"), run_dir / "samples.png")
 
-    def save_last(epoch: int) -> None:
-        payload = {
-            "model_config": config.model.to_dict(), "model": setup.eval_model.state_dict(),
-            "model_train": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
-            "rows": rows, "best_score": list(best_score) if best_score is not None else None,
-            "train_config": config.to_dict(), "bf16": bf16, "metadata": {"epoch": epoch}}
+    train_config = config.to_dict()
+    del train_config["model"]  # it is model_config
+    run_environment = environment(device, bf16)  # once: platform.platform() reads the interpreter binary
+    del run_environment["bf16"]  # it is metadata.bf16
+
+    def model_payload(epoch: int, val_metrics: dict) -> dict:
+        """model.pt's layout (last.pt adds "resume"): the evaluated weights and what they are."""
+        return {"model_config": config.model.to_dict(), "model": setup.eval_model.state_dict(),
+                "metadata": {"epoch": epoch, "val": val_metrics, "train_config": train_config, "bf16": bf16,
+                             "environment": run_environment, "run": str(run_dir)}}
+
+    def save_last(epoch: int, val_metrics: dict) -> None:
+        # Under torchrun each rank's streams are in rank_states; the top-level CPU one is rank 0's.
+        global_rng = rng_states(device) if world is None else {"torch_rng": torch.get_rng_state()}
+        resume_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "generator": generator.get_state(), **global_rng, "rows": rows,
+                        "best_score": list(best_score) if best_score is not None else None}
+        if ema is not None:  # "model" is the average; the trained weights and its step count come here
+            resume_state["model_train"] = model.state_dict()
+            resume_state["ema_n_averaged"] = ema.n_averaged
         if world is not None:
             # Every rank's own random streams, so that a resume continues each of them exactly.
-            payload["world_size"] = world.size
-            payload["rank_states"] = distributed.gather_objects(rank_state(setup))
+            resume_state["world_size"] = world.size
+            resume_state["rank_states"] = distributed.gather_objects(rank_state(setup))
         if main:
-            checkpoint.save(run_dir / "last.pt", payload)
+            checkpoint.save(run_dir / "last.pt", {**model_payload(epoch, val_metrics), "resume": resume_state})
 
     if state is None:
-        save_last(0)  # so that even an interrupted first epoch leaves something to resume
+        save_last(0, {})  # so that even an interrupted first epoch leaves something to resume
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             start = time.perf_counter()
@@ -621,13 +645,10 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
             if best_score is None or score >= best_score:
                 best_score = score
                 if main:
-                    checkpoint.save(run_dir / "model.pt", {
-                        "model_config": config.model.to_dict(), "model": setup.eval_model.state_dict(),
-                        "metadata": {"epoch": epoch, "val": val_metrics, "train_config": config.to_dict(),
-                                     "environment": environment(device, bf16), "run": str(run_dir)}})
+                    checkpoint.save(run_dir / "model.pt", model_payload(epoch, val_metrics))
             if main:
                 write_metrics(run_dir / "metrics.csv", rows)
-            save_last(epoch)
+            save_last(epoch, val_metrics)
             if epoch == start_epoch + 1 and main:
                 point_latest(run_dir, log)  # only once the run holds a model.pt that commands can use
             log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_metrics['loss']:.4f} "
@@ -654,6 +675,28 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
     summary.update(rank=world.rank, weights_sha256=distributed.state_digest(model),
                    eval_weights_sha256=distributed.state_digest(setup.eval_model))
     return summary
+
+
+def rng_states(device: torch.device) -> dict:
+    """The global random streams a resume must continue (dropout): the CPU's, and every CUDA
+    device's when training runs on CUDA. The run's own generator is saved separately."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict, device: torch.device, log=print) -> None:
+    """Undo rng_states. A CUDA state is restored on CUDA only when the device count matches."""
+    torch.set_rng_state(states["torch_rng"])
+    cuda = states.get("cuda_rng")
+    if device.type != "cuda":
+        return
+    if cuda is not None and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    else:
+        log("note: this last.pt holds no CUDA random state for this machine's GPUs; "
+            "dropout continues from a fresh stream (the run is no longer bit-exact)")
 
 
 def rank_state(setup: Setup) -> dict:

@@ -4,7 +4,8 @@ MNIST digits were made by fitting each digit's bounding box into 20x20 pixels (k
 ratio, with antialiasing) and pasting that into a 28x28 field so the centre of mass sits at the
 centre, white ink on black. `preprocess_view()` does the same to whatever a user has:
 
-    read (Pillow, first frame; a large JPEG is decoded at 1/2, 1/4 or 1/8 scale)
+    read (Pillow, first frame; a large JPEG is decoded at 1/2, 1/4 or 1/8 scale, a large 8-bit PNG
+       straight to grey by torchvision's libpng decoder)
     -> reduce a large image by an integer factor to under 2 x WORK_SIDE px (box averaging), before any
        float conversion
     -> EXIF orientation (all 8 values)
@@ -116,10 +117,12 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
     """A fully decoded Pillow image (first frame) from a path, raw bytes or an Image.
 
     `max_decoded_side`: a JPEG larger than this is decoded at a reduced scale (DCT scaling: faster
-    and smaller, never below this size). Every way a file can be wrong becomes an ImageError whose
-    one-line message names it.
+    and smaller, never below this size), a colour one as grey; a PNG larger than this (8-bit or
+    less, from bytes or a path) is decoded straight to grey with transparency flattened (see
+    _png_as_grey). Every way a file can be wrong becomes an ImageError whose one-line message names it.
     """
     name = _name(source)
+    data = None
     if isinstance(source, Image.Image):
         image = source
     else:
@@ -141,15 +144,92 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
                          f"{MAX_SIDE}x{MAX_SIDE} limit (decompression bomb guard); shrink it first")
     if width < 1 or height < 1:
         raise ImageError(f"{name}: has no pixels ({width}x{height})")
+    if max_decoded_side and image.format == "PNG" and max(width, height) > max_decoded_side:
+        grey = _png_as_grey(image, data)
+        if grey is not None:
+            return grey
     try:
         image.seek(0)  # GIF, animated WebP, multi-page TIFF: the first frame
         if max_decoded_side and image.format == "JPEG" and max(width, height) > max_decoded_side:
             shrink = max_decoded_side / max(width, height)
-            image.draft(image.mode, (math.ceil(width * shrink), math.ceil(height * shrink)))
+            # A colour JPEG straight to grey (its Y channel, = Pillow's RGB -> L within a level): libjpeg
+            # then skips the colour planes' inverse DCT and the colour conversion (53 vs 58 ms CPU for a
+            # 4096x4096 q90 photo).
+            image.draft("L" if image.mode == "RGB" else image.mode,
+                        (math.ceil(width * shrink), math.ceil(height * shrink)))
         image.load()
     except Exception as error:  # truncated data, bad chunks, decoder errors of any plugin
         raise ImageError(f"{name}: is damaged or truncated ({_reason(error)})") from None
     return image
+
+
+# Ancillary PNG chunks that make libpng convert colour to grey in linear light (Pillow, and so the
+# rest of this module, converts the stored values): dropped before torchvision decodes.
+_PNG_COLOUR_CHUNKS = (b"gAMA", b"sRGB", b"cHRM", b"iCCP")
+# Chunks that can carry an EXIF orientation; Pillow reads those after the pixels only by decoding.
+_PNG_METADATA_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
+
+
+def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
+    """A large 8-bit (or less) PNG decoded by torchvision (libpng) straight to grey, transparency
+    flattened as grayscale() does: an "L" image carrying the header's metadata (EXIF), or None where
+    only Pillow can (16-bit, animated, metadata after the pixels, torchvision missing or failing).
+
+    Measured for 4096x4096 (benchmarks/preprocess_cost.py): Pillow holds RGB/RGBA/LA at 4 bytes a
+    pixel (64 MB) and then needs strips of grey conversion; libpng converts while it decodes, to
+    1 byte a pixel (2 with alpha): RGB 68 vs 121 ms CPU to decode, RGBA 91 vs 159, L 21 vs 33.
+    """
+    if data is None or len(data) < 33 or data[24] > 8 or getattr(image, "is_animated", False):
+        return None  # data[24]: IHDR's bit depth
+    pixels_at = data.find(b"IDAT")
+    if pixels_at < 0 or any(data.find(kind, pixels_at) >= 0 for kind in _PNG_METADATA_CHUNKS):
+        return None  # (a chance match inside the compressed pixels only costs the Pillow decode)
+    alpha = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
+    try:
+        import torch
+        from torchvision.io import ImageReadMode, decode_png
+    except Exception:
+        return None
+    # The chunks before the pixels, without the colour-space ones (chunk = length, type, data, CRC).
+    encoded, at = bytearray(data[:8]), 8
+    while at + 8 <= len(data):
+        length, kind = int.from_bytes(data[at : at + 4], "big"), bytes(data[at + 4 : at + 8])
+        if kind == b"IDAT":
+            break
+        if kind not in _PNG_COLOUR_CHUNKS:
+            encoded += data[at : at + 12 + length]
+        at += 12 + length
+    encoded += memoryview(data)[at:]  # (no intermediate copy of the pixels)
+    try:
+        decoded = decode_png(torch.frombuffer(encoded, dtype=torch.uint8),
+                             ImageReadMode.GRAY_ALPHA if alpha else ImageReadMode.GRAY).numpy()
+    except Exception:  # whatever libpng refuses, Pillow reads or explains
+        return None
+    del encoded
+    grey = decoded[0] if not alpha else _flattened(decoded[0], decoded[1])
+    result = Image.fromarray(np.ascontiguousarray(grey), mode="L")
+    result.info = dict(image.info)  # EXIF / XMP orientation (getexif reads info)
+    return result
+
+
+def _flattened(grey: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """uint8 grey with alpha composited onto the background grayscale() would choose (white under
+    dark ink, black under light ink: the alpha-weighted mean of the visible pixels), in strips of
+    rows so that no full-size wider copy is made. Compositing commutes with the box average that
+    follows (both linear), so this equals grayscale() of the reduced image to a grey level."""
+    height = grey.shape[0]
+    rows = 256
+    visible = int(alpha.sum(dtype=np.int64))
+    if visible == 255 * alpha.size:
+        return grey  # opaque after all
+    weighted = sum(int((grey[top : top + rows].astype(np.uint32) * alpha[top : top + rows]).sum(dtype=np.int64))
+                   for top in range(0, height, rows))
+    background = 255 if visible == 0 or weighted / (255 * visible) < 0.5 else 0
+    flat = np.empty(grey.shape, np.uint8)
+    for top in range(0, height, rows):
+        g, a = grey[top : top + rows].astype(np.uint32), alpha[top : top + rows].astype(np.uint32)
+        flat[top : top + rows] = (g * a + background * (255 - a) + 127) // 255
+    return flat
 
 
 def _orientation(image: Image.Image) -> int:

@@ -450,3 +450,13 @@ def test_a_large_png_keeps_its_exif_orientation_wherever_the_chunk_is(where):
         data = plain[:end] + _png_chunk(b"eXIf", exif.tobytes()[6:]) + plain[end:]
         assert preprocess.open_image(data, max_decoded_side=1024).format == "PNG"  # left to Pillow
     assert similar(preprocess_view(data), preprocess_view(encoded(upright))) > 0.95
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (7, 9), (64, 33)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_halving_is_exactly_the_mean_of_each_2x2_block(shape, dtype):
+    values = np.random.default_rng(0).random(shape).astype(dtype) ** 3
+    height, width = shape[0] // 2 * 2, shape[1] // 2 * 2
+    expected = values[:height, :width].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
+    halved = preprocess._halved(values)
+    assert halved.dtype == expected.dtype and np.array_equal(halved, expected)

@@ -175,53 +175,58 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     flattened as grayscale() does: an "L" image carrying the header's metadata (EXIF), or None where
     only Pillow can (16-bit, animated, metadata after the pixels, torchvision missing or failing).
 
-    Measured for 4096x4096 (benchmarks/preprocess_cost.py): Pillow holds RGB/RGBA/LA at 4 bytes a
-    pixel (64 MB) and then needs strips of grey conversion; libpng converts while it decodes, to
-    1 byte a pixel (2 with alpha): RGB 68 vs 121 ms CPU to decode, RGBA 91 vs 159, L 21 vs 33.
+    Measured for 4096x4096 (benchmarks/preprocess_cost.py; CPU ms, machine load ~7): Pillow holds
+    RGB/RGBA/LA at 4 bytes a pixel (64 MB) and then needs strips of grey conversion; libpng converts
+    while it decodes, to 1 byte a pixel (2 with alpha): decode RGB 91 vs 152 ms, L 22 vs 34 ms, a
+    grainy L page (9 MB of deflate) 153 vs 152 ms; +RSS of the whole preprocessing RGB 85 -> 24 MB,
+    RGBA 88 -> 51 MB.
     """
     if data is None or len(data) < 33 or data[24] > 8 or getattr(image, "is_animated", False):
         return None  # data[24]: IHDR's bit depth
-    pixels_at = data.find(b"IDAT")
-    if pixels_at < 0 or any(data.find(kind, pixels_at) >= 0 for kind in _PNG_METADATA_CHUNKS):
-        return None  # (a chance match inside the compressed pixels only costs the Pillow decode)
     alpha = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
+    # The chunks (length, type, data, CRC), less the colour-space ones before the pixels.
+    kept, at, pixels = [memoryview(data)[:8]], 8, False
+    while at + 12 <= len(data):
+        length, kind = int.from_bytes(data[at : at + 4], "big"), bytes(data[at + 4 : at + 8])
+        pixels = pixels or kind == b"IDAT"
+        if (pixels and kind in _PNG_METADATA_CHUNKS) or len(kept) > 20_000:
+            return None  # an orientation Pillow finds after the pixels; or a pathological chunk count
+        if pixels or kind not in _PNG_COLOUR_CHUNKS:
+            kept.append(memoryview(data)[at : at + 12 + length])
+        at += 12 + length
     try:
         import torch
         from torchvision.io import ImageReadMode, decode_png
     except Exception:
         return None
-    # The chunks before the pixels, without the colour-space ones (chunk = length, type, data, CRC).
-    encoded, at = bytearray(data[:8]), 8
-    while at + 8 <= len(data):
-        length, kind = int.from_bytes(data[at : at + 4], "big"), bytes(data[at + 4 : at + 8])
-        if kind == b"IDAT":
-            break
-        if kind not in _PNG_COLOUR_CHUNKS:
-            encoded += data[at : at + 12 + length]
-        at += 12 + length
-    encoded += memoryview(data)[at:]  # (no intermediate copy of the pixels)
+    encoded = bytearray().join(kept)
     try:
         decoded = decode_png(torch.frombuffer(encoded, dtype=torch.uint8),
-                             ImageReadMode.GRAY_ALPHA if alpha else ImageReadMode.GRAY).numpy()
+                             ImageReadMode.GRAY_ALPHA if alpha else ImageReadMode.GRAY)
     except Exception:  # whatever libpng refuses, Pillow reads or explains
         return None
-    del encoded
-    grey = decoded[0] if not alpha else _flattened(decoded[0], decoded[1])
+    del encoded, kept
+    pixels = decoded.permute(1, 2, 0).numpy()  # (H, W, channels), as libpng wrote it
+    grey = pixels[..., 0] if not alpha else _flattened(pixels)
     result = Image.fromarray(np.ascontiguousarray(grey), mode="L")
     result.info = dict(image.info)  # EXIF / XMP orientation (getexif reads info)
     return result
 
 
-def _flattened(grey: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """uint8 grey with alpha composited onto the background grayscale() would choose (white under
-    dark ink, black under light ink: the alpha-weighted mean of the visible pixels), in strips of
-    rows so that no full-size wider copy is made. Compositing commutes with the box average that
-    follows (both linear), so this equals grayscale() of the reduced image to a grey level."""
-    height = grey.shape[0]
-    rows = 256
+def _flattened(pairs: np.ndarray) -> np.ndarray:
+    """uint8 grey from (H, W, 2) uint8 (grey, alpha) pairs, composited onto the background
+    grayscale() would choose (white under dark ink, black under light ink: by the alpha-weighted
+    mean of the visible pixels), in strips of rows so that no full-size wider copy is made.
+    Compositing commutes with the box average that follows (both linear), so this equals
+    grayscale() of the reduced image to a grey level."""
+    grey, alpha = pairs[..., 0], pairs[..., 1]
+    # Opaque after all (a canvas export saved as RGBA) when every alpha byte is 255, i.e. every pair
+    # read as a little-endian 16-bit word is >= 0xFF00: one contiguous min, 1.6 vs 11.7 ms CPU for
+    # the strided alpha's sum at 4096x4096.
+    if pairs.view("<u2").min() >= 0xFF00:
+        return grey
+    height, rows = grey.shape[0], 256
     visible = int(alpha.sum(dtype=np.int64))
-    if visible == 255 * alpha.size:
-        return grey  # opaque after all
     weighted = sum(int((grey[top : top + rows].astype(np.uint32) * alpha[top : top + rows]).sum(dtype=np.int64))
                    for top in range(0, height, rows))
     background = 255 if visible == 0 or weighted / (255 * visible) < 0.5 else 0

@@ -179,7 +179,8 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     RGB/RGBA/LA at 4 bytes a pixel (64 MB) and then needs strips of grey conversion; libpng converts
     while it decodes, to 1 byte a pixel (2 with alpha): decode RGB 91 vs 152 ms, L 22 vs 34 ms, a
     grainy L page (9 MB of deflate) 153 vs 152 ms; +RSS of the whole preprocessing RGB 85 -> 24 MB,
-    RGBA 88 -> 51 MB.
+    RGBA 88 -> 51 MB. (torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec;
+    should they go, the import fails and Pillow decodes as before.)
     """
     if data is None or len(data) < 33 or data[24] > 8 or getattr(image, "is_animated", False):
         return None  # data[24]: IHDR's bit depth

@@ -2,7 +2,8 @@
 
 Each measurement runs in a fresh Python process (so peak RSS is that image's alone): decode +
 preprocess of one file, median wall and CPU time of --repeats runs after one warm-up, and the
-peak RSS increase over the process's RSS just before (resource.getrusage ru_maxrss). "before" is
+peak RSS increase over the process's RSS just before (/proc/self/status VmHWM after clear_refs;
+torch and torchvision are imported before that, as in `digitsum predict`/`serve`). "before" is
 the preprocessing of commit 442c91f (predict.py before preprocess.py existed), loaded from git.
 
     python benchmarks/preprocess_cost.py [--repeats 5] [--side 4096]
@@ -30,6 +31,9 @@ CHILD = r"""
 import json, statistics, sys, time
 sys.path.insert(0, sys.argv[3])
 data = open(sys.argv[1], "rb").read()
+# Loaded before the baseline RSS is taken, in both versions: digitsum predict/serve have torch loaded
+# for the model, and ours decodes large PNGs with torchvision (its import is not per-image memory).
+import torch, torchvision.io
 if sys.argv[2] == "ours":
     from digitsum.preprocess import preprocess_view as run
 else:

@@ -3,15 +3,18 @@ every Pillow mode and pixel type - property-based (hypothesis) where the inputs 
 
 from __future__ import annotations
 
+import io
 import json
+import zlib
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 
-from digitsum import cli
+from digitsum import cli, preprocess
 from digitsum.preprocess import ImageError, preprocess_view
 from test_predict import encoded, ink_box
 
@@ -375,3 +378,85 @@ def test_transparent_pixels_colour_does_not_leak_into_a_large_canvas():
         canvas[stroke] = (0, 0, 0, 255)
         views.append(preprocess_view(Image.fromarray(canvas, "RGBA")))
     assert similar(views[0], views[1]) > 0.95
+
+
+# ----------------------------------------------------------------------------- large PNGs: libpng straight to grey
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+
+
+def _large_pngs() -> dict[str, bytes]:
+    """A '7' on a 1100x1300 page (over the 1024 px decode limit) in every 8-bit PNG colour type."""
+    grey = seven((1100, 1300), ink=40, paper=235, width=30)
+    ink = np.asarray(grey) < 128
+    rgb = np.full((1300, 1100, 3), (250, 240, 200), np.uint8)  # yellowish paper, blue ink
+    rgb[ink] = (30, 60, 160)
+    transparent = np.zeros((1300, 1100, 4), np.uint8)  # a drawing app's canvas: strokes on nothing
+    transparent[..., :3] = 255
+    transparent[ink] = (20, 20, 20, 255)
+    light = transparent.copy()  # chalk: light strokes on a transparent canvas
+    light[..., :3] = 0
+    light[ink] = (240, 240, 240, 255)
+    palette = Image.fromarray(rgb).quantize(4)
+    gamma = PngInfo()
+    gamma.add(b"gAMA", (45455).to_bytes(4, "big"))  # libpng would convert in linear light
+    gamma.add(b"sRGB", b"\x00")
+    return {"L": encoded(grey), "1": encoded(grey.convert("1")), "RGB": encoded(Image.fromarray(rgb)),
+            "RGB sRGB": encoded(Image.fromarray(rgb), pnginfo=gamma),
+            "RGB interlaced": encoded(Image.fromarray(rgb), optimize=False, interlace=1),
+            "RGBA": encoded(Image.fromarray(transparent, "RGBA")), "RGBA light": encoded(Image.fromarray(light, "RGBA")),
+            "RGBA opaque": encoded(Image.fromarray(rgb).convert("RGBA")),
+            "LA": encoded(Image.fromarray(transparent, "RGBA").convert("LA")),
+            "P": encoded(palette), "P transparent": encoded(palette, transparency=0),
+            "L tRNS": encoded(grey, transparency=235)}
+
+
+@pytest.mark.parametrize("kind", list(_large_pngs()))
+def test_a_large_png_decoded_straight_to_grey_reads_as_pillow_reads_it(kind, monkeypatch):
+    data = _large_pngs()[kind]
+    decoded = preprocess.open_image(data, max_decoded_side=1024)
+    assert decoded.mode == "L" and decoded.format is None  # libpng's grey, not Pillow's PngImageFile
+    view = preprocess_view(data)
+    monkeypatch.setattr(preprocess, "_png_as_grey", lambda image, data: None)  # Pillow's decoder instead
+    pillow = preprocess_view(data)
+    assert np.abs(view.astype(int) - pillow).max() <= 3
+    assert similar(view, REFERENCE) > 0.9
+
+
+def test_a_16_bit_or_animated_large_png_is_left_to_pillow():
+    deep = Image.fromarray(np.asarray(seven((1100, 1300)), np.uint16) * 257)
+    frames = [seven((1100, 1300)), seven((1100, 1300), ink=80)]
+    animated = io.BytesIO()
+    frames[0].save(animated, "PNG", save_all=True, append_images=frames[1:])
+    for data in (encoded(deep), animated.getvalue()):
+        assert preprocess.open_image(data, max_decoded_side=1024).format == "PNG"
+        assert similar(preprocess_view(data), REFERENCE) > 0.95
+
+
+@pytest.mark.parametrize("where", ["before the pixels", "after the pixels"])
+def test_a_large_png_keeps_its_exif_orientation_wherever_the_chunk_is(where):
+    upright = seven((1100, 1300)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = upright.transpose(ORIENTATIONS[6])
+    if where == "before the pixels":
+        data = encoded(stored, exif=exif.tobytes())
+        assert preprocess.open_image(data, max_decoded_side=1024).format is None  # libpng decoded it
+    else:  # allowed by the PNG spec; Pillow finds it only by decoding the pixels
+        plain = encoded(stored)
+        end = plain.rindex(b"IEND") - 4
+        data = plain[:end] + _png_chunk(b"eXIf", exif.tobytes()[6:]) + plain[end:]
+        assert preprocess.open_image(data, max_decoded_side=1024).format == "PNG"  # left to Pillow
+    assert similar(preprocess_view(data), preprocess_view(encoded(upright))) > 0.95
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (7, 9), (64, 33)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_halving_is_exactly_the_mean_of_each_2x2_block(shape, dtype):
+    values = np.random.default_rng(0).random(shape).astype(dtype) ** 3
+    height, width = shape[0] // 2 * 2, shape[1] // 2 * 2
+    expected = values[:height, :width].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
+    halved = preprocess._halved(values)
+    assert halved.dtype == expected.dtype and np.array_equal(halved, expected)

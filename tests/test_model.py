@@ -203,6 +203,29 @@ def test_inference_model_gives_the_same_outputs_and_keeps_the_original(config):
     assert any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())  # the original is untouched
 
 
+@pytest.mark.parametrize("negative_channel", [False, True])
+def test_a_batchnorm_after_a_pool_is_folded_only_where_every_scale_is_positive(negative_channel):
+    # BN after the max-pool commutes with it only as an increasing map (scale > 0 in every channel).
+    torch.manual_seed(4)
+    model = DigitSumNet(ModelConfig(channels=(8, 16, 32), first_stride=2, norm_after_pool=True))
+    model.train()
+    for step in range(2):
+        model(*batch(16, seed=step)[:2])
+    model.eval()
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            norm.weight.abs_().add_(0.1)
+            if negative_channel:
+                norm.weight[0] = -0.5  # this channel's max becomes a min: must not be folded
+    fast = inference_model(model)
+    images, numbers, _ = batch(6)
+    with torch.no_grad():
+        for a, b in zip(model(images, numbers), fast(images, numbers)):
+            assert torch.allclose(a, b, atol=1e-4)
+    left = [m for m in fast.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(left) == (2 if negative_channel else 0)  # the two after-pool BNs; the stride-2 conv's is always folded
+
+
 def test_folding_batchnorm_keeps_the_outputs():
     torch.manual_seed(2)
     model = DigitSumNet(SMALL)

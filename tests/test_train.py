@@ -153,6 +153,6 @@ def test_presets_differ_only_where_they_say_and_flags_override_them():
 
     assert preset("fast").epochs == PRESETS["fast"].epochs and preset("fast").preset == "fast"
     assert preset("best", epochs=3, seed=7).epochs == 3 and preset("best", seed=7).seed == 7
-    assert preset("best").model.channels != preset("default").model.channels
+    assert preset("best").model.convs_per_stage != preset("default").model.convs_per_stage
     with pytest.raises(DigitsumError, match="unknown preset"):
         preset("quickest")

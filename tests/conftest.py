@@ -1,4 +1,9 @@
-"""Shared fixtures: a small synthetic MNIST written by our own IDX writer, and the real one."""
+"""Shared fixtures: a small synthetic MNIST written by our own IDX writer, the real one, and one
+tiny training run per session for the tests that only need *a* finished run.
+
+The fast subset (`pytest -m "not slow"`) also runs the hypothesis property tests with fewer
+examples: see `examples()` in tests/budget.py (set DIGITSUM_TEST_EXAMPLES=full to override).
+"""
 
 from __future__ import annotations
 
@@ -46,8 +51,53 @@ def synthetic_root(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
+def session_data(tmp_path_factory) -> tuple[Path, dict]:
+    """The synthetic MNIST written once per session (read-only for tests) and its (size, md5) table.
+
+    The table is NOT patched in for the whole session (test_data.py checks the real table); use
+    `session_root`, which patches it for one test, or patch it yourself for a session fixture.
+    """
+    root = tmp_path_factory.mktemp("session-data") / "data"
+    return root, make_synthetic_mnist(root)
+
+
+@pytest.fixture
+def session_root(session_data, monkeypatch) -> Path:
+    """The session's synthetic MNIST (do not modify it: use `synthetic_root` for that), verified for this test."""
+    root, table = session_data
+    monkeypatch.setattr(mnist, "MNIST_FILES", table)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(session_data, tmp_path_factory) -> Path:
+    """A finished, evaluated run folder of `model_files.TINY_RUN` on the session's synthetic MNIST
+    (config.json, metrics.csv, model.pt, last.pt, eval.json, figures; runs/latest points at it).
+
+    Trained once per session and shared: READ-ONLY. A test that changes a run copies it first
+    (`shutil.copytree(tiny_run, tmp_path / "run")`); resuming or evaluating it needs `session_root`.
+    """
+    from model_files import TINY_RUN
+
+    from digitsum.train import train
+
+    root, table = session_data
+    out = tmp_path_factory.mktemp("tiny-run") / "runs" / "tiny"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mnist, "MNIST_FILES", table)
+        train(TINY_RUN, out_dir=out, data_root=root, log=lambda *_: None, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def real_root() -> Path:
     """The real MNIST, fetched once into the data root ($DIGITSUM_DATA or ./data) and reused."""
     root = Path(os.environ.get("DIGITSUM_DATA", REPO / "data"))
     mnist.ensure_mnist(root)
     return root
+
+
+def pytest_configure(config):
+    """The fast subset (a `-m` expression with "not slow") runs property tests with few examples."""
+    if "not slow" in (config.option.markexpr or "") and not os.environ.get("DIGITSUM_TEST_EXAMPLES"):
+        os.environ["DIGITSUM_TEST_EXAMPLES"] = "quick"

@@ -110,11 +110,11 @@ def test_every_train_flag_of_earlier_versions_still_exists():
 
 
 def test_a_boolean_flag_and_its_no_form_override_the_preset():
-    assert PRESETS["fast"].model.norm_after_pool and DEFAULT.channels_last
+    # channels_last was retired (config.RETIRED_SETTINGS): sum_all_numbers is the bool train setting now.
+    assert PRESETS["fast"].model.norm_after_pool and not DEFAULT.sum_all_numbers
     assert parse(["--preset", "fast", "--no-norm-after-pool"]).model.norm_after_pool is False
-    assert parse(["--no-channels-last"]).channels_last is False
-    assert parse(["--channels-last"]).channels_last is True
     assert parse(["--sum-all-numbers"]).sum_all_numbers is True
+    assert parse(["--no-sum-all-numbers"]).sum_all_numbers is False
 
 
 def test_a_tuple_flag_sets_the_channels_and_keeps_the_rest_of_the_preset():

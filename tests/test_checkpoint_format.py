@@ -188,10 +188,9 @@ def test_a_retired_setting_at_another_value_is_refused_by_from_dict(section, nam
 # ----------------------------------------------------------------------------- the v2 layout
 
 
-def test_model_pt_and_last_pt_share_one_layout_apart_from_resume(synthetic_root, tmp_path):
-    quiet_train(replace(TINY, epochs=1), tmp_path / "run", synthetic_root)
-    model_pt = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    last_pt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+def test_model_pt_and_last_pt_share_one_layout_apart_from_resume(tiny_run):
+    model_pt = torch.load(tiny_run / "model.pt", weights_only=True)
+    last_pt = torch.load(tiny_run / "last.pt", weights_only=True)
     assert set(last_pt) == set(model_pt) | {"resume"}
     assert set(model_pt) == {"format", "version", "model_config", "model", "metadata"}
     assert set(model_pt["metadata"]) == set(last_pt["metadata"]) == {"epoch", "val", "train_config", "bf16",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from digitsum import data
@@ -98,3 +99,44 @@ def test_random_affine_keeps_shape_and_zero_background_and_is_seeded():
     assert out[:, :, 0, :].abs().max() == 0  # borders stay background
     assert not torch.equal(out, pixels)
     assert abs(float(out.sum() / pixels.sum()) - 1) < 0.3  # ink roughly preserved
+
+
+def test_random_affine_with_every_range_zero_is_the_identity():
+    pixels = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    out = data.random_affine(pixels, torch.Generator().manual_seed(0))
+    # grid_sample's coordinate arithmetic leaves float rounding (about 3e-6), hence no bit-exact check
+    # here; training with every range zero skips random_affine altogether (next test), so it is exact.
+    assert torch.allclose(out, pixels, rtol=0, atol=1e-5)
+
+
+def test_training_without_augmentation_ranges_feeds_the_images_unchanged():
+    from dataclasses import replace
+
+    from digitsum.config import TrainConfig
+    from digitsum.train import augmenter
+
+    still = replace(TrainConfig(), rotate=0.0, scale=0.0, translate=0.0)
+    assert augmenter(still, torch.Generator()) is None  # batches() then standardises the stored pixels exactly
+    assert augmenter(replace(still, translate=1.0), torch.Generator()) is not None
+
+
+def _centre_of_mass(images: torch.Tensor) -> torch.Tensor:
+    """(B, 2) row and column centre of mass of (B, 1, H, W) images."""
+    rows = torch.arange(images.shape[2], dtype=torch.float64).view(1, -1, 1)
+    cols = torch.arange(images.shape[3], dtype=torch.float64).view(1, 1, -1)
+    ink = images[:, 0].double()
+    total = ink.sum(dim=(1, 2))
+    return torch.stack([(ink * rows).sum(dim=(1, 2)) / total, (ink * cols).sum(dim=(1, 2)) / total], dim=1)
+
+
+@pytest.mark.parametrize("translate", [1.0, 3.0])
+def test_random_affine_shifts_stay_within_translate_pixels_and_use_the_range(translate):
+    pixels = torch.zeros(2000, 1, 28, 28)
+    pixels[:, :, 13:15, 13:15] = 1.0  # a 2x2 dot at the centre: a shift moves its centre of mass by as much
+    out = data.random_affine(pixels, torch.Generator().manual_seed(0), translate=translate)
+    shift = _centre_of_mass(out) - _centre_of_mass(pixels)
+    assert float(shift.abs().max()) <= translate + 1e-4
+    # Both directions, both signs, and nearly the whole range are drawn.
+    for axis in (0, 1):
+        assert float(shift[:, axis].max()) > 0.9 * translate and float(shift[:, axis].min()) < -0.9 * translate
+    assert abs(float(out.sum() / pixels.sum()) - 1) < 1e-4  # a pure shift of an inner dot keeps all its ink

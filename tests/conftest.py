@@ -90,6 +90,29 @@ def tiny_run(session_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def exported_random(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(model.pt, model.onnx, stdout) of one real `digitsum export` of model_files.random_checkpoint,
+    made once per session (the export costs seconds); shared by test_export.py and test_serve.py's
+    onnxruntime backend: READ-ONLY. The empty --data-root makes the parity sample synthetic."""
+    import contextlib
+    import io
+
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+    from model_files import random_checkpoint
+
+    from digitsum import cli
+
+    folder = tmp_path_factory.mktemp("exported-random")
+    model_pt = random_checkpoint(folder / "model.pt")
+    out = folder / "model.onnx"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main(["export", str(model_pt), "--out", str(out), "--data-root", str(folder / "no-data")])
+    assert code == 0
+    return model_pt, out, stdout.getvalue()
+
+
+@pytest.fixture(scope="session")
 def real_root() -> Path:
     """The real MNIST, fetched once into the data root ($DIGITSUM_DATA or ./data) and reused."""
     root = Path(os.environ.get("DIGITSUM_DATA", REPO / "data"))

@@ -221,7 +221,8 @@ def _as_v1(payload: dict, ema_decay: float) -> dict:
     return v1
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.9])
+# Without EMA in the slow run only: four trainings; the fast subset keeps the case with EMA (more fields).
+@pytest.mark.parametrize("ema", [pytest.param(0.0, marks=pytest.mark.slow), 0.9])
 def test_a_v1_shaped_last_pt_with_or_without_ema_resumes_exactly(synthetic_root, tmp_path, ema):
     config = replace(TINY, ema=ema)
     quiet_train(config, tmp_path / "straight", synthetic_root)

@@ -239,6 +239,7 @@ def test_bf16_auto_ignores_timings(monkeypatch):
     assert answers == {device.CPU_BF16_FLAG in device.cpu_flags() and device.bf16_supported(cpu)}
 
 
+@pytest.mark.slow  # two trainings next to a busy-looping process (test_bf16_auto_ignores_timings stays fast)
 def test_bf16_auto_gives_identical_runs_while_another_process_loads_the_cpu(synthetic_root, tmp_path):
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

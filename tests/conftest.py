@@ -41,6 +41,18 @@ def make_synthetic_mnist(root: Path, train: int = 600, test: int = 200, seed: in
     return table
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Undo a test's torch.set_num_threads (in-process `digitsum serve` sets 1): float results of
+    later tests - compared bit for bit with the session's `tiny_run` - depend on the thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def synthetic_root(tmp_path, monkeypatch) -> Path:
     """A data root holding a small synthetic MNIST that verifies (its MD5 table is patched in)."""

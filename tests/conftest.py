@@ -43,7 +43,7 @@ def make_synthetic_mnist(root: Path, train: int = 600, test: int = 200, seed: in
 
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
-    """Undo a test's torch.set_num_threads (in-process `digitsum serve` sets 1): float results of
+    """Undo a test's torch.set_num_threads (in-process `digitsum serve` sets 1; see pytest_configure): float results of
     later tests - compared bit for bit with the session's `tiny_run` - depend on the thread count."""
     import torch
 
@@ -133,6 +133,14 @@ def real_root() -> Path:
 
 
 def pytest_configure(config):
-    """The fast subset (a `-m` expression with "not slow") runs property tests with few examples."""
+    """The fast subset (a `-m` expression with "not slow") runs property tests with few examples.
+
+    torch runs one intra-op thread in the test process (DIGITSUM_TEST_THREADS=N for another count):
+    the tests' tiny models on small batches train 2-3x faster so on a busy 2-core machine, and
+    results compared bit for bit across tests do not depend on the machine's core count.
+    """
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("DIGITSUM_TEST_THREADS", "1")))
     if "not slow" in (config.option.markexpr or "") and not os.environ.get("DIGITSUM_TEST_EXAMPLES"):
         os.environ["DIGITSUM_TEST_EXAMPLES"] = "quick"

@@ -208,13 +208,12 @@ def test_adamw_trains_and_resumes_to_the_same_weights(session_root, tmp_path):
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
 
 
-def test_val_size_0_trains_without_validation_and_keeps_the_last_epoch(session_root, tmp_path, capsys):
-    from digitsum import cli
+def test_val_size_0_trains_without_validation_and_keeps_the_last_epoch(session_root, tmp_path):
+    # (`--val-size 0` reaches TrainConfig.val_size like every flag: tests/test_config.py.)
+    from digitsum.evaluate import evaluate_checkpoint
 
     out = tmp_path / "run"
-    assert cli.main(["train", "--data-root", str(session_root), "--out", str(out), "--val-size", "0",
-                     "--epochs", "2", "--batch-size", "50", "--bf16", "off", "--device", "cpu",
-                     "--channels", "8,16", "--sum-hidden", "32"]) == 0
+    run(replace(TINY, val_size=0), session_root, out, evaluate_test=False)
     saved = json.loads((out / "config.json").read_text())
     assert saved["val_images"] == 0 and saved["train_images"] == 600  # every training image is trained on
     rows = metric_values(out)
@@ -222,6 +221,6 @@ def test_val_size_0_trains_without_validation_and_keeps_the_last_epoch(session_r
     assert all(row[f"val_{k}"] == "" for row in rows for k in ("loss", "digit_accuracy", "sum_accuracy"))
     model_pt = torch.load(out / "model.pt", weights_only=True)
     assert model_pt["metadata"]["epoch"] == 2 and model_pt["metadata"]["val"] == {}  # best = the last epoch
-    capsys.readouterr()
-    assert cli.main(["evaluate", str(out / "model.pt"), "--data-root", str(session_root), "--json"]) == 0
-    assert set(json.loads(capsys.readouterr().out)["test"]) == {"digit_accuracy", "sum_accuracy", "loss"}
+    metrics = evaluate_checkpoint(out / "model.pt", session_root, device="cpu", figures=False)
+    assert set(metrics["test"]) == {"digit_accuracy", "sum_accuracy", "loss"}
+    assert json.loads((out / "eval.json").read_text())["test"] == metrics["test"]

@@ -652,7 +652,10 @@ def kill_during_training(config: TrainConfig, root: Path, out: Path, tmp_path: P
     (tmp_path / "files.json").write_text(json.dumps(mnist.MNIST_FILES))
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     (tmp_path / "child.py").write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    # The child's float sums in the order of this process's (conftest.py's) torch thread count: the
+    # resumed run must match the in-process straight one bit for bit.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     child = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "files.json"),
                               str(tmp_path / "config.json"), str(out), str(root)],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)

@@ -127,6 +127,7 @@ def test_data_root_that_is_not_writable_exits_2(capsys, tmp_path):
     assert "not writable" in err
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch; test_help_imports_no_torch runs the entry point fast
 def test_the_installed_console_script_reports_errors_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "digitsum.cli", "evaluate", str(tmp_path / "none.pt")],
                             capture_output=True, text=True)

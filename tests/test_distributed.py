@@ -218,6 +218,7 @@ def load_gpu_check():
     return module
 
 
+@pytest.mark.slow  # runs benchmarks/gpu_check.py in a fresh interpreter; its pieces are tested just below
 def test_gpu_check_without_a_gpu_says_not_run_and_exits_0(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(SRC)}
     result = subprocess.run([sys.executable, str(TESTS.parent / "benchmarks" / "gpu_check.py"), "--data-root",

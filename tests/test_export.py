@@ -188,6 +188,7 @@ def test_load_backend_chooses_the_runtime(exported):
         load_backend(model_onnx, "torch")
 
 
+@pytest.mark.slow  # a second ONNX export (seconds); the fast subset serves the session's export file
 def test_load_backend_exports_a_pt_checkpoint_in_memory_for_onnxruntime(exported):
     runner, metadata = load_backend(exported[0], "onnxruntime")
     assert isinstance(runner, OnnxBackend) and metadata == {"epoch": 0}

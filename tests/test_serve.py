@@ -249,7 +249,7 @@ def test_files_that_used_to_crash_the_server_are_predicted_or_refused_with_a_4xx
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_both_backends_serve_the_same_api_with_the_same_answers(exported_random, backend):
     # The session's model.pt and its export (a .pt served by onnxruntime is exported in memory by the
-    # same load_backend: test_export.py::test_load_backend_exports_a_pt_checkpoint_in_memory_for_onnxruntime).
+    # same load_backend: test_export.py::test_load_backend_exports_a_pt_checkpoint_in_memory_for_onnxruntime, slow).
     model_pt, model_onnx, _ = exported_random
     with TestClient(create_app(model_onnx if backend == "onnxruntime" else model_pt, backend=backend)) as backend_client, \
             TestClient(create_app(model_pt, backend="torch")) as torch_client:

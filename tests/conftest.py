@@ -1,4 +1,9 @@
-"""Shared fixtures: a small synthetic MNIST written by our own IDX writer, and the real one."""
+"""Shared fixtures: a small synthetic MNIST written by our own IDX writer, the real one, and one
+tiny training run per session for the tests that only need *a* finished run.
+
+The fast subset (`pytest -m "not slow"`) also runs the hypothesis property tests with fewer
+examples: see `examples()` in tests/budget.py (set DIGITSUM_TEST_EXAMPLES=full to override).
+"""
 
 from __future__ import annotations
 
@@ -36,6 +41,18 @@ def make_synthetic_mnist(root: Path, train: int = 600, test: int = 200, seed: in
     return table
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Undo a test's torch.set_num_threads (in-process `digitsum serve` sets 1; see pytest_configure): float results of
+    later tests - compared bit for bit with the session's `tiny_run` - depend on the thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def synthetic_root(tmp_path, monkeypatch) -> Path:
     """A data root holding a small synthetic MNIST that verifies (its MD5 table is patched in)."""
@@ -46,8 +63,84 @@ def synthetic_root(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
+def session_data(tmp_path_factory) -> tuple[Path, dict]:
+    """The synthetic MNIST written once per session (read-only for tests) and its (size, md5) table.
+
+    The table is NOT patched in for the whole session (test_data.py checks the real table); use
+    `session_root`, which patches it for one test, or patch it yourself for a session fixture.
+    """
+    root = tmp_path_factory.mktemp("session-data") / "data"
+    return root, make_synthetic_mnist(root)
+
+
+@pytest.fixture
+def session_root(session_data, monkeypatch) -> Path:
+    """The session's synthetic MNIST (do not modify it: use `synthetic_root` for that), verified for this test."""
+    root, table = session_data
+    monkeypatch.setattr(mnist, "MNIST_FILES", table)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(session_data, tmp_path_factory) -> Path:
+    """A finished, evaluated run folder of `model_files.TINY_RUN` on the session's synthetic MNIST
+    (config.json, metrics.csv, model.pt, last.pt, eval.json, figures; runs/latest points at it).
+
+    Trained once per session and shared: READ-ONLY. A test that changes a run copies it first
+    (`shutil.copytree(tiny_run, tmp_path / "run")`); resuming or evaluating it needs `session_root`.
+    """
+    from model_files import TINY_RUN
+
+    from digitsum.train import train
+
+    root, table = session_data
+    out = tmp_path_factory.mktemp("tiny-run") / "runs" / "tiny"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mnist, "MNIST_FILES", table)
+        train(TINY_RUN, out_dir=out, data_root=root, log=lambda *_: None, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_random(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(model.pt, model.onnx, stdout) of one real `digitsum export` of model_files.random_checkpoint,
+    made once per session (the export costs seconds); shared by test_export.py and test_serve.py's
+    onnxruntime backend: READ-ONLY. The empty --data-root makes the parity sample synthetic."""
+    import contextlib
+    import io
+
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+    from model_files import random_checkpoint
+
+    from digitsum import cli
+
+    folder = tmp_path_factory.mktemp("exported-random")
+    model_pt = random_checkpoint(folder / "model.pt")
+    out = folder / "model.onnx"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main(["export", str(model_pt), "--out", str(out), "--data-root", str(folder / "no-data")])
+    assert code == 0
+    return model_pt, out, stdout.getvalue()
+
+
+@pytest.fixture(scope="session")
 def real_root() -> Path:
     """The real MNIST, fetched once into the data root ($DIGITSUM_DATA or ./data) and reused."""
     root = Path(os.environ.get("DIGITSUM_DATA", REPO / "data"))
     mnist.ensure_mnist(root)
     return root
+
+
+def pytest_configure(config):
+    """The fast subset (a `-m` expression with "not slow") runs property tests with few examples.
+
+    torch runs one intra-op thread in the test process (DIGITSUM_TEST_THREADS=N for another count):
+    the tests' tiny models on small batches train 2-3x faster so on a busy 2-core machine, and
+    results compared bit for bit across tests do not depend on the machine's core count.
+    """
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("DIGITSUM_TEST_THREADS", "1")))
+    if "not slow" in (config.option.markexpr or "") and not os.environ.get("DIGITSUM_TEST_EXAMPLES"):
+        os.environ["DIGITSUM_TEST_EXAMPLES"] = "quick"

@@ -12,10 +12,15 @@ from pathlib import Path
 import torch
 
 from digitsum import checkpoint
-from digitsum.config import ModelConfig
+from digitsum.config import ModelConfig, TrainConfig
 from digitsum.model import DigitSumNet
 
 _trained: dict[str, Path] = {}
+
+# The session's shared tiny run (conftest.py's `tiny_run`): 2 epochs of 10 steps on the synthetic
+# MNIST, a few seconds. tests/test_train.py compares fresh runs of this same config against it.
+TINY_RUN = TrainConfig(epochs=2, batch_size=50, lr=0.05, val_size=100, bf16="off", device="cpu",
+                       model=ModelConfig(channels=(8, 16), sum_hidden=32))
 
 
 def random_checkpoint(path: Path) -> Path:

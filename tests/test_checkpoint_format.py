@@ -99,8 +99,17 @@ def test_the_v1_last_pt_resumes_to_what_v1_itself_reached(synthetic_root, tmp_pa
     assert config == TINY and state["metadata"]["epoch"] == 1
     train(None, resume=run_dir / "last.pt", data_root=synthetic_root, log=lambda *a: None, progress=False,
           figures=False, evaluate_test=False)
-    # v1 resumed its own last.pt to epoch 2 (make_v1_checkpoint.py): this version continues identically.
-    assert metric_values(run_dir / "metrics.csv") == metric_values(FIXTURES / "v1_tiny_metrics.csv")
+    # v1 resumed its own last.pt to epoch 2 (make_v1_checkpoint.py): this version continues identically -
+    # every count exactly; the losses (6 decimals) to their last digit, which the order of torch's
+    # intra-op float sums (its thread count: this process's, not the fixture maker's) may change.
+    ours, v1 = metric_values(run_dir / "metrics.csv"), metric_values(FIXTURES / "v1_tiny_metrics.csv")
+    assert [row.keys() for row in ours] == [row.keys() for row in v1] and len(ours) == 2
+    for row, expected in zip(ours, v1):
+        for key in row:
+            if key.endswith("loss"):
+                assert abs(float(row[key]) - float(expected[key])) <= 2e-6, (key, row, expected)
+            else:
+                assert row[key] == expected[key], (key, row, expected)
     resumed = torch.load(run_dir / "last.pt", weights_only=True)
     assert resumed["format"] == checkpoint.FORMAT and resumed["version"] == checkpoint.VERSION
 
@@ -188,10 +197,9 @@ def test_a_retired_setting_at_another_value_is_refused_by_from_dict(section, nam
 # ----------------------------------------------------------------------------- the v2 layout
 
 
-def test_model_pt_and_last_pt_share_one_layout_apart_from_resume(synthetic_root, tmp_path):
-    quiet_train(replace(TINY, epochs=1), tmp_path / "run", synthetic_root)
-    model_pt = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    last_pt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+def test_model_pt_and_last_pt_share_one_layout_apart_from_resume(tiny_run):
+    model_pt = torch.load(tiny_run / "model.pt", weights_only=True)
+    last_pt = torch.load(tiny_run / "last.pt", weights_only=True)
     assert set(last_pt) == set(model_pt) | {"resume"}
     assert set(model_pt) == {"format", "version", "model_config", "model", "metadata"}
     assert set(model_pt["metadata"]) == set(last_pt["metadata"]) == {"epoch", "val", "train_config", "bf16",
@@ -222,7 +230,8 @@ def _as_v1(payload: dict, ema_decay: float) -> dict:
     return v1
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.9])
+# Without EMA in the slow run only: four trainings; the fast subset keeps the case with EMA (more fields).
+@pytest.mark.parametrize("ema", [pytest.param(0.0, marks=pytest.mark.slow), 0.9])
 def test_a_v1_shaped_last_pt_with_or_without_ema_resumes_exactly(synthetic_root, tmp_path, ema):
     config = replace(TINY, ema=ema)
     quiet_train(config, tmp_path / "straight", synthetic_root)

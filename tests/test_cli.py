@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -31,11 +32,11 @@ def test_help_lists_the_subcommands(capsys):
         assert command in out
 
 
-def test_train_then_evaluate_json_has_the_documented_shape(synthetic_root, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert cli.main(["train", "--data-root", str(synthetic_root), "--out", str(out), *FAST]) == 0
-    capsys.readouterr()
-    assert cli.main(["evaluate", str(out / "model.pt"), "--data-root", str(synthetic_root), "--json"]) == 0
+def test_evaluate_json_has_the_documented_shape_and_out_gets_the_files(tiny_run, session_root, tmp_path, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()}
+    out = tmp_path / "evaluation" / "here"  # created, parents too
+    assert cli.main(["evaluate", str(tiny_run / "model.pt"), "--data-root", str(session_root), "--json",
+                     "--out", str(out)]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics["test"]) == {"digit_accuracy", "sum_accuracy", "loss"}
     assert set(metrics["grid"]) == {"digit_accuracy", "sum_accuracy", "addition_errors", "pairs",
@@ -43,16 +44,40 @@ def test_train_then_evaluate_json_has_the_documented_shape(synthetic_root, tmp_p
     assert metrics["grid"]["pairs"] == 200 * 10
     assert set(metrics["per_class"]) == {str(d) for d in range(10)}
     assert metrics["checkpoint"].endswith("model.pt") and metrics["seconds"] >= 0
-    assert (out / "confusion.png").exists() and (out / "mistakes.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "eval.json", "mistakes.png"]
+    assert json.loads((out / "eval.json").read_text()) == metrics
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()} == before  # the run folder untouched
 
 
-def test_train_into_a_folder_with_a_run_exits_2_and_keeps_it(synthetic_root, tmp_path, capsys):
-    out = tmp_path / "run"
-    cli.main(["train", "--data-root", str(synthetic_root), "--out", str(out), *FAST])
-    before = (out / "model.pt").read_bytes()
-    err = one_line_error(capsys, ["train", "--data-root", str(synthetic_root), "--out", str(out), *FAST])
+def test_evaluate_without_out_writes_next_to_the_checkpoint(tiny_run, session_root, tmp_path, capsys):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "eval.json").unlink()
+    assert cli.main(["evaluate", str(run / "model.pt"), "--data-root", str(session_root)]) == 0
+    assert f"wrote eval.json, confusion.png, mistakes.png to {run}" in capsys.readouterr().out
+    assert set(json.loads((run / "eval.json").read_text())["test"]) == {"digit_accuracy", "sum_accuracy", "loss"}
+
+
+def test_evaluate_out_under_a_file_prints_the_metrics_then_one_line_and_exits_2(tiny_run, session_root, tmp_path,
+                                                                                capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exited:
+        sys.exit(cli.main(["evaluate", str(tiny_run / "model.pt"), "--data-root", str(session_root), "--json",
+                           "--out", str(tmp_path / "file" / "eval")]))
+    captured = capsys.readouterr()
+    assert exited.value.code == 2
+    assert set(json.loads(captured.out)["test"]) == {"digit_accuracy", "sum_accuracy", "loss"}  # results kept
+    err = captured.err.strip()
+    assert err.startswith("digitsum evaluate: error:") and "\n" not in err and "Traceback" not in err
+    assert str(tmp_path / "file") in err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_train_into_a_folder_with_a_run_exits_2_and_keeps_it(tiny_run, session_root, tmp_path, capsys):
+    out = shutil.copytree(tiny_run, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    err = one_line_error(capsys, ["train", "--data-root", str(session_root), "--out", str(out), *FAST])
     assert "already holds a run" in err
-    assert (out / "model.pt").read_bytes() == before
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_resume_with_training_flags_is_refused(synthetic_root, tmp_path, capsys):
@@ -102,6 +127,7 @@ def test_data_root_that_is_not_writable_exits_2(capsys, tmp_path):
     assert "not writable" in err
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch; test_help_imports_no_torch runs the entry point fast
 def test_the_installed_console_script_reports_errors_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "digitsum.cli", "evaluate", str(tmp_path / "none.pt")],
                             capture_output=True, text=True)

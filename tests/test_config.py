@@ -21,7 +21,8 @@ SETTINGS = ([("train", field) for field in dataclasses.fields(TrainConfig) if fi
             + [("model", field) for field in dataclasses.fields(ModelConfig)])
 DEFAULT = PRESETS["default"]
 TINY = ["--epochs", "2", "--batch-size", "50", "--val-size", "100", "--bf16", "off", "--channels", "8,16",
-        "--sum-hidden", "16", "--ema", "0.5", "--seed", "3", "--dropout", "0.1"]
+        "--sum-hidden", "16", "--ema", "0.5", "--seed", "3", "--dropout", "0.1",
+        "--train-limit", "200"]  # 4 steps per epoch: two runs of it in test_config_repeats_a_run_exactly
 
 
 def parse(argv: list[str]) -> TrainConfig:

@@ -71,6 +71,7 @@ def two_process_runs(tmp_path_factory):
     return {"base": base, "root": base / "data", "straight": straight}
 
 
+@pytest.mark.slow  # torchrun launches of 2 processes
 def test_two_processes_hold_identical_weights_and_write_one_complete_run_folder(two_process_runs):
     base, result = two_process_runs["base"], two_process_runs["straight"]
     run_dir = base / "runs" / "straight"
@@ -120,6 +121,7 @@ def test_a_stopped_two_process_run_resumes_to_the_same_weights(two_process_runs)
     assert metric_rows(base / "runs2" / "resumed") == metric_rows(base / "runs" / "straight")
 
 
+@pytest.mark.slow  # torchrun launches of 2 processes
 def test_a_two_process_last_pt_is_refused_by_one_process(two_process_runs):
     base = two_process_runs["base"]
     stopped_copy = base / "runs" / "stopped-copy"
@@ -131,6 +133,7 @@ def test_a_two_process_last_pt_is_refused_by_one_process(two_process_runs):
         train(None, resume=stopped_copy / "last.pt", data_root=two_process_runs["root"], log=lambda *a: None)
 
 
+@pytest.mark.slow  # torchrun launches of 2 processes
 def test_a_refusal_is_one_line_on_every_rank_and_nothing_hangs(two_process_runs):
     base = two_process_runs["base"]
     run_dir = base / "runs" / "straight"
@@ -215,6 +218,7 @@ def load_gpu_check():
     return module
 
 
+@pytest.mark.slow  # runs benchmarks/gpu_check.py in a fresh interpreter; its pieces are tested just below
 def test_gpu_check_without_a_gpu_says_not_run_and_exits_0(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(SRC)}
     result = subprocess.run([sys.executable, str(TESTS.parent / "benchmarks" / "gpu_check.py"), "--data-root",

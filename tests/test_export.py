@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from digitsum.config import ModelConfig
 from digitsum.model import DigitSumNet
 from digitsum.onnx_backend import ONNX_INPUTS, ONNX_OUTPUTS, OnnxBackend, OnnxError, load_backend, load_onnx
 from digitsum.predict import classify, load_predictor, predict
-from model_files import random_checkpoint, trained_checkpoint
+from model_files import trained_checkpoint
 
 onnx = pytest.importorskip("onnx", reason="the [onnx] extra (in [dev]) is not installed")
 
@@ -42,17 +40,10 @@ def other_checkpoint(path: Path, seed: int = 1) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(exported_random):
     """(checkpoint, model.onnx, stdout) of one real `digitsum export` of an untrained model (no MNIST:
-    the empty --data-root makes the parity sample synthetic)."""
-    folder = tmp_path_factory.mktemp("export")
-    model_pt = random_checkpoint(folder / "model.pt")
-    out = folder / "model.onnx"
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        code = cli.main(["export", str(model_pt), "--out", str(out), "--data-root", str(folder / "no-data")])
-    assert code == 0
-    return model_pt, out, stdout.getvalue()
+    the empty --data-root makes the parity sample synthetic); the session's, see conftest.py."""
+    return exported_random
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +188,7 @@ def test_load_backend_chooses_the_runtime(exported):
         load_backend(model_onnx, "torch")
 
 
+@pytest.mark.slow  # a second ONNX export (seconds); the fast subset serves the session's export file
 def test_load_backend_exports_a_pt_checkpoint_in_memory_for_onnxruntime(exported):
     runner, metadata = load_backend(exported[0], "onnxruntime")
     assert isinstance(runner, OnnxBackend) and metadata == {"epoch": 0}

@@ -239,6 +239,7 @@ def test_bf16_auto_ignores_timings(monkeypatch):
     assert answers == {device.CPU_BF16_FLAG in device.cpu_flags() and device.bf16_supported(cpu)}
 
 
+@pytest.mark.slow  # two trainings next to a busy-looping process (test_bf16_auto_ignores_timings stays fast)
 def test_bf16_auto_gives_identical_runs_while_another_process_loads_the_cpu(synthetic_root, tmp_path):
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -651,7 +652,10 @@ def kill_during_training(config: TrainConfig, root: Path, out: Path, tmp_path: P
     (tmp_path / "files.json").write_text(json.dumps(mnist.MNIST_FILES))
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     (tmp_path / "child.py").write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    # The child's float sums in the order of this process's (conftest.py's) torch thread count: the
+    # resumed run must match the in-process straight one bit for bit.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     child = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "files.json"),
                               str(tmp_path / "config.json"), str(out), str(root)],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -700,7 +704,8 @@ def _kill_cases(count: int, epochs: int, seed: int) -> list[tuple[int, float]]:
     return [(rng.randrange(epochs), rng.uniform(0.0, 0.4)) for _ in range(count)]
 
 
-@pytest.mark.parametrize("count", [2, pytest.param(12, marks=pytest.mark.slow)])
+@pytest.mark.slow  # trains in child processes and kills them; the fast subset keeps the in-process
+@pytest.mark.parametrize("count", [2, 12])  # check of a kill's leftovers just above
 def test_kill_9_at_random_moments_leaves_loadable_checkpoints_and_resume_finishes_identically(
         synthetic_root, tmp_path, count):
     config = replace(MICRO, epochs=3)

@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from budget import examples  # fewer examples in the fast subset
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
@@ -231,7 +232,7 @@ def any_image(draw):
         return image
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(any_image())
 def test_any_image_gives_an_image_error_or_an_mnist_style_view(source):
     try:

@@ -29,6 +29,7 @@ pytest.importorskip("prometheus_client", reason="the [serve] extra is not instal
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from budget import examples  # noqa: E402  (fewer examples in the fast subset)
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from digitsum import cli, serve  # noqa: E402
@@ -302,7 +303,7 @@ def batch_requests(draw):
     return {"content": json.dumps(body).encode(), "headers": {"content-type": "application/json"}}
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(request=batch_requests())
 def test_fuzz_the_batch_route_never_answers_5xx(client, request):
@@ -356,6 +357,7 @@ def test_workers_on_a_port_in_use_is_a_one_line_error(checkpoint, capsys):
     assert error.count("\n") == 1 and "in use" in error
 
 
+@pytest.mark.slow  # a real multi-process uvicorn server (each worker imports torch)
 def test_a_worker_that_cannot_load_the_model_stops_the_server_with_one_line_errors(checkpoint, tmp_path):
     """The parent checked the checkpoint; it is gone before the workers (still importing torch) load it.
     They must not be restarted forever: each says why in one line and the parent exits 2."""
@@ -457,6 +459,7 @@ def serve_until_both_workers_answered(server: WorkerServer, at_least: int = 20) 
     return pids
 
 
+@pytest.mark.slow  # a real multi-process uvicorn server (each worker imports torch)
 def test_two_workers_start_answer_and_each_loads_the_model_once(workers):
     loaded = workers.loaded_pids()
     assert len(loaded) == 2 and len(set(loaded)) == 2
@@ -468,6 +471,7 @@ def test_two_workers_start_answer_and_each_loads_the_model_once(workers):
     assert workers.loaded_pids() == loaded  # requests do not load the model again
 
 
+@pytest.mark.slow  # a real multi-process uvicorn server (each worker imports torch)
 def test_metrics_add_up_the_requests_both_workers_served(workers):
     def health_count() -> float:
         text = httpx.get(workers.url + "/metrics", timeout=30).text
@@ -483,6 +487,7 @@ def test_metrics_add_up_the_requests_both_workers_served(workers):
     assert len([name for name, _ in samples(text) if name == "digitsum_model_info"]) == 1  # one series, not per pid
 
 
+@pytest.mark.slow  # a real multi-process uvicorn server (each worker imports torch)
 def test_the_batch_route_and_head_deadline_work_under_workers(workers):
     response = httpx.post(workers.url + "/api/predict_batch",
                           json={"items": [{"image_png_base64": b64(SEVEN), "number": 1},
@@ -497,6 +502,7 @@ def test_the_batch_route_and_head_deadline_work_under_workers(workers):
         assert time.monotonic() - start < serve.READ_TIMEOUT_S + 5
 
 
+@pytest.mark.slow  # a real multi-process uvicorn server (each worker imports torch)
 def test_a_dead_worker_is_replaced_and_marked_dead_in_the_metrics(workers):
     """Last in the module: it kills a worker. Its counts stay in the totals; its live gauges go."""
     metrics_dir = dict(line.split("=", 1) for line in

@@ -44,11 +44,14 @@ def field_of(response) -> str:
 
 @pytest.fixture(scope="module", params=["torch", "onnxruntime"])
 def client(request, tmp_path_factory):
-    """The API with each backend: every test of this file runs against torch and onnxruntime."""
+    """The API with each backend: every test of this file runs against torch and onnxruntime (the
+    session's export of the same random checkpoint: conftest.py's exported_random)."""
     if request.param == "onnxruntime":
-        pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
-    app = create_app(random_checkpoint(tmp_path_factory.mktemp("serve") / "model.pt"), backend=request.param)
-    with TestClient(app) as client:
+        path = request.getfixturevalue("exported_random")[1]
+    else:
+        path = random_checkpoint(tmp_path_factory.mktemp("serve") / "model.pt")
+    with TestClient(create_app(path, backend=request.param)) as client:
+        client.model_file = path.name  # what the answers' "model" names: <parent>/<file>@<hash>
         yield client
 
 
@@ -58,7 +61,8 @@ def client(request, tmp_path_factory):
 def test_health_says_the_model_is_loaded_and_names_it(client):
     body = client.get("/api/health").json()
     assert body["status"] == "ok" and body["model_loaded"] is True
-    assert body["model"].startswith("serve") and "model.pt@" in body["model"] and body["version"] == __version__
+    assert body["model"].startswith(("serve", "exported-random")) and f"{client.model_file}@" in body["model"]
+    assert body["version"] == __version__
 
 
 def test_a_multipart_request_gets_both_heads_probabilities(client):
@@ -69,7 +73,7 @@ def test_a_multipart_request_gets_both_heads_probabilities(client):
     assert abs(sum(body["digit_probabilities"]) - 1) < 1e-3 and abs(sum(body["sum_probabilities"]) - 1) < 1e-3
     assert body["digit"] == int(np.argmax(body["digit_probabilities"]))
     assert body["sum"] == int(np.argmax(body["sum_probabilities"]))
-    assert body["number"] == 3 and body["latency_ms"] > 0 and "model.pt@" in body["model"]
+    assert body["number"] == 3 and body["latency_ms"] > 0 and f"{client.model_file}@" in body["model"]
 
 
 def test_the_response_carries_the_28x28_image_the_model_saw_as_a_png_data_url(client):
@@ -243,11 +247,12 @@ def test_files_that_used_to_crash_the_server_are_predicted_or_refused_with_a_4xx
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_both_backends_serve_the_same_api_with_the_same_answers(tmp_path, backend):
-    pytest.importorskip("onnxruntime")
-    path = random_checkpoint(tmp_path / "model.pt")
-    with TestClient(create_app(path, backend=backend)) as backend_client, \
-            TestClient(create_app(path, backend="torch")) as torch_client:
+def test_both_backends_serve_the_same_api_with_the_same_answers(exported_random, backend):
+    # The session's model.pt and its export (a .pt served by onnxruntime is exported in memory by the
+    # same load_backend: test_export.py::test_load_backend_exports_a_pt_checkpoint_in_memory_for_onnxruntime, slow).
+    model_pt, model_onnx, _ = exported_random
+    with TestClient(create_app(model_onnx if backend == "onnxruntime" else model_pt, backend=backend)) as backend_client, \
+            TestClient(create_app(model_pt, backend="torch")) as torch_client:
         assert backend_client.get("/api/health").json()["backend"] == backend
         ours, reference = post_form(backend_client), post_form(torch_client)
         assert ours.status_code == reference.status_code == 200

@@ -26,6 +26,7 @@ pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from budget import examples  # noqa: E402  (fewer examples in the fast subset)
 
 from digitsum import cli, serve  # noqa: E402
 from digitsum.predict import preprocess  # noqa: E402
@@ -386,14 +387,14 @@ def _assert_client_error_shape(response) -> None:
         assert isinstance(detail, list) and detail[0]["loc"][0] == "body" and detail[0]["msg"]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(request=requests())
 def test_fuzz_the_api_in_process_never_answers_5xx(test_client, request):
     _assert_client_error_shape(test_client.post("/api/predict", **request))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(request=requests())
 def test_fuzz_the_real_server_never_answers_5xx(http, request):

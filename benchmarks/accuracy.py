@@ -38,12 +38,21 @@ def run_or_reuse(name: str, seed: int, out: Path, data_root) -> dict:
         with open(run_dir / "metrics.csv", newline="") as f:
             seconds = sum(float(row["seconds"]) for row in csv.DictReader(f))
     else:
-        summary = train(config, out_dir=run_dir, data_root=data_root, overwrite=True,
-                        log=lambda line: print(f"  [{name} seed {seed}] {line}", flush=True)
-                        if line.startswith(("epoch", "test")) else None)
+        summary = train(
+            config,
+            out_dir=run_dir,
+            data_root=data_root,
+            overwrite=True,
+            log=lambda line: print(f"  [{name} seed {seed}] {line}", flush=True) if line.startswith(("epoch", "test")) else None,
+        )
         metrics, seconds = summary["metrics"], summary["train_seconds"]
-    return {"seed": seed, "digit": metrics["test"]["digit_accuracy"], "sum": metrics["test"]["sum_accuracy"],
-            "errors": metrics["grid"]["addition_errors"], "minutes": seconds / 60}
+    return {
+        "seed": seed,
+        "digit": metrics["test"]["digit_accuracy"],
+        "sum": metrics["test"]["sum_accuracy"],
+        "errors": metrics["grid"]["addition_errors"],
+        "minutes": seconds / 60,
+    }
 
 
 def main() -> None:
@@ -66,16 +75,20 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, rows in tables.items():
         for row in rows:
-            print(f"| {name} | {row['seed']} | {100 * row['digit']:.2f}% | {100 * row['sum']:.2f}% "
-                  f"| {row['errors']} | {row['minutes']:.1f} |")
+            print(
+                f"| {name} | {row['seed']} | {100 * row['digit']:.2f}% | {100 * row['sum']:.2f}% "
+                f"| {row['errors']} | {row['minutes']:.1f} |"
+            )
 
         def spread(key, scale=100.0):
             values = [scale * row[key] for row in rows]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
-        print(f"| {name} | mean ± std of {len(rows)} | {spread('digit')}% | {spread('sum')}% "
-              f"| {spread('errors', 1.0)} | {spread('minutes', 1.0)} |")
+        print(
+            f"| {name} | mean ± std of {len(rows)} | {spread('digit')}% | {spread('sum')}% "
+            f"| {spread('errors', 1.0)} | {spread('minutes', 1.0)} |"
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ def main() -> None:
         augment = augmenter(PRESETS[name], torch.Generator().manual_seed(0))
         rows += [augment(pixels), augment(pixels)]
     path = Path(args.out) / "augmentation.png"
-    plots.augmentations(torch.cat(rows), path, title="row 1: training digits; rows 2-3: default preset's "
-                        "augmentation; rows 4-5: best preset's")
+    plots.augmentations(
+        torch.cat(rows), path, title="row 1: training digits; rows 2-3: default preset's augmentation; rows 4-5: best preset's"
+    )
     print(f"wrote {path}")
 
 

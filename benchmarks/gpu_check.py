@@ -36,8 +36,7 @@ TARGET = 0.99
 def cli(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
     """`python -m digitsum ARGS` with this checkout's sources first on the path."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "digitsum", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "digitsum", *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def first_error(result: subprocess.CompletedProcess) -> str:
@@ -81,8 +80,13 @@ def time_to_target(preset_name: str, seed: int, check_every: int, data_root) -> 
         if state["reached"] is not None:
             break
     images, seconds, digit, total = state["reached"] or state["last"] or (0, 0.0, float("nan"), float("nan"))
-    return {"reached": state["reached"] is not None, "seconds": seconds, "images": images,
-            "digit_accuracy": digit, "sum_accuracy": total}
+    return {
+        "reached": state["reached"] is not None,
+        "seconds": seconds,
+        "images": images,
+        "digit_accuracy": digit,
+        "sum_accuracy": total,
+    }
 
 
 def write_test_pngs(data_root, folder: Path, count: int = 20) -> list[tuple[Path, int]]:
@@ -110,8 +114,19 @@ def check_preset(preset_name: str, args, work: Path) -> dict:
     run_dir = work / preset_name
     data_flag = ["--data-root", str(args.data_root)] if args.data_root else []
     start = time.perf_counter()
-    result = cli("train", "--preset", preset_name, "--device", "cuda", "--seed", str(args.seed),
-                 "--out", str(run_dir), "--overwrite", *data_flag)
+    result = cli(
+        "train",
+        "--preset",
+        preset_name,
+        "--device",
+        "cuda",
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(run_dir),
+        "--overwrite",
+        *data_flag,
+    )
     row["train_wall"] = f"{time.perf_counter() - start:.1f} s"
     if result.returncode != 0:
         row["problems"].append(f"train: {first_error(result)}")
@@ -124,8 +139,7 @@ def check_preset(preset_name: str, args, work: Path) -> dict:
         row["problems"].append(f"train ran on {environment['device']}, not cuda")
     row["bf16"] = environment["bf16"]
 
-    result = cli("evaluate", str(run_dir / "model.pt"), "--device", "cuda", "--json", "--out", str(work / "eval"),
-                 *data_flag)
+    result = cli("evaluate", str(run_dir / "model.pt"), "--device", "cuda", "--json", "--out", str(work / "eval"), *data_flag)
     if result.returncode != 0:
         row["problems"].append(f"evaluate: {first_error(result)}")
         row["evaluate"] = "failed"
@@ -137,8 +151,9 @@ def check_preset(preset_name: str, args, work: Path) -> dict:
             row["problems"].append(f"evaluate on cuda gave {again['test']} vs the run's {trained['test']}")
 
     files = write_test_pngs(args.data_root, work)
-    result = cli("predict", *[str(path) for path, _ in files], "--number", "3", "--checkpoint",
-                 str(run_dir / "model.pt"), "--json")
+    result = cli(
+        "predict", *[str(path) for path, _ in files], "--number", "3", "--checkpoint", str(run_dir / "model.pt"), "--json"
+    )
     if result.returncode != 0:
         row["problems"].append(f"predict: {first_error(result)}")
         row["predict"] = "failed"
@@ -157,8 +172,9 @@ def check_preset(preset_name: str, args, work: Path) -> dict:
         row["export"] = "skipped"
         print(f"export of {preset_name}: skipped ({error})")
     else:
-        result = cli("export", str(run_dir / "model.pt"), "--check", "--out", str(run_dir / "model.onnx"),
-                     "--overwrite", *data_flag)
+        result = cli(
+            "export", str(run_dir / "model.pt"), "--check", "--out", str(run_dir / "model.onnx"), "--overwrite", *data_flag
+        )
         row["export"] = "parity ok" if result.returncode == 0 else "failed"
         if result.returncode != 0:
             row["problems"].append(f"export: {first_error(result)}")
@@ -191,8 +207,18 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.keep) if args.keep else Path(temporary)
         work.mkdir(parents=True, exist_ok=True)
         rows = [check_preset(name.strip(), args, work) for name in args.presets.split(",") if name.strip()]
-    columns = ("preset", "time_to_99", "images_to_99", "train_wall", "test_digit", "test_sum", "bf16", "evaluate",
-               "predict", "export")
+    columns = (
+        "preset",
+        "time_to_99",
+        "images_to_99",
+        "train_wall",
+        "test_digit",
+        "test_sum",
+        "bf16",
+        "evaluate",
+        "predict",
+        "export",
+    )
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:

@@ -85,10 +85,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per cell and round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per cell (median reported)")
     parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch (and so onnxruntime) threads (default: torch's, the physical cores)")
-    parser.add_argument("--backends-only", action="store_true",
-                        help="only the torch vs onnxruntime table (skips the plain/bf16 cells)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch (and so onnxruntime) threads (default: torch's, the physical cores)"
+    )
+    parser.add_argument(
+        "--backends-only", action="store_true", help="only the torch vs onnxruntime table (skips the plain/bf16 cells)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,8 +99,7 @@ def main() -> None:
     names_by_architecture: dict = {}
     for name, config in PRESETS.items():  # presets that share an architecture are measured once
         names_by_architecture.setdefault(config.model, []).append(name)
-    models = {"preset " + " = ".join(names): DigitSumNet(model_config)
-              for model_config, names in names_by_architecture.items()}
+    models = {"preset " + " = ".join(names): DigitSumNet(model_config) for model_config, names in names_by_architecture.items()}
     if args.checkpoint:
         from digitsum.checkpoint import load_model
 
@@ -123,47 +124,66 @@ def main() -> None:
                 cell["path"].append(throughput(fast, args.batch, bf16, args.seconds, chunk=INFERENCE_CHUNK))
                 cell["latency"].append(latency_ms(fast, bf16, args.seconds))
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"{args.rounds} interleaved rounds of {args.seconds:g} s per cell: median (min-max)\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+        f"{args.rounds} interleaved rounds of {args.seconds:g} s per cell: median (min-max)\n"
+    )
     if cells:
         precision_table(cells, models, args.batch)
     cpu = torch.device("cpu")
-    probe = (f"bf16 measured {cpu_bf16_speedup():.2f}x as fast as fp32 by device.cpu_bf16_speedup"
-             if bf16_supported(cpu) else "no bf16 kernels")
+    probe = (
+        f"bf16 measured {cpu_bf16_speedup():.2f}x as fast as fp32 by device.cpu_bf16_speedup"
+        if bf16_supported(cpu)
+        else "no bf16 kernels"
+    )
     choice = f"bf16 for batches of {BF16_MIN_BATCH} or more, fp32 below" if bf16_pays_off(cpu) else "fp32"
     print(f"\nclassify's default precision on this machine: {choice} ({probe})")
     if pairs:
-        print("\nBackends side by side (predict.classify, default precision; median of the rounds; "
-              "ratio = onnxruntime / torch for images/s, torch / onnxruntime for latency):\n")
-        print(f"| model | torch images/s at batch {args.batch} | onnxruntime images/s | ratio "
-              "| torch single image median / p99 (ms) | onnxruntime median / p99 (ms) | ratio (median) |")
+        print(
+            "\nBackends side by side (predict.classify, default precision; median of the rounds; "
+            "ratio = onnxruntime / torch for images/s, torch / onnxruntime for latency):\n"
+        )
+        print(
+            f"| model | torch images/s at batch {args.batch} | onnxruntime images/s | ratio "
+            "| torch single image median / p99 (ms) | onnxruntime median / p99 (ms) | ratio (median) |"
+        )
         print("|---|---|---|---|---|---|---|")
         for name, cell in pairs.items():
             torch_rate, ort_rate = statistics.median(cell["torch"]), statistics.median(cell["onnxruntime"])
-            (t_med, t_p99), (o_med, o_p99) = ((statistics.median(m for m, _ in cell[key]),
-                                               statistics.median(p for _, p in cell[key]))
-                                              for key in ("torch latency", "onnxruntime latency"))
-            print(f"| {name} | {torch_rate:,.0f} | {ort_rate:,.0f} | {ort_rate / torch_rate:.2f}x "
-                  f"| {t_med:.3f} / {t_p99:.3f} | {o_med:.3f} / {o_p99:.3f} | {t_med / o_med:.2f}x |", flush=True)
+            (t_med, t_p99), (o_med, o_p99) = (
+                (statistics.median(m for m, _ in cell[key]), statistics.median(p for _, p in cell[key]))
+                for key in ("torch latency", "onnxruntime latency")
+            )
+            print(
+                f"| {name} | {torch_rate:,.0f} | {ort_rate:,.0f} | {ort_rate / torch_rate:.2f}x "
+                f"| {t_med:.3f} / {t_p99:.3f} | {o_med:.3f} / {o_p99:.3f} | {t_med / o_med:.2f}x |",
+                flush=True,
+            )
     else:
         print("\n(onnxruntime not measured: install the [onnx] extra)")
 
 
 def precision_table(cells: dict, models: dict, batch: int) -> None:
     """The plain / predict path / latency table: one row per model and precision."""
+
     def rate(values):
         return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
-    print("| model | parameters | forward MFLOP/image | precision | plain: images/s at batch "
-          f"{batch} | predict path: images/s at batch {batch} | single image median (ms) | single image p99 (ms) |")
+    print(
+        "| model | parameters | forward MFLOP/image | precision | plain: images/s at batch "
+        f"{batch} | predict path: images/s at batch {batch} | single image median (ms) | single image p99 (ms) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for (name, bf16), cell in cells.items():
         model = models[name]
         forward_mflop = training_flops_per_image(model.config) / 3 / 1e6
         median = statistics.median(m for m, _ in cell["latency"])
         p99 = statistics.median(p for _, p in cell["latency"])
-        print(f"| {name} | {count_parameters(model):,} | {forward_mflop:.1f} | {'bf16' if bf16 else 'fp32'} "
-              f"| {rate(cell['plain'])} | {rate(cell['path'])} | {median:.3f} | {p99:.3f} |", flush=True)
+        print(
+            f"| {name} | {count_parameters(model):,} | {forward_mflop:.1f} | {'bf16' if bf16 else 'fp32'} "
+            f"| {rate(cell['plain'])} | {rate(cell['path'])} | {median:.3f} | {p99:.3f} |",
+            flush=True,
+        )
 
 
 def onnx_backends(models: dict) -> dict:

@@ -42,8 +42,7 @@ def drawn_jpeg(image: np.ndarray, rng: np.random.Generator) -> bytes:
     digit = Image.fromarray(255 - image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
     longer = int(rng.integers(80, 241))  # the digit's longer side on the canvas, px
     scale = longer / max(digit.size)
-    digit = digit.resize((max(1, round(digit.width * scale)), max(1, round(digit.height * scale))),
-                         Image.Resampling.BICUBIC)
+    digit = digit.resize((max(1, round(digit.width * scale)), max(1, round(digit.height * scale))), Image.Resampling.BICUBIC)
     canvas = Image.new("L", (CANVAS, CANVAS), 255)
     canvas.paste(digit, (int(rng.integers(0, CANVAS - digit.width + 1)), int(rng.integers(0, CANVAS - digit.height + 1))))
     buffer = io.BytesIO()
@@ -53,8 +52,9 @@ def drawn_jpeg(image: np.ndarray, rng: np.random.Generator) -> bytes:
 
 def digits_of(model, views: list[np.ndarray], numbers: torch.Tensor) -> torch.Tensor:
     inputs = normalize(torch.from_numpy(np.stack(views)))  # the same normalisation preprocess() applies
-    predicted = [classify(model, inputs[i : i + 1000], numbers[i : i + 1000].tolist())[0].argmax(1)
-                 for i in range(0, len(views), 1000)]
+    predicted = [
+        classify(model, inputs[i : i + 1000], numbers[i : i + 1000].tolist())[0].argmax(1) for i in range(0, len(views), 1000)
+    ]
     return torch.cat(predicted)
 
 
@@ -72,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     test = load_split("test", args.data_root, limit=args.limit)
     images = test.images.numpy()
     with torch.inference_mode():
-        tensor_digits = torch.cat([model(normalize(test.images[i : i + 1000]), test.numbers[i : i + 1000])[0].argmax(1)
-                                   for i in range(0, len(test), 1000)])
+        tensor_digits = torch.cat(
+            [
+                model(normalize(test.images[i : i + 1000]), test.numbers[i : i + 1000])[0].argmax(1)
+                for i in range(0, len(test), 1000)
+            ]
+        )
     tensor_accuracy = float((tensor_digits == test.digits).float().mean())
 
     start = time.perf_counter()
@@ -91,18 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     gap = 100 * (tensor_accuracy - drawn_accuracy)
 
     count = len(test)
-    print(f"checkpoint {args.checkpoint}, {count:,} MNIST test images, tensor-path digit accuracy "
-          f"{100 * tensor_accuracy:.2f}%\n")
+    print(f"checkpoint {args.checkpoint}, {count:,} MNIST test images, tensor-path digit accuracy {100 * tensor_accuracy:.2f}%\n")
     print("| check | result | target | met |")
     print("|---|---|---|---|")
-    print(f"| 28x28 PNG round trip: digit agrees with the tensor path | {100 * agreement:.2f}% "
-          f"({round((1 - agreement) * count)} differ) | >= 99.9% | {'yes' if agreement >= 0.999 else 'NO'} |")
+    print(
+        f"| 28x28 PNG round trip: digit agrees with the tensor path | {100 * agreement:.2f}% "
+        f"({round((1 - agreement) * count)} differ) | >= 99.9% | {'yes' if agreement >= 0.999 else 'NO'} |"
+    )
     print(f"| 28x28 PNG round trip: 28x28 view identical to the MNIST image | {100 * identical:.2f}% | - | - |")
-    print(f"| drawn style (280x280 JPEG q75): digit accuracy | {100 * drawn_accuracy:.2f}% "
-          f"({abs(gap):.2f} pts {'below' if gap >= 0 else 'above'} the tensor path) | within 0.5 pts "
-          f"| {'yes' if gap <= 0.5 else 'NO'} |")
-    print(f"| preprocessing time per image (PNG 28x28 / JPEG 280x280) | {1000 * png_seconds / count:.2f} ms / "
-          f"{1000 * drawn_seconds / count:.2f} ms | - | - |")
+    print(
+        f"| drawn style (280x280 JPEG q75): digit accuracy | {100 * drawn_accuracy:.2f}% "
+        f"({abs(gap):.2f} pts {'below' if gap >= 0 else 'above'} the tensor path) | within 0.5 pts "
+        f"| {'yes' if gap <= 0.5 else 'NO'} |"
+    )
+    print(
+        f"| preprocessing time per image (PNG 28x28 / JPEG 280x280) | {1000 * png_seconds / count:.2f} ms / "
+        f"{1000 * drawn_seconds / count:.2f} ms | - | - |"
+    )
     return 0 if agreement >= 0.999 and gap <= 0.5 else 1
 
 

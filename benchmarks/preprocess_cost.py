@@ -64,8 +64,9 @@ def inputs(side: int) -> dict[str, bytes]:
     """A digit drawn on a large page, in the encodings people send."""
     page = Image.new("L", (side, side), 245)
     k = side / 280
-    ImageDraw.Draw(page).line([(70 * k, 60 * k), (210 * k, 60 * k), (120 * k, 230 * k)], fill=20,
-                              width=round(20 * k), joint="curve")
+    ImageDraw.Draw(page).line(
+        [(70 * k, 60 * k), (210 * k, 60 * k), (120 * k, 230 * k)], fill=20, width=round(20 * k), joint="curve"
+    )
     rng = np.random.default_rng(0)
     noisy = np.clip(np.asarray(page, np.int16) + rng.integers(-6, 7, page.size[::-1]), 0, 255).astype(np.uint8)
     files = {}
@@ -89,29 +90,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         before = Path(folder) / "before_predict.py"
-        before.write_text(subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE}:src/digitsum/predict.py"],
-                                         capture_output=True, text=True, check=True).stdout)
-        print(f"one {args.side}x{args.side} image per process; median of {args.repeats} after a warm-up; "
-              f"'before' = preprocessing of {BEFORE}\n")
-        print("| input | file KB | ours wall ms | ours CPU ms | ours +RSS MB | before wall ms | before +RSS MB "
-              "| time ratio before/ours | RSS ratio before/ours |")
+        before.write_text(
+            subprocess.run(
+                ["git", "-C", str(REPO), "show", f"{BEFORE}:src/digitsum/predict.py"], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        print(
+            f"one {args.side}x{args.side} image per process; median of {args.repeats} after a warm-up; "
+            f"'before' = preprocessing of {BEFORE}\n"
+        )
+        print(
+            "| input | file KB | ours wall ms | ours CPU ms | ours +RSS MB | before wall ms | before +RSS MB "
+            "| time ratio before/ours | RSS ratio before/ours |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for name, data in inputs(args.side).items():
             path = Path(folder) / "input.bin"
             path.write_bytes(data)
             results = {}
             for version in ("ours", "before"):
-                output = subprocess.run([sys.executable, "-c", CHILD, str(path), version, str(REPO / "src"),
-                                         str(before), str(args.repeats)], capture_output=True, text=True)
+                output = subprocess.run(
+                    [sys.executable, "-c", CHILD, str(path), version, str(REPO / "src"), str(before), str(args.repeats)],
+                    capture_output=True,
+                    text=True,
+                )
                 if output.returncode != 0:
                     results[version] = {"wall_ms": float("nan"), "cpu_ms": float("nan"), "rss_mb": float("nan")}
                     print(f"  ({version} failed: {output.stderr.strip().splitlines()[-1][:120]})", file=sys.stderr)
                 else:
                     results[version] = json.loads(output.stdout.strip().splitlines()[-1])
             ours, old = results["ours"], results["before"]
-            print(f"| {name} | {len(data) / 1024:,.0f} | {ours['wall_ms']:.0f} | {ours['cpu_ms']:.0f} | {ours['rss_mb']:.0f} "
-                  f"| {old['wall_ms']:.0f} | {old['rss_mb']:.0f} | {old['wall_ms'] / ours['wall_ms']:.1f}x "
-                  f"| {old['rss_mb'] / max(ours['rss_mb'], 1):.1f}x |", flush=True)
+            print(
+                f"| {name} | {len(data) / 1024:,.0f} | {ours['wall_ms']:.0f} | {ours['cpu_ms']:.0f} | {ours['rss_mb']:.0f} "
+                f"| {old['wall_ms']:.0f} | {old['rss_mb']:.0f} | {old['wall_ms'] / ours['wall_ms']:.1f}x "
+                f"| {old['rss_mb'] / max(ours['rss_mb'], 1):.1f}x |",
+                flush=True,
+            )
     return 0
 
 

@@ -44,8 +44,7 @@ def coverage(digit: np.ndarray, height: int, rng: np.random.Generator, stroke: f
         pad = radius + 1
         big = np.pad(big, pad)
         footprint = _disk(radius)
-        big = (ndimage.grey_dilation(big, footprint=footprint) if stroke > 0
-               else ndimage.grey_erosion(big, footprint=footprint))
+        big = ndimage.grey_dilation(big, footprint=footprint) if stroke > 0 else ndimage.grey_erosion(big, footprint=footprint)
         big = np.clip((big - 0.5) * 3 + 0.5, 0, 1)  # a pen's edge is sharper than MNIST's antialiasing
     return big
 
@@ -64,8 +63,14 @@ def paste(canvas: np.ndarray, cover: np.ndarray, top: int, left: int) -> np.ndar
     return layer
 
 
-def compose(paper_rgb, ink_rgb, layer: np.ndarray, light: np.ndarray | float = 1.0, noise: float = 0.0,
-            rng: np.random.Generator | None = None) -> np.ndarray:
+def compose(
+    paper_rgb,
+    ink_rgb,
+    layer: np.ndarray,
+    light: np.ndarray | float = 1.0,
+    noise: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """uint8 RGB: paper and ink colours mixed by coverage, lit by `light`, plus sensor noise."""
     paper, ink = np.asarray(paper_rgb, np.float32) / 255, np.asarray(ink_rgb, np.float32) / 255
     pixels = paper * (1 - layer[..., None]) + ink * layer[..., None]
@@ -119,9 +124,15 @@ def phone_exif(rng, digit):
     pixels = Image.fromarray(photo_base(rng, digit))
     orientation = int(rng.integers(2, 9))
     # Store the pixels so that applying `orientation` shows them upright (the inverse transpose).
-    inverse = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-               6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+    inverse = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_90,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_270,
+    }
     stored = pixels.transpose(inverse[orientation])
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -133,8 +144,9 @@ def lighting_gradient(rng, digit):
     height = int(rng.integers(150, 330))
     layer, _ = placed(rng, size, digit, height, stroke=rng.uniform(0, 0.6))
     light = gradient(rng, size, rng.uniform(0.3, 0.5))
-    return encode(compose(PAPERS[rng.integers(len(PAPERS))], PENS[rng.integers(len(PENS))], layer, light, 0.015, rng),
-                  "JPEG", quality=90)
+    return encode(
+        compose(PAPERS[rng.integers(len(PAPERS))], PENS[rng.integers(len(PENS))], layer, light, 0.015, rng), "JPEG", quality=90
+    )
 
 
 def shadow_edge(rng, digit):
@@ -150,8 +162,9 @@ def shadow_edge(rng, digit):
     softness = rng.uniform(1.0, 6.0)
     depth = rng.uniform(0.3, 0.5)
     light = 1.0 - depth / (1.0 + np.exp(-distance / softness))
-    return encode(compose(PAPERS[rng.integers(len(PAPERS))], PENS[rng.integers(len(PENS))], layer, light, 0.015, rng),
-                  "JPEG", quality=90)
+    return encode(
+        compose(PAPERS[rng.integers(len(PAPERS))], PENS[rng.integers(len(PENS))], layer, light, 0.015, rng), "JPEG", quality=90
+    )
 
 
 def _lines(shape, spacing, thickness, tilt, offset, vertical=False):
@@ -189,8 +202,10 @@ def squared_paper(rng, digit):
     spacing = height / rng.uniform(3, 6)
     tilt = rng.uniform(-0.02, 0.02)
     thickness = rng.uniform(1, 2)
-    grid = np.maximum(_lines(size, spacing, thickness, tilt, rng.uniform(0, spacing)),
-                      _lines(size, spacing, thickness, -tilt, rng.uniform(0, spacing), vertical=True))
+    grid = np.maximum(
+        _lines(size, spacing, thickness, tilt, rng.uniform(0, spacing)),
+        _lines(size, spacing, thickness, -tilt, rng.uniform(0, spacing), vertical=True),
+    )
     colour = np.array([[0.6, 0.6, 0.62], [0.55, 0.7, 0.9]][rng.integers(2)], np.float32)
     paper = np.ones(size + (3,), np.float32) * (1 - grid[..., None]) + colour * grid[..., None]
     pen = np.asarray(PENS[rng.integers(len(PENS))], np.float32) / 255
@@ -212,10 +227,12 @@ def specks(rng, digit):
             continue
         y0, y1, x0, x1 = int(max(0, cy - 4)), int(min(size[0], cy + 5)), int(max(0, cx - 4)), int(min(size[1], cx + 5))
         y, x = np.mgrid[y0:y1, x0:x1]
-        dots[y0:y1, x0:x1] = np.maximum(dots[y0:y1, x0:x1],
-                                        np.clip(r + 0.5 - np.hypot(y - cy, x - cx), 0, 1) * rng.uniform(0.5, 1))
-    return encode(compose((250, 250, 248), PENS[rng.integers(len(PENS))], np.maximum(layer, dots), 1.0, 0.01, rng),
-                  "JPEG", quality=90)
+        dots[y0:y1, x0:x1] = np.maximum(
+            dots[y0:y1, x0:x1], np.clip(r + 0.5 - np.hypot(y - cy, x - cx), 0, 1) * rng.uniform(0.5, 1)
+        )
+    return encode(
+        compose((250, 250, 248), PENS[rng.integers(len(PENS))], np.maximum(layer, dots), 1.0, 0.01, rng), "JPEG", quality=90
+    )
 
 
 def thin_pen(rng, digit):
@@ -240,8 +257,11 @@ def coloured(rng, digit):
     size = (400, 400)
     height = int(rng.integers(150, 300))
     layer, _ = placed(rng, size, digit, height, stroke=rng.uniform(0, 0.8))
-    return encode(compose(PAPER_COLOURS[rng.integers(len(PAPER_COLOURS))], INKS[rng.integers(len(INKS))], layer,
-                          1.0, 0.01, rng), "JPEG", quality=90)
+    return encode(
+        compose(PAPER_COLOURS[rng.integers(len(PAPER_COLOURS))], INKS[rng.integers(len(INKS))], layer, 1.0, 0.01, rng),
+        "JPEG",
+        quality=90,
+    )
 
 
 def transparent_canvas(rng, digit):
@@ -268,8 +288,9 @@ def low_quality_jpeg(rng, digit):
     size = (280, 280)
     height = int(rng.integers(80, 240))
     layer, _ = placed(rng, size, digit, height, stroke=rng.uniform(0, 0.6))
-    return encode(compose((255, 255, 255), PENS[rng.integers(len(PENS))], layer, 1.0, 0.0, rng),
-                  "JPEG", quality=int(rng.integers(8, 26)))
+    return encode(
+        compose((255, 255, 255), PENS[rng.integers(len(PENS))], layer, 1.0, 0.0, rng), "JPEG", quality=int(rng.integers(8, 26))
+    )
 
 
 CONDITIONS = {
@@ -338,23 +359,28 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     indices = rng.permutation(len(test))  # test digits only; each condition takes its own slice
     with torch.inference_mode():
-        tensor_digits = torch.cat([plain(normalize(test.images[i : i + 1000]), test.numbers[i : i + 1000])[0].argmax(1)
-                                   for i in range(0, len(test), 1000)]).numpy()
+        tensor_digits = torch.cat(
+            [
+                plain(normalize(test.images[i : i + 1000]), test.numbers[i : i + 1000])[0].argmax(1)
+                for i in range(0, len(test), 1000)
+            ]
+        ).numpy()
     truth = test.digits.numpy()
     images = test.images.numpy()
 
-    print(f"checkpoint {args.checkpoint}; {args.count} MNIST test digits per condition; "
-          "path = load_predictor + predict on the encoded file bytes (as `digitsum predict`)\n")
+    print(
+        f"checkpoint {args.checkpoint}; {args.count} MNIST test digits per condition; "
+        "path = load_predictor + predict on the encoded file bytes (as `digitsum predict`)\n"
+    )
     print("| condition | images | digit accuracy | tensor path, same digits | gap (pts) | sum accuracy | errors | ms/image |")
     print("|---|---|---|---|---|---|---|---|")
     totals = np.zeros(3)
     examples = []
-    selected = [(k, v) for k, v in CONDITIONS.items()
-                if not args.only or any(part in k for part in args.only.split(","))]
+    selected = [(k, v) for k, v in CONDITIONS.items() if not args.only or any(part in k for part in args.only.split(","))]
     for number, (name, render) in enumerate(CONDITIONS.items()):
         if (name, render) not in selected:
             continue
-        chosen = indices[(number * args.count) % len(test):][: args.count]
+        chosen = indices[(number * args.count) % len(test) :][: args.count]
         if len(chosen) < args.count:
             chosen = np.concatenate([chosen, indices[: args.count - len(chosen)]])
         files = [render(np.random.default_rng([args.seed, number, int(i)]), images[i]) for i in chosen]
@@ -369,8 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         sum_accuracy = float((sums == truth[chosen] + np.array(numbers)).mean())
         tensor = float((tensor_digits[chosen] == truth[chosen]).mean())
         totals += (accuracy, tensor, 1)
-        print(f"| {name} | {len(files)} | {100 * accuracy:.2f}% | {100 * tensor:.2f}% | {100 * (tensor - accuracy):+.2f} "
-              f"| {100 * sum_accuracy:.2f}% | {errors} | {ms:.1f} |", flush=True)
+        print(
+            f"| {name} | {len(files)} | {100 * accuracy:.2f}% | {100 * tensor:.2f}% | {100 * (tensor - accuracy):+.2f} "
+            f"| {100 * sum_accuracy:.2f}% | {errors} | {ms:.1f} |",
+            flush=True,
+        )
         if args.save_failures:
             from pathlib import Path
 
@@ -387,8 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         examples.append((name, files[example], view))
     if totals[2]:
         mean, tensor = totals[0] / totals[2], totals[1] / totals[2]
-        print(f"| **all conditions (mean)** | {int(totals[2]) * args.count} | **{100 * mean:.2f}%** | {100 * tensor:.2f}% "
-              f"| {100 * (tensor - mean):+.2f} | | | |")
+        print(
+            f"| **all conditions (mean)** | {int(totals[2]) * args.count} | **{100 * mean:.2f}%** | {100 * tensor:.2f}% "
+            f"| {100 * (tensor - mean):+.2f} | | | |"
+        )
     if args.figure:
         figure(examples, args.figure)
         print(f"\nwrote {args.figure}")

@@ -24,8 +24,7 @@ class NoBatchNormNet(DigitSumNet):
         for block in self.trunk:
             if isinstance(block, nn.Sequential):
                 conv = block[0]
-                block[0] = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=conv.stride,
-                                     padding=1, bias=True)
+                block[0] = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=conv.stride, padding=1, bias=True)
                 for index, layer in enumerate(block):
                     if isinstance(layer, nn.BatchNorm2d):
                         block[index] = nn.Identity()
@@ -72,8 +71,7 @@ def main() -> None:
     print("| change | val digit accuracy | val sum accuracy | training minutes |")
     print("|---|---|---|---|")
     for name, mean, _ in variant_results(args, VARIANTS, resolve=change_for):
-        print(f"| {name} | {100 * mean['val_digit']:.2f}% | {100 * mean['val_sum']:.2f}% | {mean['minutes']:.1f} |",
-              flush=True)
+        print(f"| {name} | {100 * mean['val_digit']:.2f}% | {100 * mean['val_sum']:.2f}% | {mean['minutes']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

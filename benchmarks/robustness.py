@@ -32,8 +32,13 @@ def shifts(seed: int = 0) -> dict:
     def affine(**kwargs):
         return lambda pixels: random_affine(pixels, torch.Generator().manual_seed(seed), **kwargs)
 
-    return {"clean": lambda pixels: pixels, "rotation ±15°": affine(rotate=15),
-            "shift ±3 px": affine(translate=3), "thicker strokes": thicker, "thinner strokes": thinner}
+    return {
+        "clean": lambda pixels: pixels,
+        "rotation ±15°": affine(rotate=15),
+        "shift ±3 px": affine(translate=3),
+        "thicker strokes": thicker,
+        "thinner strokes": thinner,
+    }
 
 
 @torch.no_grad()

@@ -63,8 +63,12 @@ def large_png(side: int = 4096) -> bytes:
 
     image = Image.new("L", (side, side), 255)
     scale = side / 280
-    ImageDraw.Draw(image).line([(70 * scale, 60 * scale), (210 * scale, 60 * scale), (120 * scale, 230 * scale)],
-                               fill=17, width=round(23 * scale), joint="curve")
+    ImageDraw.Draw(image).line(
+        [(70 * scale, 60 * scale), (210 * scale, 60 * scale), (120 * scale, 230 * scale)],
+        fill=17,
+        width=round(23 * scale),
+        joint="curve",
+    )
     lit = np.asarray(image, np.float32) * np.linspace(1.0, 0.7, side, dtype=np.float32)[None, :]
     buffer = io.BytesIO()
     Image.fromarray(lit.astype(np.uint8)).convert("RGB").save(buffer, format="PNG")
@@ -76,11 +80,19 @@ def health_request(host: str, port: int) -> bytes:
 
 
 def predict_request(host: str, port: int, image: bytes, number: int) -> bytes:
-    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"number\"\r\n\r\n{number}\r\n"
-            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"drawing.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
-    head = (f"POST /api/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; "
-            f"boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    body = (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="number"\r\n\r\n{number}\r\n'
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="drawing.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    head = (
+        f"POST /api/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; "
+        f"boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     return head + body
 
 
@@ -154,15 +166,17 @@ async def keep_sending(host: str, port: int, request: bytes, until: float, log: 
     writer.close()
 
 
-async def mixed_load(host: str, port: int, seconds: float, small: bytes, big: bytes, small_clients: int,
-                     health_clients: int, large_clients: int) -> dict[str, list]:
+async def mixed_load(
+    host: str, port: int, seconds: float, small: bytes, big: bytes, small_clients: int, health_clients: int, large_clients: int
+) -> dict[str, list]:
     """Logs of (status, seconds) per kind of request, all clients running for `seconds`."""
     until = time.perf_counter() + seconds
     logs = {"small predict": [], "health": [], "4096x4096 upload": []}
     clients = [keep_sending(host, port, small, until, logs["small predict"]) for _ in range(small_clients)]
     # Health checks are paced like a monitor's (every 20 ms); the other clients send back to back.
-    clients += [keep_sending(host, port, health_request(host, port), until, logs["health"], pause=0.02)
-                for _ in range(health_clients)]
+    clients += [
+        keep_sending(host, port, health_request(host, port), until, logs["health"], pause=0.02) for _ in range(health_clients)
+    ]
     clients += [keep_sending(host, port, big, until, logs["4096x4096 upload"]) for _ in range(large_clients)]
     await asyncio.gather(*clients)
     return logs
@@ -174,14 +188,19 @@ def large_uploads_scenario(args, port: int, server: subprocess.Popen) -> int:
     big = predict_request("127.0.0.1", port, big_png, number=5)
     asyncio.run(mixed_load("127.0.0.1", port, 2, small, big, args.small_clients, args.health_clients, 0))  # warm-up
     phases = {}
-    for name, large_clients in (("without large uploads", 0), (f"with {args.large_clients} clients uploading "
-                                                                "4096x4096", args.large_clients)):
-        phases[name] = asyncio.run(mixed_load("127.0.0.1", port, args.seconds, small, big, args.small_clients,
-                                              args.health_clients, large_clients))
-    print(f"`digitsum serve` on 127.0.0.1: {args.small_clients} clients sending small predictions (280x280 PNG "
-          f"drawing) back to back and {args.health_clients} sending GET /api/health every 20 ms for {args.seconds:g} s, without "
-          f"and with {args.large_clients} clients continuously uploading a 4096x4096 RGB PNG "
-          f"({len(big_png) / 1024:.0f} KiB; body limit 2 MB)\n")
+    for name, large_clients in (
+        ("without large uploads", 0),
+        (f"with {args.large_clients} clients uploading 4096x4096", args.large_clients),
+    ):
+        phases[name] = asyncio.run(
+            mixed_load("127.0.0.1", port, args.seconds, small, big, args.small_clients, args.health_clients, large_clients)
+        )
+    print(
+        f"`digitsum serve` on 127.0.0.1: {args.small_clients} clients sending small predictions (280x280 PNG "
+        f"drawing) back to back and {args.health_clients} sending GET /api/health every 20 ms for {args.seconds:g} s, without "
+        f"and with {args.large_clients} clients continuously uploading a 4096x4096 RGB PNG "
+        f"({len(big_png) / 1024:.0f} KiB; body limit 2 MB)\n"
+    )
     print("| load | request | requests | p50 ms | p99 ms | max ms | statuses |")
     print("|---|---|---|---|---|---|---|")
     worst_small_p99 = 0.0
@@ -190,15 +209,15 @@ def large_uploads_scenario(args, port: int, server: subprocess.Popen) -> int:
             if not log:
                 continue
             ms = 1000 * np.array([seconds for _, seconds in log])
-            statuses = ", ".join(f"{status}: {count}" for status, count in
-                                 sorted(Counter(status for status, _ in log).items()))
+            statuses = ", ".join(f"{status}: {count}" for status, count in sorted(Counter(status for status, _ in log).items()))
             p99 = np.percentile(ms, 99)
             if kind != "4096x4096 upload":
                 worst_small_p99 = max(worst_small_p99, p99)
-            print(f"| {name} | {kind} | {len(log)} | {np.percentile(ms, 50):.1f} | {p99:.1f} | {ms.max():.1f} | "
-                  f"{statuses} |")
-    print(f"\nworst p99 of small requests: {worst_small_p99:.1f} ms (target < 250 ms); load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; server RSS {rss_mib(server.pid):.1f} MiB")
+            print(f"| {name} | {kind} | {len(log)} | {np.percentile(ms, 50):.1f} | {p99:.1f} | {ms.max():.1f} | {statuses} |")
+    print(
+        f"\nworst p99 of small requests: {worst_small_p99:.1f} ms (target < 250 ms); load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; server RSS {rss_mib(server.pid):.1f} MiB"
+    )
     return 0 if worst_small_p99 < 250 else 1
 
 
@@ -223,12 +242,28 @@ def free_port() -> int:
 
 def start_server(checkpoint: str, port: int, workers: int = 1) -> subprocess.Popen:
     """`digitsum serve` on `port`, once it answers (with workers > 1: once every worker loaded the model)."""
-    process = subprocess.Popen([sys.executable, "-m", "digitsum.cli", "serve", "--checkpoint", checkpoint,
-                                "--port", str(port), "--no-access-log", "--workers", str(workers)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "digitsum.cli",
+            "serve",
+            "--checkpoint",
+            checkpoint,
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--workers",
+            str(workers),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     loaded = []  # "digitsum worker PID: loaded MODEL" lines, one per worker
-    threading.Thread(target=lambda: [loaded.append(line) for line in process.stdout
-                                     if line.startswith("digitsum worker ")], daemon=True).start()
+    threading.Thread(
+        target=lambda: [loaded.append(line) for line in process.stdout if line.startswith("digitsum worker ")], daemon=True
+    ).start()
     deadline = time.monotonic() + 90 * workers
     while True:
         if process.poll() is not None:
@@ -242,8 +277,10 @@ def start_server(checkpoint: str, port: int, workers: int = 1) -> subprocess.Pop
         if time.monotonic() > deadline:
             process.terminate()  # stdout is the reader thread's; the log is on stderr
             log = process.stderr.read().strip().splitlines()[-10:]
-            sys.exit(f"server did not answer /api/health within {90 * workers} s "
-                     f"({len(loaded)} of {workers} workers loaded); its log ends:\n" + "\n".join(log))
+            sys.exit(
+                f"server did not answer /api/health within {90 * workers} s "
+                f"({len(loaded)} of {workers} workers loaded); its log ends:\n" + "\n".join(log)
+            )
         time.sleep(0.2)
 
 
@@ -263,27 +300,32 @@ def workers_scenario(args) -> int:
         try:
             asyncio.run(load("127.0.0.1", port, request, args.warmup, args.concurrency))
             for _ in range(args.runs):
-                latencies, errors, seconds = asyncio.run(load("127.0.0.1", port, request, args.requests,
-                                                              args.concurrency))
+                latencies, errors, seconds = asyncio.run(load("127.0.0.1", port, request, args.requests, args.concurrency))
                 ms = 1000 * np.array(latencies)
                 runs.append((len(latencies) / seconds, np.percentile(ms, 50), np.percentile(ms, 99), errors))
         finally:
             stop_server(server)
         results[workers] = runs
-    print(f"`digitsum serve --workers 1` vs `--workers {args.workers}` on 127.0.0.1: {args.requests:,} multipart "
-          f"predict requests per run (280x280 PNG drawing), {args.concurrency} in flight from another process, "
-          f"{args.runs} runs each, checkpoint {args.checkpoint}\n")
+    print(
+        f"`digitsum serve --workers 1` vs `--workers {args.workers}` on 127.0.0.1: {args.requests:,} multipart "
+        f"predict requests per run (280x280 PNG drawing), {args.concurrency} in flight from another process, "
+        f"{args.runs} runs each, checkpoint {args.checkpoint}\n"
+    )
     print("| workers | requests/s (median) | p50 ms | p99 ms (median) | errors | requests/s per run |")
     print("|---|---|---|---|---|---|")
     medians = {}
     for workers, runs in results.items():
         rate, p50, p99 = (statistics.median(run[i] for run in runs) for i in range(3))
         medians[workers] = (rate, p99)
-        print(f"| {workers} | {rate:.0f} | {p50:.1f} | {p99:.1f} | {sum(run[3] for run in runs)} | "
-              f"{', '.join(f'{run[0]:.0f}' for run in runs)} |")
+        print(
+            f"| {workers} | {rate:.0f} | {p50:.1f} | {p99:.1f} | {sum(run[3] for run in runs)} | "
+            f"{', '.join(f'{run[0]:.0f}' for run in runs)} |"
+        )
     (rate_1, p99_1), (rate_n, p99_n) = medians[1], medians[args.workers]
-    print(f"\n{args.workers} workers / 1 worker: requests/s x{rate_n / rate_1:.2f}, p99 x{p99_n / p99_1:.2f}; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (the client runs on the same CPUs)")
+    print(
+        f"\n{args.workers} workers / 1 worker: requests/s x{rate_n / rate_1:.2f}, p99 x{p99_n / p99_1:.2f}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (the client runs on the same CPUs)"
+    )
     return 0 if all(run[3] == 0 for runs in results.values() for run in runs) else 1
 
 
@@ -294,16 +336,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: 16)")
     parser.add_argument("--runs", type=int, default=3, help="repeated runs, to see whether memory grows (default: 3)")
     parser.add_argument("--warmup", type=int, default=200, help="requests before measuring (default: 200)")
-    parser.add_argument("--scenario", default="throughput", choices=["throughput", "large-uploads", "workers"],
-                        help="throughput: many small predictions; large-uploads: small requests with and "
-                             "without clients uploading 4096x4096 images; workers: the throughput load against "
-                             "1 and --workers worker processes (default: throughput)")
+    parser.add_argument(
+        "--scenario",
+        default="throughput",
+        choices=["throughput", "large-uploads", "workers"],
+        help="throughput: many small predictions; large-uploads: small requests with and "
+        "without clients uploading 4096x4096 images; workers: the throughput load against "
+        "1 and --workers worker processes (default: throughput)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="workers: processes to compare with 1 (default: 2)")
     parser.add_argument("--large-clients", type=int, default=8, help="large-uploads: uploading clients (default: 8)")
-    parser.add_argument("--small-clients", type=int, default=2,
-                        help="large-uploads: clients sending small predictions (default: 2)")
-    parser.add_argument("--health-clients", type=int, default=1,
-                        help="large-uploads: clients sending GET /api/health (default: 1)")
+    parser.add_argument(
+        "--small-clients", type=int, default=2, help="large-uploads: clients sending small predictions (default: 2)"
+    )
+    parser.add_argument(
+        "--health-clients", type=int, default=1, help="large-uploads: clients sending GET /api/health (default: 1)"
+    )
     parser.add_argument("--seconds", type=float, default=20, help="large-uploads: seconds per phase (default: 20)")
     args = parser.parse_args(argv)
 
@@ -327,22 +375,27 @@ def main(argv: list[str] | None = None) -> int:
             latencies, errors, seconds = asyncio.run(load("127.0.0.1", port, request, args.requests, args.concurrency))
             cpu_ms = 1000 * (cpu_seconds(server.pid) - cpu_before) / args.requests
             ms = 1000 * np.array(latencies)
-            rows.append((run, len(latencies) / seconds, np.percentile(ms, 50), np.percentile(ms, 99), errors,
-                         cpu_ms, rss_mib(server.pid)))
+            rows.append(
+                (run, len(latencies) / seconds, np.percentile(ms, 50), np.percentile(ms, 99), errors, cpu_ms, rss_mib(server.pid))
+            )
     finally:
         server.terminate()
         server.wait(timeout=10)
 
-    print(f"`digitsum serve` on 127.0.0.1, {args.requests:,} multipart predict requests per run (280x280 PNG "
-          f"drawing), {args.concurrency} in flight from another process; server RSS after warm-up "
-          f"{rss_before:.1f} MiB\n")
+    print(
+        f"`digitsum serve` on 127.0.0.1, {args.requests:,} multipart predict requests per run (280x280 PNG "
+        f"drawing), {args.concurrency} in flight from another process; server RSS after warm-up "
+        f"{rss_before:.1f} MiB\n"
+    )
     print("| run | requests/s | p50 ms | p99 ms | errors | server CPU ms/request | server RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for run, rate, p50, p99, errors, cpu_ms, rss in rows:
         print(f"| {run} | {rate:.0f} | {p50:.1f} | {p99:.1f} | {errors} | {cpu_ms:.2f} | {rss:.1f} |")
     growth = rows[-1][-1] - rows[0][-1]
-    print(f"\nRSS change from run 1 to run {len(rows)}: {growth:+.1f} MiB; load average during the runs "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"\nRSS change from run 1 to run {len(rows)}: {growth:+.1f} MiB; load average during the runs "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     return 0 if all(row[4] == 0 for row in rows) else 1
 
 

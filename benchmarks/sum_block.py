@@ -83,8 +83,7 @@ def run(preset_name: str, seed: int, change: dict, data_root, train_limit: int =
         network = change["network"](config.model).to(setup.device, memory_format=torch.channels_last)
         steps = len(setup.train_split) // config.batch_size * config.epochs
         optimizer, scheduler = build_optimizer(network, config, steps)
-        ema = (AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
-               if config.ema else None)
+        ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
         setup = replace(setup, model=network, optimizer=optimizer, scheduler=scheduler, ema=ema)
     seconds = 0.0
     for _ in range(config.epochs):
@@ -94,8 +93,13 @@ def run(preset_name: str, seed: int, change: dict, data_root, train_limit: int =
     val = measure(setup.eval_model, setup.val_split)
     metrics, _ = evaluate_model(setup.eval_model, load_split("test", data_root).to(setup.device), setup.bf16)
     grid = metrics["grid"]
-    return {"val_digit": val["digit_accuracy"], "val_sum": val["sum_accuracy"],
-            "errors": grid["addition_errors"], "table": grid["addition_table_correct"], "minutes": seconds / 60}
+    return {
+        "val_digit": val["digit_accuracy"],
+        "val_sum": val["sum_accuracy"],
+        "errors": grid["addition_errors"],
+        "table": grid["addition_table_correct"],
+        "minutes": seconds / 60,
+    }
 
 
 def ablation_args(doc: str, default_preset: str):
@@ -105,8 +109,12 @@ def ablation_args(doc: str, default_preset: str):
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--only", default="", help="comma-separated texts: run only the variants whose names contain one")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--train-limit", type=int, default=0,
-                        help="train on the first N training images only (0 = all; a quick check that every variant runs)")
+    parser.add_argument(
+        "--train-limit",
+        type=int,
+        default=0,
+        help="train on the first N training images only (0 = all; a quick check that every variant runs)",
+    )
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     return args
@@ -117,8 +125,7 @@ def variant_results(args, variants: dict, resolve=lambda preset_name, change: ch
     for name, change in variants.items():
         if not any(text.lower() in name.lower() for text in args.only.split(",")):
             continue
-        results = [run(args.preset, seed, resolve(args.preset, change), args.data_root, args.train_limit)
-                   for seed in args.seeds]
+        results = [run(args.preset, seed, resolve(args.preset, change), args.data_root, args.train_limit) for seed in args.seeds]
         yield name, {key: statistics.mean(r[key] for r in results) for key in results[0]}, results
 
 
@@ -131,8 +138,11 @@ def main() -> None:
     print("| sum block variant | val digit accuracy | val sum accuracy | test grid addition errors | addition table |")
     print("|---|---|---|---|---|")
     for name, mean, results in variant_results(args, VARIANTS):
-        print(f"| {name} | {100 * mean['val_digit']:.2f}% | {100 * mean['val_sum']:.2f}% | {mean['errors']:,.0f} "
-              f"| {min(r['table'] for r in results)}/100 |", flush=True)
+        print(
+            f"| {name} | {100 * mean['val_digit']:.2f}% | {100 * mean['val_sum']:.2f}% | {mean['errors']:,.0f} "
+            f"| {min(r['table'] for r in results)}/100 |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -46,9 +46,21 @@ def old_default():
     from digitsum.model import ModelConfig
     from digitsum.train import TrainConfig
 
-    return TrainConfig(preset="default", epochs=16, batch_size=256, optimizer="sgd", lr=0.3, warmup=0.2,
-                       weight_decay=5e-4, label_smoothing=0.1, sum_lr_scale=13.0, rotate=8.0, scale=0.08,
-                       translate=1.5, model=ModelConfig(channels=(16, 32, 64), dropout=0.25))
+    return TrainConfig(
+        preset="default",
+        epochs=16,
+        batch_size=256,
+        optimizer="sgd",
+        lr=0.3,
+        warmup=0.2,
+        weight_decay=5e-4,
+        label_smoothing=0.1,
+        sum_lr_scale=13.0,
+        rotate=8.0,
+        scale=0.08,
+        translate=1.5,
+        model=ModelConfig(channels=(16, 32, 64), dropout=0.25),
+    )
 
 
 class Clock:
@@ -222,11 +234,20 @@ def finish(clock: Clock, flops_per_image: int, batch_size: str, epochs: int) -> 
         hit = clock.reached_at.get(target)
         at = hit or clock.history[-1]
         per_target[str(target)] = {"reached": hit is not None, "seconds": at[1], "images": at[0]}
-    return {"reached": clock.reached is not None, "seconds": seconds, "images": images,
-            "images_per_second": images / seconds, "digit_accuracy": digit, "sum_accuracy": total,
-            "targets": per_target, "epochs": epochs,
-            "flops_per_image": flops_per_image, "batch_size": batch_size,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "history": clock.history}
+    return {
+        "reached": clock.reached is not None,
+        "seconds": seconds,
+        "images": images,
+        "images_per_second": images / seconds,
+        "digit_accuracy": digit,
+        "sum_accuracy": total,
+        "targets": per_target,
+        "epochs": epochs,
+        "flops_per_image": flops_per_image,
+        "batch_size": batch_size,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "history": clock.history,
+    }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -291,8 +312,11 @@ def main() -> None:
     parser.add_argument("--check-every", type=int, default=5000, help="training images between test checks")
     parser.add_argument("--classic-epochs", type=int, default=3, help="cap on the classic recipe's epochs")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {', '.join(RECIPES)}")
-    parser.add_argument("--targets", default=",".join(str(t) for t in TARGETS),
-                        help="comma-separated test accuracies (digit and sum) to time (default 0.99,0.995)")
+    parser.add_argument(
+        "--targets",
+        default=",".join(str(t) for t in TARGETS),
+        help="comma-separated test accuracies (digit and sum) to time (default 0.99,0.995)",
+    )
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--child", dest="recipe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -310,39 +334,68 @@ def main() -> None:
     results = {recipe: [] for recipe in recipes}
     for seed in seeds:  # interleaved, so slow drift of the machine hits all recipes alike
         for recipe in recipes:
-            command = [sys.executable, __file__, "--child", recipe, "--seed", str(seed), "--targets", args.targets,
-                       "--check-every", str(args.check_every), "--classic-epochs", str(args.classic_epochs)]
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                recipe,
+                "--seed",
+                str(seed),
+                "--targets",
+                args.targets,
+                "--check-every",
+                str(args.check_every),
+                "--classic-epochs",
+                str(args.classic_epochs),
+            ]
             if args.data_root:
                 command += ["--data-root", args.data_root]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             result = json.loads(output.split("RESULT ", 1)[1])
             results[recipe].append(result)
-            print(f"# {recipe} seed {seed}: " + ", ".join(
-                f"{float(t):.1%} {'at' if h['reached'] else 'not reached in'} {h['seconds']:.1f}s"
-                for t, h in result["targets"].items()), file=sys.stderr, flush=True)
+            print(
+                f"# {recipe} seed {seed}: "
+                + ", ".join(
+                    f"{float(t):.1%} {'at' if h['reached'] else 'not reached in'} {h['seconds']:.1f}s"
+                    for t, h in result["targets"].items()
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
 
-    print(f"fp32 matmul peak (4096x4096, same run): {peak:.0f} GFLOP/s; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; seeds {','.join(map(str, seeds))}: median (min-max); test checked "
-          f"every {args.check_every:,} training images; '>': never reached, the whole training time is a lower bound\n")
-    print("| recipe | epochs | batch | " + " | ".join(f"time to {float(t):.1%} digit+sum (s)" for t in targets)
-          + " | train images/s | digit at stop | sum at stop | peak RSS (MB) | GFLOP/s | of fp32 matmul peak |")
+    print(
+        f"fp32 matmul peak (4096x4096, same run): {peak:.0f} GFLOP/s; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; seeds {','.join(map(str, seeds))}: median (min-max); test checked "
+        f"every {args.check_every:,} training images; '>': never reached, the whole training time is a lower bound\n"
+    )
+    print(
+        "| recipe | epochs | batch | "
+        + " | ".join(f"time to {float(t):.1%} digit+sum (s)" for t in targets)
+        + " | train images/s | digit at stop | sum at stop | peak RSS (MB) | GFLOP/s | of fp32 matmul peak |"
+    )
     print("|---|---|---|" + "---|" * len(targets) + "---|---|---|---|---|---|")
     for recipe, runs in results.items():
+
         def median(key):
             return statistics.median(r[key] for r in runs)
+
         gflops = median("images_per_second") * runs[0]["flops_per_image"] / 1e9
-        print(f"| {recipe} | {runs[0]['epochs']} | {runs[0]['batch_size']} | "
-              + " | ".join(time_cell(runs, t) for t in targets)
-              + f" | {median('images_per_second'):,.0f} | {spread([100 * r['digit_accuracy'] for r in runs], '{:.2f}')}% "
-              f"| {spread([100 * r['sum_accuracy'] for r in runs], '{:.2f}')}% | {median('peak_rss_mb'):.0f} "
-              f"| {gflops:.0f} | {100 * gflops / peak:.0f}% |")
+        print(
+            f"| {recipe} | {runs[0]['epochs']} | {runs[0]['batch_size']} | "
+            + " | ".join(time_cell(runs, t) for t in targets)
+            + f" | {median('images_per_second'):,.0f} | {spread([100 * r['digit_accuracy'] for r in runs], '{:.2f}')}% "
+            f"| {spread([100 * r['sum_accuracy'] for r in runs], '{:.2f}')}% | {median('peak_rss_mb'):.0f} "
+            f"| {gflops:.0f} | {100 * gflops / peak:.0f}% |"
+        )
     pairs = [("classic", "ours-fast"), ("ours-old-default", "ours-default"), ("classic", "ours-default")]
     for slow, fast in pairs:
         if slow in results and fast in results:
             for t in targets:
-                print(f"\n{slow} / {fast} time to {float(t):.1%}, seed by seed: {ratio_cell(results[slow], results[fast], t)}"
-                      " ('>=': only the second reached it, so the ratio is a lower bound; '<=': only the first; "
-                      "'?': neither)")
+                print(
+                    f"\n{slow} / {fast} time to {float(t):.1%}, seed by seed: {ratio_cell(results[slow], results[fast], t)}"
+                    " ('>=': only the second reached it, so the ratio is a lower bound; '<=': only the first; "
+                    "'?': neither)"
+                )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ _trained: dict[str, Path] = {}
 
 # The session's shared tiny run (conftest.py's `tiny_run`): 2 epochs of 10 steps on the synthetic
 # MNIST, a few seconds. tests/test_train.py compares fresh runs of this same config against it.
-TINY_RUN = TrainConfig(epochs=2, batch_size=50, lr=0.05, val_size=100, bf16="off", device="cpu",
-                       model=ModelConfig(channels=(8, 16), sum_hidden=32))
+TINY_RUN = TrainConfig(
+    epochs=2, batch_size=50, lr=0.05, val_size=100, bf16="off", device="cpu", model=ModelConfig(channels=(8, 16), sum_hidden=32)
+)
 
 
 def random_checkpoint(path: Path) -> Path:
@@ -28,8 +29,7 @@ def random_checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
     config = ModelConfig()
     model = DigitSumNet(config).eval()
-    checkpoint.save(path, {"model_config": config.to_dict(), "model": model.state_dict(),
-                           "metadata": {"epoch": 0}})
+    checkpoint.save(path, {"model_config": config.to_dict(), "model": model.state_dict(), "metadata": {"epoch": 0}})
     return path
 
 
@@ -46,7 +46,14 @@ def trained_checkpoint(folder: Path) -> Path:
 
         run_dir = folder / "trained-small"
         data_root = Path(os.environ.get("DIGITSUM_DATA", Path(__file__).resolve().parents[1] / "data"))
-        train(preset("fast"), out_dir=run_dir, data_root=data_root,
-              figures=False, evaluate_test=False, log=lambda *_: None, progress=False)
+        train(
+            preset("fast"),
+            out_dir=run_dir,
+            data_root=data_root,
+            figures=False,
+            evaluate_test=False,
+            log=lambda *_: None,
+            progress=False,
+        )
         _trained["path"] = run_dir / "model.pt"
     return _trained["path"]

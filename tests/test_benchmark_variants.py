@@ -44,8 +44,10 @@ def sum_block_input(model, images, numbers) -> torch.Tensor:
 def test_the_softmax_variant_feeds_the_softmax_and_the_chosen_one_the_one_hot(benchmarks):
     sum_block, _ = benchmarks
     images, numbers = batch()
-    for network, represent in ((sum_block.sum_variant(sum_block.softmax), lambda logits: logits.softmax(1)),
-                               (sum_block.sum_variant(), lambda logits: F.one_hot(logits.argmax(1), 10).float())):
+    for network, represent in (
+        (sum_block.sum_variant(sum_block.softmax), lambda logits: logits.softmax(1)),
+        (sum_block.sum_variant(), lambda logits: F.one_hot(logits.argmax(1), 10).float()),
+    ):
         model = network(SMALL).eval()
         digit_logits, _ = model(images, numbers)
         expected = torch.cat([represent(digit_logits), F.one_hot(numbers, 10).float()], dim=1)

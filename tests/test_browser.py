@@ -22,8 +22,14 @@ from model_files import trained_checkpoint
 CHROMIUM = Path("/usr/bin/chromium")
 # The README's screenshot is refreshed only on request, so a test run leaves the work tree clean.
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web.png"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -61,9 +67,12 @@ def server(tmp_path_factory):
     """http://127.0.0.1:PORT of `digitsum serve` running a trained checkpoint in its own process."""
     model = trained_checkpoint(tmp_path_factory.getbasetemp())
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "digitsum.cli", "serve", "--checkpoint", str(model),
-                                "--port", str(port), "--no-access-log"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "digitsum.cli", "serve", "--checkpoint", str(model), "--port", str(port), "--no-access-log"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -143,8 +152,7 @@ def test_the_page_works_under_its_content_security_policy(chromium, server):
     """The page is served with a CSP (no inline script or style): nothing of it may be blocked."""
     page = chromium.new_page(viewport={"width": 900, "height": 580})
     violations = []
-    page.on("console", lambda message: violations.append(message.text)
-            if "Content Security Policy" in message.text else None)
+    page.on("console", lambda message: violations.append(message.text) if "Content Security Policy" in message.text else None)
     response = page.goto(server + "/")
     assert "default-src 'self'" in response.headers["content-security-policy"]
     page.evaluate("document.addEventListener('securitypolicyviolation', e => window.__csp = e.violatedDirective)")

@@ -23,19 +23,49 @@ from digitsum.train import load_resume_state, restore_rng_states, rng_states, tr
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 V1_MODEL, V1_LAST = FIXTURES / "v1_tiny_model.pt", FIXTURES / "v1_tiny_last.pt"
 EXPECTED = json.loads((FIXTURES / "v1_tiny_expected.json").read_text())
-TINY = TrainConfig(epochs=2, batch_size=64, val_size=100, seed=0, device="cpu", bf16="off",
-                   model=ModelConfig(channels=(8, 16), sum_hidden=32))
+TINY = TrainConfig(
+    epochs=2, batch_size=64, val_size=100, seed=0, device="cpu", bf16="off", model=ModelConfig(channels=(8, 16), sum_hidden=32)
+)
 
 # What a real v1 run (`digitsum train`, default preset) stored as model_config and train_config.
-V1_MODEL_CONFIG = {"channels": [16, 32, 64], "convs_per_stage": 1, "first_stride": 1, "norm_after_pool": False,
-                   "batchnorm": True, "dropout": 0.25, "sum_input": "onehot", "sum_hidden": 128,
-                   "detach_sum_input": False}
-V1_TRAIN_CONFIG = {"preset": "default", "epochs": 16, "batch_size": 256, "optimizer": "sgd", "lr": 0.3,
-                   "sum_lr_scale": 13.0, "warmup": 0.2, "weight_decay": 0.0005, "label_smoothing": 0.1,
-                   "digit_loss_weight": 1.0, "sum_loss_weight": 1.0, "rotate": 8.0, "scale": 0.08, "shear": 0.0,
-                   "translate": 1.5, "redraw_numbers": False, "sum_all_numbers": False, "ema": 0.0,
-                   "val_size": 5000, "train_limit": 0, "seed": 0, "device": "auto", "bf16": "auto",
-                   "channels_last": True, "model": V1_MODEL_CONFIG}
+V1_MODEL_CONFIG = {
+    "channels": [16, 32, 64],
+    "convs_per_stage": 1,
+    "first_stride": 1,
+    "norm_after_pool": False,
+    "batchnorm": True,
+    "dropout": 0.25,
+    "sum_input": "onehot",
+    "sum_hidden": 128,
+    "detach_sum_input": False,
+}
+V1_TRAIN_CONFIG = {
+    "preset": "default",
+    "epochs": 16,
+    "batch_size": 256,
+    "optimizer": "sgd",
+    "lr": 0.3,
+    "sum_lr_scale": 13.0,
+    "warmup": 0.2,
+    "weight_decay": 0.0005,
+    "label_smoothing": 0.1,
+    "digit_loss_weight": 1.0,
+    "sum_loss_weight": 1.0,
+    "rotate": 8.0,
+    "scale": 0.08,
+    "shear": 0.0,
+    "translate": 1.5,
+    "redraw_numbers": False,
+    "sum_all_numbers": False,
+    "ema": 0.0,
+    "val_size": 5000,
+    "train_limit": 0,
+    "seed": 0,
+    "device": "auto",
+    "bf16": "auto",
+    "channels_last": True,
+    "model": V1_MODEL_CONFIG,
+}
 
 
 def fixed_inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +76,9 @@ def fixed_inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quiet_train(config, out=None, root=None, **options) -> dict:
-    return train(config, out_dir=out, data_root=root, log=lambda *a: None, progress=False, figures=False,
-                 evaluate_test=False, **options)
+    return train(
+        config, out_dir=out, data_root=root, log=lambda *a: None, progress=False, figures=False, evaluate_test=False, **options
+    )
 
 
 def metric_values(path: Path) -> list[dict]:
@@ -97,8 +128,15 @@ def test_the_v1_last_pt_resumes_to_what_v1_itself_reached(synthetic_root, tmp_pa
     shutil.copy(V1_LAST, run_dir / "last.pt")
     config, state = load_resume_state(run_dir / "last.pt")
     assert config == TINY and state["metadata"]["epoch"] == 1
-    train(None, resume=run_dir / "last.pt", data_root=synthetic_root, log=lambda *a: None, progress=False,
-          figures=False, evaluate_test=False)
+    train(
+        None,
+        resume=run_dir / "last.pt",
+        data_root=synthetic_root,
+        log=lambda *a: None,
+        progress=False,
+        figures=False,
+        evaluate_test=False,
+    )
     # v1 resumed its own last.pt to epoch 2 (make_v1_checkpoint.py): this version continues identically -
     # every count exactly; the losses (6 decimals) to their last digit, which the order of torch's
     # intra-op float sums (its thread count: this process's, not the fixture maker's) may change.
@@ -124,19 +162,17 @@ def _v1_shaped(path: Path, change=None) -> dict:
 
 
 RETIRED_V1_VALUES = {
-    "model.pt sum_input softmax": (V1_MODEL, lambda p: p["model_config"].update(sum_input="softmax"),
-                                   "sum_input = 'softmax'"),
+    "model.pt sum_input softmax": (V1_MODEL, lambda p: p["model_config"].update(sum_input="softmax"), "sum_input = 'softmax'"),
     "model.pt batchnorm false": (V1_MODEL, lambda p: p["model_config"].update(batchnorm=False), "batchnorm = False"),
-    "model.pt trained with shear": (V1_MODEL, lambda p: p["metadata"]["train_config"].update(shear=10.0),
-                                    "shear = 10.0"),
-    "last.pt sum_input logits": (V1_LAST, lambda p: p["model_config"].update(sum_input="logits"),
-                                 "sum_input = 'logits'"),
-    "last.pt detached in train_config": (V1_LAST, lambda p: p["train_config"]["model"].update(detach_sum_input=True),
-                                         "detach_sum_input = True"),
-    "last.pt redraw_numbers": (V1_LAST, lambda p: p["train_config"].update(redraw_numbers=True),
-                               "redraw_numbers = True"),
-    "last.pt sum loss weight": (V1_LAST, lambda p: p["train_config"].update(sum_loss_weight=0.5),
-                                "sum_loss_weight = 0.5"),
+    "model.pt trained with shear": (V1_MODEL, lambda p: p["metadata"]["train_config"].update(shear=10.0), "shear = 10.0"),
+    "last.pt sum_input logits": (V1_LAST, lambda p: p["model_config"].update(sum_input="logits"), "sum_input = 'logits'"),
+    "last.pt detached in train_config": (
+        V1_LAST,
+        lambda p: p["train_config"]["model"].update(detach_sum_input=True),
+        "detach_sum_input = True",
+    ),
+    "last.pt redraw_numbers": (V1_LAST, lambda p: p["train_config"].update(redraw_numbers=True), "redraw_numbers = True"),
+    "last.pt sum loss weight": (V1_LAST, lambda p: p["train_config"].update(sum_loss_weight=0.5), "sum_loss_weight = 0.5"),
 }
 
 
@@ -183,9 +219,16 @@ def test_a_v1_config_json_train_section_reads_back_with_the_shipped_values_dropp
     assert ModelConfig.from_dict(V1_MODEL_CONFIG) == ModelConfig(dropout=0.25)
 
 
-@pytest.mark.parametrize("section, name, value", [("train", "shear", 5.0), ("train", "channels_last", False),
-                                                  ("train", "digit_loss_weight", 0.0), ("model", "sum_input", "logits"),
-                                                  ("model", "batchnorm", 1)])
+@pytest.mark.parametrize(
+    "section, name, value",
+    [
+        ("train", "shear", 5.0),
+        ("train", "channels_last", False),
+        ("train", "digit_loss_weight", 0.0),
+        ("model", "sum_input", "logits"),
+        ("model", "batchnorm", 1),
+    ],
+)
 def test_a_retired_setting_at_another_value_is_refused_by_from_dict(section, name, value):
     values = json.loads(json.dumps(V1_TRAIN_CONFIG))
     (values if section == "train" else values["model"])[name] = value
@@ -202,8 +245,7 @@ def test_model_pt_and_last_pt_share_one_layout_apart_from_resume(tiny_run):
     last_pt = torch.load(tiny_run / "last.pt", weights_only=True)
     assert set(last_pt) == set(model_pt) | {"resume"}
     assert set(model_pt) == {"format", "version", "model_config", "model", "metadata"}
-    assert set(model_pt["metadata"]) == set(last_pt["metadata"]) == {"epoch", "val", "train_config", "bf16",
-                                                                     "environment", "run"}
+    assert set(model_pt["metadata"]) == set(last_pt["metadata"]) == {"epoch", "val", "train_config", "bf16", "environment", "run"}
     assert model_pt["version"] == checkpoint.VERSION and model_pt["format"] == checkpoint.FORMAT
     # No field stored twice: the weights once (no EMA), the model settings once, bf16 once, epoch once.
     assert "model_train" not in last_pt["resume"] and "epoch" not in last_pt["resume"]
@@ -218,15 +260,25 @@ def _as_v1(payload: dict, ema_decay: float) -> dict:
     """A v2 last.pt written back into v1's layout (what the v1 code saved) - to test migrate_v1 with EMA."""
     metadata, resume = payload["metadata"], payload["resume"]
     train_config = {**metadata["train_config"], "model": payload["model_config"]}
-    v1 = {"format": checkpoint.FORMAT_V1, "model_config": payload["model_config"], "model": payload["model"],
-          "model_train": checkpoint.train_weights(payload), "optimizer": resume["optimizer"],
-          "scheduler": resume["scheduler"], "ema": None, "generator": resume["generator"],
-          "torch_rng": resume["torch_rng"], "epoch": metadata["epoch"], "rows": resume["rows"],
-          "best_score": resume["best_score"], "train_config": train_config, "bf16": metadata["bf16"],
-          "metadata": {"epoch": metadata["epoch"]}}
+    v1 = {
+        "format": checkpoint.FORMAT_V1,
+        "model_config": payload["model_config"],
+        "model": payload["model"],
+        "model_train": checkpoint.train_weights(payload),
+        "optimizer": resume["optimizer"],
+        "scheduler": resume["scheduler"],
+        "ema": None,
+        "generator": resume["generator"],
+        "torch_rng": resume["torch_rng"],
+        "epoch": metadata["epoch"],
+        "rows": resume["rows"],
+        "best_score": resume["best_score"],
+        "train_config": train_config,
+        "bf16": metadata["bf16"],
+        "metadata": {"epoch": metadata["epoch"]},
+    }
     if ema_decay:
-        v1["ema"] = {"n_averaged": resume["ema_n_averaged"],
-                     **{f"module.{k}": v for k, v in payload["model"].items()}}
+        v1["ema"] = {"n_averaged": resume["ema_n_averaged"], **{f"module.{k}": v for k, v in payload["model"].items()}}
     return v1
 
 
@@ -239,8 +291,15 @@ def test_a_v1_shaped_last_pt_with_or_without_ema_resumes_exactly(synthetic_root,
     v2 = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
     assert ("model_train" in v2["resume"]) == bool(ema)  # trained weights stored apart only with an average
     torch.save(_as_v1(v2, ema), tmp_path / "stopped" / "last.pt")
-    train(None, resume=tmp_path / "stopped" / "last.pt", data_root=synthetic_root, log=lambda *a: None,
-          progress=False, figures=False, evaluate_test=False)
+    train(
+        None,
+        resume=tmp_path / "stopped" / "last.pt",
+        data_root=synthetic_root,
+        log=lambda *a: None,
+        progress=False,
+        figures=False,
+        evaluate_test=False,
+    )
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
     for weights in (checkpoint.train_weights, lambda payload: payload["model"]):
@@ -287,15 +346,24 @@ def test_the_cuda_random_state_is_restored_on_resume_and_a_missing_one_is_said(m
     assert fake.restored is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="no CUDA device here: the real CUDA generator's save/restore in a resumed run is untested")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device here: the real CUDA generator's save/restore in a resumed run is untested",
+)
 def test_a_cuda_run_with_dropout_resumes_with_the_same_weights(synthetic_root, tmp_path):
     config = replace(TINY, device="cuda", model=replace(TINY.model, dropout=0.5))
     quiet_train(config, tmp_path / "straight", synthetic_root)
     quiet_train(config, tmp_path / "stopped", synthetic_root, stop_after=1)
     assert "cuda_rng" in torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["resume"]
-    train(None, resume=tmp_path / "stopped" / "last.pt", data_root=synthetic_root, log=lambda *a: None,
-          progress=False, figures=False, evaluate_test=False)
+    train(
+        None,
+        resume=tmp_path / "stopped" / "last.pt",
+        data_root=synthetic_root,
+        log=lambda *a: None,
+        progress=False,
+        figures=False,
+        evaluate_test=False,
+    )
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
     resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["model"]
     assert all(torch.allclose(straight[k], resumed[k]) for k in straight)

@@ -35,12 +35,10 @@ def test_help_lists_the_subcommands(capsys):
 def test_evaluate_json_has_the_documented_shape_and_out_gets_the_files(tiny_run, session_root, tmp_path, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()}
     out = tmp_path / "evaluation" / "here"  # created, parents too
-    assert cli.main(["evaluate", str(tiny_run / "model.pt"), "--data-root", str(session_root), "--json",
-                     "--out", str(out)]) == 0
+    assert cli.main(["evaluate", str(tiny_run / "model.pt"), "--data-root", str(session_root), "--json", "--out", str(out)]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics["test"]) == {"digit_accuracy", "sum_accuracy", "loss"}
-    assert set(metrics["grid"]) == {"digit_accuracy", "sum_accuracy", "addition_errors", "pairs",
-                                      "addition_table_correct"}
+    assert set(metrics["grid"]) == {"digit_accuracy", "sum_accuracy", "addition_errors", "pairs", "addition_table_correct"}
     assert metrics["grid"]["pairs"] == 200 * 10
     assert set(metrics["per_class"]) == {str(d) for d in range(10)}
     assert metrics["checkpoint"].endswith("model.pt") and metrics["seconds"] >= 0
@@ -57,12 +55,22 @@ def test_evaluate_without_out_writes_next_to_the_checkpoint(tiny_run, session_ro
     assert set(json.loads((run / "eval.json").read_text())["test"]) == {"digit_accuracy", "sum_accuracy", "loss"}
 
 
-def test_evaluate_out_under_a_file_prints_the_metrics_then_one_line_and_exits_2(tiny_run, session_root, tmp_path,
-                                                                                capsys):
+def test_evaluate_out_under_a_file_prints_the_metrics_then_one_line_and_exits_2(tiny_run, session_root, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as exited:
-        sys.exit(cli.main(["evaluate", str(tiny_run / "model.pt"), "--data-root", str(session_root), "--json",
-                           "--out", str(tmp_path / "file" / "eval")]))
+        sys.exit(
+            cli.main(
+                [
+                    "evaluate",
+                    str(tiny_run / "model.pt"),
+                    "--data-root",
+                    str(session_root),
+                    "--json",
+                    "--out",
+                    str(tmp_path / "file" / "eval"),
+                ]
+            )
+        )
     captured = capsys.readouterr()
     assert exited.value.code == 2
     assert set(json.loads(captured.out)["test"]) == {"digit_accuracy", "sum_accuracy", "loss"}  # results kept
@@ -85,13 +93,16 @@ def test_resume_with_training_flags_is_refused(synthetic_root, tmp_path, capsys)
     assert "--resume" in err
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["train", "--epochs", "zero"], "expected an integer"),
-    (["train", "--epochs", "0"], "epochs must be an integer in 1..100000"),
-    (["train", "--lr", "-1"], "lr must be > 0"),
-    (["train", "--preset", "nope"], "invalid choice"),
-    (["data", "--source", "ftp"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--epochs", "zero"], "expected an integer"),
+        (["train", "--epochs", "0"], "epochs must be an integer in 1..100000"),
+        (["train", "--lr", "-1"], "lr must be > 0"),
+        (["train", "--preset", "nope"], "invalid choice"),
+        (["data", "--source", "ftp"], "invalid choice"),
+    ],
+)
 def test_bad_flag_values_exit_2_with_one_line(capsys, argv, fragment):
     assert fragment in one_line_error(capsys, argv)
 
@@ -129,20 +140,33 @@ def test_data_root_that_is_not_writable_exits_2(capsys, tmp_path):
 
 @pytest.mark.slow  # a fresh interpreter importing torch; test_help_imports_no_torch runs the entry point fast
 def test_the_installed_console_script_reports_errors_without_a_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "digitsum.cli", "evaluate", str(tmp_path / "none.pt")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "digitsum.cli", "evaluate", str(tmp_path / "none.pt")], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["serve", "--help"], ["predict", "--help"],
-                                  ["evaluate", "--help"], ["data", "--help"], ["export", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["train", "--help"],
+        ["serve", "--help"],
+        ["predict", "--help"],
+        ["evaluate", "--help"],
+        ["data", "--help"],
+        ["export", "--help"],
+    ],
+)
 def test_help_imports_no_torch(argv):
     """`digitsum ... --help` through the real entry point (cli.main): the help is printed and torch
     was never imported (the train flags come from config.py's dataclasses, which need no torch)."""
-    code = ("import sys\nfrom digitsum import cli\n"
-            f"try:\n    cli.main({argv!r})\nexcept SystemExit as done:\n    assert done.code == 0, done.code\n"
-            "print('TORCH', 'torch' in sys.modules)")
+    code = (
+        "import sys\nfrom digitsum import cli\n"
+        f"try:\n    cli.main({argv!r})\nexcept SystemExit as done:\n    assert done.code == 0, done.code\n"
+        "print('TORCH', 'torch' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "usage: digitsum" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "TORCH False"

@@ -17,12 +17,32 @@ from digitsum.config import PRESETS, ModelConfig, TrainConfig, read_config_file
 from digitsum.errors import DigitsumError
 
 FLAGS = {dest: (flag, field, annotation) for flag, dest, field, annotation in cli.config_flags()}
-SETTINGS = ([("train", field) for field in dataclasses.fields(TrainConfig) if field.name not in cli.NOT_FLAGS]
-            + [("model", field) for field in dataclasses.fields(ModelConfig)])
+SETTINGS = [("train", field) for field in dataclasses.fields(TrainConfig) if field.name not in cli.NOT_FLAGS] + [
+    ("model", field) for field in dataclasses.fields(ModelConfig)
+]
 DEFAULT = PRESETS["default"]
-TINY = ["--epochs", "2", "--batch-size", "50", "--val-size", "100", "--bf16", "off", "--channels", "8,16",
-        "--sum-hidden", "16", "--ema", "0.5", "--seed", "3", "--dropout", "0.1",
-        "--train-limit", "200"]  # 4 steps per epoch: two runs of it in test_config_repeats_a_run_exactly
+TINY = [
+    "--epochs",
+    "2",
+    "--batch-size",
+    "50",
+    "--val-size",
+    "100",
+    "--bf16",
+    "off",
+    "--channels",
+    "8,16",
+    "--sum-hidden",
+    "16",
+    "--ema",
+    "0.5",
+    "--seed",
+    "3",
+    "--dropout",
+    "0.1",
+    "--train-limit",
+    "200",
+]  # 4 steps per epoch: two runs of it in test_config_repeats_a_run_exactly
 
 
 def parse(argv: list[str]) -> TrainConfig:
@@ -73,8 +93,7 @@ def test_every_setting_is_a_flag_that_sets_exactly_its_field(section, field):
     assert field.metadata.get("help"), f"{field.name} has no help text"
     current = getattr(DEFAULT.model if section == "model" else DEFAULT, field.name)
     value = another_value(field, annotation, current)
-    changed = ({field.name: value} if section == "train"
-               else {"model": dataclasses.replace(DEFAULT.model, **{field.name: value})})
+    changed = {field.name: value} if section == "train" else {"model": dataclasses.replace(DEFAULT.model, **{field.name: value})}
     assert parse(as_argv(flag, value)) == dataclasses.replace(DEFAULT, **changed)
 
 
@@ -88,10 +107,15 @@ def test_the_flags_follow_the_dataclass_when_a_field_goes(monkeypatch):
     import typing
 
     types = typing.get_type_hints(TrainConfig)
-    reduced = dataclasses.make_dataclass("TrainConfig", [
-        (f.name, types[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
-                                                  metadata=f.metadata))
-        for f in dataclasses.fields(TrainConfig) if f.name != "ema"], frozen=True)
+    reduced = dataclasses.make_dataclass(
+        "TrainConfig",
+        [
+            (f.name, types[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+            for f in dataclasses.fields(TrainConfig)
+            if f.name != "ema"
+        ],
+        frozen=True,
+    )
     monkeypatch.setattr(cli, "TrainConfig", reduced)
     dests = [dest for _, dest, _, _ in cli.config_flags()]
     assert "train.ema" not in dests and "train.epochs" in dests and "model.channels" in dests
@@ -104,9 +128,26 @@ def test_the_flags_follow_the_dataclass_when_a_field_goes(monkeypatch):
 def test_every_train_flag_of_earlier_versions_still_exists():
     subcommands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = {option for action in subcommands.choices["train"]._actions for option in action.option_strings}
-    for flag in ("--epochs", "--batch-size", "--lr", "--optimizer", "--weight-decay", "--label-smoothing", "--val-size",
-                 "--train-limit", "--seed", "--device", "--bf16", "--ema", "--sum-hidden", "--preset",
-                 "--out", "--resume", "--overwrite", "--data-root"):
+    for flag in (
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--optimizer",
+        "--weight-decay",
+        "--label-smoothing",
+        "--val-size",
+        "--train-limit",
+        "--seed",
+        "--device",
+        "--bf16",
+        "--ema",
+        "--sum-hidden",
+        "--preset",
+        "--out",
+        "--resume",
+        "--overwrite",
+        "--data-root",
+    ):
         assert flag in options, flag
 
 
@@ -137,16 +178,21 @@ def test_device_cuda_n_is_accepted_and_checked(capsys, tmp_path, monkeypatch):
     assert "unknown device 'cuda:x'" in one_line_error(capsys, ["train", "--device", "cuda:x"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine has no CUDA GPU, whatever it is
     monkeypatch.chdir(tmp_path)
-    err = one_line_error(capsys, ["train", "--device", "cuda:1", "--out", str(tmp_path / "run"),
-                                  "--data-root", str(tmp_path / "data")])
+    err = one_line_error(
+        capsys, ["train", "--device", "cuda:1", "--out", str(tmp_path / "run"), "--data-root", str(tmp_path / "data")]
+    )
     assert "cuda:1" in err and "no CUDA GPU" in err
     assert list(tmp_path.iterdir()) == []  # no run folder, no data
 
 
 def test_an_invalid_choice_exits_2_in_one_line_and_creates_nothing(tmp_path):
     """The real process: `digitsum train --optimizer adam` leaves no run folder, no runs/, no data."""
-    result = subprocess.run([sys.executable, "-m", "digitsum", "train", "--optimizer", "adam", "--out", "run"],
-                            cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "digitsum", "train", "--optimizer", "adam", "--out", "run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "--optimizer: invalid choice: 'adam'" in result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -158,8 +204,11 @@ def write_json(path, values) -> str:
 
 
 def test_config_file_settings_with_flags_over_them(tmp_path):
-    values = {"train": dataclasses.replace(DEFAULT, epochs=7, lr=0.05, model=ModelConfig(channels=(4, 8))).to_dict(),
-              "bf16": False, "environment": {"anything": "ignored"}}
+    values = {
+        "train": dataclasses.replace(DEFAULT, epochs=7, lr=0.05, model=ModelConfig(channels=(4, 8))).to_dict(),
+        "bf16": False,
+        "environment": {"anything": "ignored"},
+    }
     path = write_json(tmp_path / "config.json", values)
     config = parse(["--config", path, "--epochs", "2", "--sum-hidden", "0"])
     assert (config.epochs, config.lr, config.model.channels, config.model.sum_hidden) == (2, 0.05, (4, 8), 0)
@@ -168,20 +217,24 @@ def test_config_file_settings_with_flags_over_them(tmp_path):
     assert read_config_file(write_json(tmp_path / "bare.json", values["train"])) == parse(["--config", path, "--bf16", "auto"])
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ({"train": {"epochs": 2, "bogus": 1}}, "unknown training settings: ['bogus']"),
-    ({"train": {"model": {"bogus": 1}}}, "unknown model settings: ['bogus']"),
-    ({"train": {"model": {"channels": "abc"}}}, "channels must be a list of integers"),
-    ({"train": {"model": 3}}, '"model" must be a JSON object'),
-    ({"train": [1]}, '"train" must be a JSON object'),
-    ([1, 2], "must hold a JSON object"),
-    ({"train": {"optimizer": "adam"}}, "optimizer must be sgd or adamw"),
-    ({"train": {"epochs": "3"}}, "epochs must be an integer"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ({"train": {"epochs": 2, "bogus": 1}}, "unknown training settings: ['bogus']"),
+        ({"train": {"model": {"bogus": 1}}}, "unknown model settings: ['bogus']"),
+        ({"train": {"model": {"channels": "abc"}}}, "channels must be a list of integers"),
+        ({"train": {"model": 3}}, '"model" must be a JSON object'),
+        ({"train": [1]}, '"train" must be a JSON object'),
+        ([1, 2], "must hold a JSON object"),
+        ({"train": {"optimizer": "adam"}}, "optimizer must be sgd or adamw"),
+        ({"train": {"epochs": "3"}}, "epochs must be an integer"),
+    ],
+)
 def test_a_bad_config_file_is_one_line_and_creates_nothing(tmp_path, capsys, content, fragment):
     path = write_json(tmp_path / "config.json", content)
-    err = one_line_error(capsys, ["train", "--config", path, "--out", str(tmp_path / "run"),
-                                  "--data-root", str(tmp_path / "data")])
+    err = one_line_error(
+        capsys, ["train", "--config", path, "--out", str(tmp_path / "run"), "--data-root", str(tmp_path / "data")]
+    )
     assert fragment in err
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
@@ -200,8 +253,9 @@ def metrics_without_time(path) -> list[dict]:
 def test_config_repeats_a_run_exactly(synthetic_root, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     assert cli.main(["train", "--data-root", str(synthetic_root), "--out", str(first), *TINY]) == 0
-    assert cli.main(["train", "--data-root", str(synthetic_root), "--out", str(second),
-                     "--config", str(first / "config.json")]) == 0
+    assert (
+        cli.main(["train", "--data-root", str(synthetic_root), "--out", str(second), "--config", str(first / "config.json")]) == 0
+    )
     saved = [json.loads((run / "config.json").read_text()) for run in (first, second)]
     assert saved[0]["train"] == saved[1]["train"] and saved[0]["train"]["model"]["channels"] == [8, 16]
     assert saved[0]["bf16"] is saved[1]["bf16"] is False

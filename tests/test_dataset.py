@@ -60,8 +60,7 @@ def test_stored_numbers_cover_0_to_9_and_follow_the_seed():
 
 def test_the_validation_size_does_not_change_the_test_numbers(synthetic_root):
     test = [data.load_split("test", synthetic_root, val_size=size, seed=2) for size in (0, 100, 300)]
-    assert all(torch.equal(split.numbers, test[0].numbers) and torch.equal(split.digits, test[0].digits)
-               for split in test)
+    assert all(torch.equal(split.numbers, test[0].numbers) and torch.equal(split.digits, test[0].digits) for split in test)
     train, val = (data.load_split(name, synthetic_root, val_size=100, seed=2) for name in ("train", "val"))
     # Own streams: the first validation pairs are not the first training pairs' numbers again.
     assert not torch.equal(val.numbers[:50], train.numbers[:50])

@@ -47,9 +47,22 @@ def test_cpu_flags_are_read_from_proc_cpuinfo():
         assert "fpu" in flags or "sse2" in flags  # every x86 CPU has these
 
 
-@pytest.mark.parametrize("name, ok", [("auto", True), ("cpu", True), ("cuda", True), ("cuda:1", True),
-                                       ("mps", True), ("gpu", False), ("cuda:", False), ("cuda:x", False),
-                                       ("", False), (3, False), ("cuda:١", False)])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("auto", True),
+        ("cpu", True),
+        ("cuda", True),
+        ("cuda:1", True),
+        ("mps", True),
+        ("gpu", False),
+        ("cuda:", False),
+        ("cuda:x", False),
+        ("", False),
+        (3, False),
+        ("cuda:١", False),
+    ],
+)
 def test_device_names_are_checked_without_asking_the_hardware(name, ok):
     assert (config.check_device_name(name) == "") == ok
 

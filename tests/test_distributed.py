@@ -29,18 +29,41 @@ from digitsum.train import rank_shard, train
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
 # The default preset's augmentation and dropout (per-rank random streams) plus a weight average.
-FLAGS = ["--epochs", "3", "--batch-size", "50", "--lr", "0.05", "--val-size", "100", "--ema", "0.9",
-         "--bf16", "off", "--sum-hidden", "32"]
+FLAGS = [
+    "--epochs",
+    "3",
+    "--batch-size",
+    "50",
+    "--lr",
+    "0.05",
+    "--val-size",
+    "100",
+    "--ema",
+    "0.9",
+    "--bf16",
+    "off",
+    "--sum-hidden",
+    "32",
+]
 
 
 def torchrun(args, env_extra: dict, module: bool = False, timeout: float = 240) -> subprocess.CompletedProcess:
     """Two processes of the CLI under torchrun (standalone rendezvous on this machine)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", **env_extra}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        **env_extra,
+    }
     env.pop("WORLD_SIZE", None)
     target = ["-m", "digitsum"] if module else [str(TESTS / "dist_entry.py")]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *target, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *target, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def summaries(folder: Path) -> list[dict]:
@@ -55,9 +78,10 @@ def metric_rows(run_dir: Path) -> list[dict]:
 def two_process_train(base: Path, name: str, args: list[str], **env) -> subprocess.CompletedProcess:
     """`train ARGS` by two processes; each rank's summary goes to base/name/rank<R>.json."""
     (base / name).mkdir()
-    result = torchrun(["train", "--data-root", str(base / "data"), *args],
-                      {"DIGITSUM_TEST_MNIST_TABLE": str(base / "table.json"),
-                       "DIGITSUM_TEST_SUMMARY_DIR": str(base / name), **env})
+    result = torchrun(
+        ["train", "--data-root", str(base / "data"), *args],
+        {"DIGITSUM_TEST_MNIST_TABLE": str(base / "table.json"), "DIGITSUM_TEST_SUMMARY_DIR": str(base / name), **env},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -81,11 +105,21 @@ def test_two_processes_hold_identical_weights_and_write_one_complete_run_folder(
     assert rank0["eval_weights_sha256"] == rank1["eval_weights_sha256"]  # the EMA too
     saved = torch.load(run_dir / "last.pt", weights_only=True)
     from digitsum.model import DigitSumNet
+
     model = DigitSumNet(ModelConfig.from_dict(saved["model_config"]))
     model.load_state_dict(checkpoint.train_weights(saved))
     assert distributed.state_digest(model) == rank0["weights_sha256"]  # what rank 0 saved is what both hold
-    for name in ("config.json", "metrics.csv", "model.pt", "last.pt", "curves.png", "samples.png", "eval.json",
-                 "confusion.png", "mistakes.png"):
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "model.pt",
+        "last.pt",
+        "curves.png",
+        "samples.png",
+        "eval.json",
+        "confusion.png",
+        "mistakes.png",
+    ):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.glob(".*.tmp"))
     assert (run_dir.parent / "latest").resolve() == run_dir
@@ -139,8 +173,9 @@ def test_a_refusal_is_one_line_on_every_rank_and_nothing_hangs(two_process_runs)
     run_dir = base / "runs" / "straight"
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     # The real `python -m digitsum` under torchrun: the folder already holds a run.
-    result = torchrun(["train", "--data-root", str(two_process_runs["root"]), "--out", str(run_dir), *FLAGS],
-                      {}, module=True, timeout=120)
+    result = torchrun(
+        ["train", "--data-root", str(two_process_runs["root"]), "--out", str(run_dir), *FLAGS], {}, module=True, timeout=120
+    )
     assert result.returncode != 0
     assert result.stderr.count("digitsum train: error: ") == 2 and "already holds a run" in result.stderr
     # torchrun itself then reports the failed workers (its own ChildFailedError summary); no frame of ours.
@@ -150,25 +185,32 @@ def test_a_refusal_is_one_line_on_every_rank_and_nothing_hangs(two_process_runs)
 
 def test_python_dash_m_digitsum_is_the_cli():
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    result = subprocess.run([sys.executable, "-m", "digitsum", "train", "--help"], env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "digitsum", "train", "--help"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and "--preset" in result.stdout
 
 
-@pytest.mark.parametrize("environ, expected", [
-    ({}, None),
-    ({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, None),  # torchrun with one process: the plain path
-    ({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}, World(rank=3, local_rank=1, size=4)),
-])
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({}, None),
+        ({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, None),  # torchrun with one process: the plain path
+        ({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}, World(rank=3, local_rank=1, size=4)),
+    ],
+)
 def test_world_from_env(environ, expected):
     assert world_from_env(environ) == expected
 
 
-@pytest.mark.parametrize("environ", [
-    {"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"},
-    {"WORLD_SIZE": "2", "RANK": "x", "LOCAL_RANK": "0"},
-    {"WORLD_SIZE": "2", "RANK": "0"},
-])
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"},
+        {"WORLD_SIZE": "2", "RANK": "x", "LOCAL_RANK": "0"},
+        {"WORLD_SIZE": "2", "RANK": "0"},
+    ],
+)
 def test_a_malformed_torchrun_environment_is_one_line(environ):
     with pytest.raises(DigitsumError):
         world_from_env(environ)
@@ -191,16 +233,34 @@ def test_a_single_process_run_never_touches_torch_distributed(synthetic_root, tm
     def forbidden(name):
         def call(*args, **kwargs):
             raise AssertionError(f"a single-process run called {name}")
+
         return call  # one function per name (torch._dynamo refuses one object under several names)
 
-    for name in ("init_process_group", "all_reduce", "all_gather_object", "broadcast", "broadcast_object_list",
-                 "barrier", "destroy_process_group", "is_initialized", "get_world_size"):
+    for name in (
+        "init_process_group",
+        "all_reduce",
+        "all_gather_object",
+        "broadcast",
+        "broadcast_object_list",
+        "barrier",
+        "destroy_process_group",
+        "is_initialized",
+        "get_world_size",
+    ):
         monkeypatch.setattr(dist, name, forbidden(f"torch.distributed.{name}"))
     monkeypatch.setattr(distributed, "init", forbidden("distributed.init"))
-    config = TrainConfig(epochs=1, batch_size=50, lr=0.05, val_size=100, bf16="off", ema=0.9,
-                         model=ModelConfig(channels=(8, 16), sum_hidden=32))
-    summary = train(config, out_dir=tmp_path / "run", data_root=synthetic_root, log=lambda *a: None,
-                    progress=False, figures=False, evaluate_test=False)
+    config = TrainConfig(
+        epochs=1, batch_size=50, lr=0.05, val_size=100, bf16="off", ema=0.9, model=ModelConfig(channels=(8, 16), sum_hidden=32)
+    )
+    summary = train(
+        config,
+        out_dir=tmp_path / "run",
+        data_root=synthetic_root,
+        log=lambda *a: None,
+        progress=False,
+        figures=False,
+        evaluate_test=False,
+    )
     assert "rank" not in summary
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert "world_size" not in state["resume"] and "rank_states" not in state["resume"]
@@ -221,8 +281,13 @@ def load_gpu_check():
 @pytest.mark.slow  # runs benchmarks/gpu_check.py in a fresh interpreter; its pieces are tested just below
 def test_gpu_check_without_a_gpu_says_not_run_and_exits_0(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(SRC)}
-    result = subprocess.run([sys.executable, str(TESTS.parent / "benchmarks" / "gpu_check.py"), "--data-root",
-                             str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(TESTS.parent / "benchmarks" / "gpu_check.py"), "--data-root", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and result.stdout.strip() == "not run: no GPU"
     assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
 
@@ -240,5 +305,6 @@ def test_gpu_check_pieces_work_on_the_cpu(synthetic_root, tmp_path):
         assert torch.equal(torch.from_numpy(np.array(Image.open(path))), test.images[index])
     result = gpu_check.cli("train", "--help", timeout=60)  # the CLI the check drives is this checkout's
     assert result.returncode == 0 and "--preset" in result.stdout
-    assert gpu_check.first_error(subprocess.CompletedProcess([], 2, "", "digitsum train: error: x\n")) == \
-        "digitsum train: error: x"
+    assert (
+        gpu_check.first_error(subprocess.CompletedProcess([], 2, "", "digitsum train: error: x\n")) == "digitsum train: error: x"
+    )

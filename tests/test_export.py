@@ -140,8 +140,8 @@ def test_classify_and_predict_work_unchanged_with_the_onnx_backend(exported, tmp
     torch.testing.assert_close(ort_digit, torch_digit, atol=1e-4, rtol=0)
     torch.testing.assert_close(ort_sum, torch_sum, atol=1e-4, rtol=0)
     drawn_seven().save(tmp_path / "seven.png")
-    ort_result, = predict(runner, [tmp_path / "seven.png"], 3)
-    torch_result, = predict(torch_model, [tmp_path / "seven.png"], 3)
+    (ort_result,) = predict(runner, [tmp_path / "seven.png"], 3)
+    (torch_result,) = predict(torch_model, [tmp_path / "seven.png"], 3)
     assert ort_result["digit"] == torch_result["digit"] and ort_result["sum"] == torch_result["sum"]
     assert abs(ort_result["sum_probability"] - torch_result["sum_probability"]) <= 1e-4
 
@@ -164,8 +164,9 @@ def test_the_server_serves_a_onnx_file_through_load_predictor(exported):
     answers = []
     for path in (exported[1], exported[0]):  # onnxruntime, then torch
         with TestClient(create_app(path)) as client:
-            response = client.post("/api/predict", files={"image": ("seven.png", encoded(drawn_seven()), "image/png")},
-                                   data={"number": "5"})
+            response = client.post(
+                "/api/predict", files={"image": ("seven.png", encoded(drawn_seven()), "image/png")}, data={"number": "5"}
+            )
         assert response.status_code == 200, response.text
         answers.append(response.json())
     assert answers[0]["digit"] == answers[1]["digit"] and answers[0]["sum"] == answers[1]["sum"]
@@ -198,19 +199,26 @@ def test_load_backend_exports_a_pt_checkpoint_in_memory_for_onnxruntime(exported
         np.testing.assert_allclose(mine, theirs, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("content, fragment", [
-    (None, "does not exist"),
-    (b"not a protobuf at all", "not a loadable ONNX model"),
-    ("identity", "not a digitsum model"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (None, "does not exist"),
+        (b"not a protobuf at all", "not a loadable ONNX model"),
+        ("identity", "not a digitsum model"),
+    ],
+)
 def test_loading_a_bad_onnx_file_is_one_clear_error(tmp_path, content, fragment):
     path = tmp_path / "model.onnx"
     if content == "identity":  # a valid ONNX graph that is not ours
         from onnx import TensorProto, helper
 
         node = helper.make_node("Identity", ["x"], ["y"])
-        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     elif content is not None:
         path.write_bytes(content)
@@ -230,12 +238,15 @@ def test_export_refuses_an_existing_out_and_keeps_it(exported, tmp_path, capsys)
     assert out.read_bytes() == b"the user's file"
 
 
-@pytest.mark.parametrize("case, fragment", [
-    ("missing", "does not exist"),
-    ("not a checkpoint", "not a readable checkpoint"),
-    ("out is a folder", "is a folder"),
-    ("out under a file", "not a writable folder"),
-])
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("missing", "does not exist"),
+        ("not a checkpoint", "not a readable checkpoint"),
+        ("out is a folder", "is a folder"),
+        ("out under a file", "not a writable folder"),
+    ],
+)
 def test_export_errors_are_one_line_and_write_nothing(exported, tmp_path, capsys, case, fragment):
     model_pt, out = exported[0], tmp_path / "model.onnx"
     if case == "missing":
@@ -283,8 +294,9 @@ def test_a_graph_that_fails_parity_is_not_written_and_the_old_file_stays(exporte
     monkeypatch.setattr(export, "onnx_bytes", lambda model, info=None: graph_of_the_first_model)
     out = tmp_path / "model.onnx"
     out.write_bytes(b"the previous export")
-    err = one_line_error(capsys, ["export", str(other_pt), "--out", str(out), "--overwrite",
-                                  "--data-root", str(tmp_path / "no-data")])
+    err = one_line_error(
+        capsys, ["export", str(other_pt), "--out", str(out), "--overwrite", "--data-root", str(tmp_path / "no-data")]
+    )
     assert "disagrees with PyTorch" in err and "nothing written" in err
     assert out.read_bytes() == b"the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "other.pt"]  # no temporary file left

@@ -35,8 +35,17 @@ from digitsum.config import ModelConfig, TrainConfig
 from digitsum.train import load_resume_state, train
 
 # As small as a run gets: 500 training images, 5 steps per epoch, a 4/8-channel CNN.
-MICRO = TrainConfig(epochs=2, batch_size=100, lr=0.05, val_size=100, bf16="off", rotate=0.0, scale=0.0,
-                    translate=0.0, model=ModelConfig(channels=(4, 8), sum_hidden=8))
+MICRO = TrainConfig(
+    epochs=2,
+    batch_size=100,
+    lr=0.05,
+    val_size=100,
+    bf16="off",
+    rotate=0.0,
+    scale=0.0,
+    translate=0.0,
+    model=ModelConfig(channels=(4, 8), sum_hidden=8),
+)
 
 
 ONE_EPOCH = replace(MICRO, epochs=1)  # for tests that need a finished run, not a long one
@@ -51,8 +60,9 @@ class Log(list):
 
 def run(config, root, out, log=None, **kwargs):
     kwargs.setdefault("evaluate_test", False)
-    return train(config, out_dir=out, data_root=root, log=log if log is not None else Log(), progress=False,
-                 figures=False, **kwargs)
+    return train(
+        config, out_dir=out, data_root=root, log=log if log is not None else Log(), progress=False, figures=False, **kwargs
+    )
 
 
 def metric_values(run_dir: Path) -> list[dict]:
@@ -110,8 +120,9 @@ def _mount_works() -> bool:
     probe = Path(os.environ.get("TMPDIR", "/tmp")) / f"digitsum-mount-probe-{os.getpid()}"
     probe.mkdir(exist_ok=True)
     try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
-                                 capture_output=True).returncode == 0
+        mounted = (
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True).returncode == 0
+        )
         if mounted:
             subprocess.run(["umount", str(probe)], capture_output=True)
         return mounted
@@ -381,8 +392,7 @@ def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_good_epoch(s
 
 
 @pytest.mark.parametrize("fault", ["fill", "make_readonly"])
-def test_evaluate_prints_its_metrics_then_one_line_when_it_cannot_write(synthetic_root, small_fs, capsys, fault,
-                                                                       made):
+def test_evaluate_prints_its_metrics_then_one_line_when_it_cannot_write(synthetic_root, small_fs, capsys, fault, made):
     out = small_fs.path / "run"
     shutil.copytree(made / "finished", out)
     before = snapshot(out)
@@ -422,33 +432,35 @@ def test_a_full_disk_while_fetching_data_is_one_line_and_leaves_no_partial_files
 # ----------------------------------------------------------------------------- item 5: bad values, divergence
 
 
-@pytest.mark.parametrize("flag, value, fragment", [
-    ("--label-smoothing", "2", "label_smoothing"),
-    ("--label-smoothing", "-0.5", "label_smoothing"),
-    ("--ema", "1.5", "ema"),
-    ("--seed", str(2**64), "seed"),
-    ("--seed", "-1", "seed"),
-    ("--lr", "inf", "lr"),
-    ("--lr", "nan", "lr"),
-    ("--weight-decay", "-1", "weight_decay"),
-    ("--weight-decay", "nan", "weight_decay"),
-    ("--bf16", "maybe", "bf16"),
-    ("--device", "gpu", "device"),
-    ("--device", "cuda:x", "device"),
-    ("--optimizer", "adam", "optimizer"),
-    ("--sum-hidden", "100000", "sum_hidden"),
-    ("--channels", "8,x", "channels"),
-    ("--channels", "8,8,8,8,8", "channels"),
-    ("--first-stride", "3", "first_stride"),
-    ("--dropout", "1", "dropout"),
-    ("--config", "missing.json", "config"),
-])
+@pytest.mark.parametrize(
+    "flag, value, fragment",
+    [
+        ("--label-smoothing", "2", "label_smoothing"),
+        ("--label-smoothing", "-0.5", "label_smoothing"),
+        ("--ema", "1.5", "ema"),
+        ("--seed", str(2**64), "seed"),
+        ("--seed", "-1", "seed"),
+        ("--lr", "inf", "lr"),
+        ("--lr", "nan", "lr"),
+        ("--weight-decay", "-1", "weight_decay"),
+        ("--weight-decay", "nan", "weight_decay"),
+        ("--bf16", "maybe", "bf16"),
+        ("--device", "gpu", "device"),
+        ("--device", "cuda:x", "device"),
+        ("--optimizer", "adam", "optimizer"),
+        ("--sum-hidden", "100000", "sum_hidden"),
+        ("--channels", "8,x", "channels"),
+        ("--channels", "8,8,8,8,8", "channels"),
+        ("--first-stride", "3", "first_stride"),
+        ("--dropout", "1", "dropout"),
+        ("--config", "missing.json", "config"),
+    ],
+)
 def test_bad_training_values_exit_2_before_any_folder_or_file(tmp_path, capsys, monkeypatch, flag, value, fragment):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    err = cli_error(capsys, ["train", "--out", str(work / "runs" / "x"), "--data-root", str(work / "data"),
-                             flag, value])
+    err = cli_error(capsys, ["train", "--out", str(work / "runs" / "x"), "--data-root", str(work / "data"), flag, value])
     assert fragment in err.replace("-", "_"), err
     assert list(work.iterdir()) == []  # no run folder, no data folder, no runs/latest
 
@@ -458,10 +470,19 @@ def test_every_preset_passes_validation_and_an_unknown_field_value_type_does_not
 
     for config in PRESETS.values():
         config.validate()
-    for bad in ({"epochs": 0}, {"epochs": "3"}, {"batch_size": 0}, {"warmup": 1.5}, {"rotate": float("nan")},
-                {"scale": 1.0}, {"sum_all_numbers": "yes"}, {"preset": "../x"},
-                {"model": ModelConfig(channels=(8,) * 5)}, {"model": ModelConfig(channels=(0, 8))},
-                {"model": ModelConfig(dropout=1.0)}):
+    for bad in (
+        {"epochs": 0},
+        {"epochs": "3"},
+        {"batch_size": 0},
+        {"warmup": 1.5},
+        {"rotate": float("nan")},
+        {"scale": 1.0},
+        {"sum_all_numbers": "yes"},
+        {"preset": "../x"},
+        {"model": ModelConfig(channels=(8,) * 5)},
+        {"model": ModelConfig(channels=(0, 8))},
+        {"model": ModelConfig(dropout=1.0)},
+    ):
         with pytest.raises(DigitsumError):
             replace(MICRO, **bad).validate()
 
@@ -490,11 +511,14 @@ def test_a_tilde_data_root_is_expanded(synthetic_root, tmp_path, monkeypatch, ca
     assert list(work.iterdir()) == []  # no literal ./~ folder
 
 
-@pytest.mark.parametrize("argv_root, env_root, fragment", [
-    ("", None, "--data-root is empty"),
-    (None, "", "$DIGITSUM_DATA is empty"),
-    ("x" * 300, None, "File name too long"),
-])
+@pytest.mark.parametrize(
+    "argv_root, env_root, fragment",
+    [
+        ("", None, "--data-root is empty"),
+        (None, "", "$DIGITSUM_DATA is empty"),
+        ("x" * 300, None, "File name too long"),
+    ],
+)
 def test_an_empty_or_impossible_data_root_is_one_line(tmp_path, capsys, monkeypatch, argv_root, env_root, fragment):
     monkeypatch.chdir(tmp_path)
     if env_root is not None:
@@ -600,10 +624,10 @@ def test_each_tampered_field_of_last_pt_is_one_line_and_nothing_is_written(synth
         assert snapshot(tampered.parent) == before, name
 
 
-@pytest.mark.parametrize("channels, fragment", [((8000, 8000), "unusable"),
-                                                ((2048, 2048), "does not match")])
+@pytest.mark.parametrize("channels, fragment", [((8000, 8000), "unusable"), ((2048, 2048), "does not match")])
 def test_a_checkpoint_declaring_a_huge_architecture_is_refused_without_building_it(
-        tmp_path, monkeypatch, channels, fragment, made):
+    tmp_path, monkeypatch, channels, fragment, made
+):
     out = made / "finished"
     built = []
 
@@ -645,8 +669,7 @@ print("done", flush=True)
 """
 
 
-def kill_during_training(config: TrainConfig, root: Path, out: Path, tmp_path: Path, after_epochs: int,
-                         delay: float) -> str:
+def kill_during_training(config: TrainConfig, root: Path, out: Path, tmp_path: Path, after_epochs: int, delay: float) -> str:
     """Train in a child process and SIGKILL it `delay` s after its `after_epochs`-th epoch line
     (0: after 'training into'); returns the last line it printed."""
     (tmp_path / "files.json").write_text(json.dumps(mnist.MNIST_FILES))
@@ -654,11 +677,25 @@ def kill_during_training(config: TrainConfig, root: Path, out: Path, tmp_path: P
     (tmp_path / "child.py").write_text(CHILD)
     # The child's float sums in the order of this process's (conftest.py's) torch thread count: the
     # resumed run must match the in-process straight one bit for bit.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    child = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "files.json"),
-                              str(tmp_path / "config.json"), str(out), str(root)],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            str(tmp_path / "child.py"),
+            str(tmp_path / "files.json"),
+            str(tmp_path / "config.json"),
+            str(out),
+            str(root),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     seen, last = 0, ""
     try:
         while True:
@@ -666,8 +703,12 @@ def kill_during_training(config: TrainConfig, root: Path, out: Path, tmp_path: P
             if not line:
                 break
             last = line.strip()
-            if last.startswith("training into") and after_epochs == 0 or last.startswith("epoch") and (
-                    seen := seen + 1) == after_epochs:
+            if (
+                last.startswith("training into")
+                and after_epochs == 0
+                or last.startswith("epoch")
+                and (seen := seen + 1) == after_epochs
+            ):
                 time.sleep(delay)
                 break
     finally:
@@ -706,8 +747,7 @@ def _kill_cases(count: int, epochs: int, seed: int) -> list[tuple[int, float]]:
 
 @pytest.mark.slow  # trains in child processes and kills them; the fast subset keeps the in-process
 @pytest.mark.parametrize("count", [2, 12])  # check of a kill's leftovers just above
-def test_kill_9_at_random_moments_leaves_loadable_checkpoints_and_resume_finishes_identically(
-        synthetic_root, tmp_path, count):
+def test_kill_9_at_random_moments_leaves_loadable_checkpoints_and_resume_finishes_identically(synthetic_root, tmp_path, count):
     config = replace(MICRO, epochs=3)
     run(config, synthetic_root, tmp_path / "straight")
     straight = weights(tmp_path / "straight" / "last.pt")
@@ -718,5 +758,6 @@ def test_kill_9_at_random_moments_leaves_loadable_checkpoints_and_resume_finishe
         try:
             check_after_kill(config, synthetic_root, out, straight)
         except Exception as error:
-            raise AssertionError(f"seed {seed}, case {case}: killed {delay:.2f}s after epoch line "
-                                 f"{after_epochs} (last line: {last!r})") from error
+            raise AssertionError(
+                f"seed {seed}, case {case}: killed {delay:.2f}s after epoch line {after_epochs} (last line: {last!r})"
+            ) from error

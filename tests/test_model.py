@@ -9,8 +9,14 @@ import torch.nn.functional as F
 from digitsum import checkpoint
 from digitsum.checkpoint import CheckpointError
 from digitsum.config import ModelConfig
-from digitsum.model import (DigitSumNet, MaxPool2x2, fold_batchnorm, inference_model, predicted_digit_onehot,
-                            training_flops_per_image)
+from digitsum.model import (
+    DigitSumNet,
+    MaxPool2x2,
+    fold_batchnorm,
+    inference_model,
+    predicted_digit_onehot,
+    training_flops_per_image,
+)
 
 SMALL = ModelConfig(channels=(8, 16), sum_hidden=32)
 
@@ -23,10 +29,17 @@ def batch(size=8, seed=0):
     return images, numbers, digits
 
 
-@pytest.mark.parametrize("config", [ModelConfig(), SMALL, ModelConfig(channels=(8, 16, 32, 64)),
-                                    ModelConfig(channels=(8,), convs_per_stage=2, sum_hidden=1),
-                                    ModelConfig(first_stride=2, norm_after_pool=True),
-                                    ModelConfig(channels=(4, 8), convs_per_stage=2, norm_after_pool=True)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(),
+        SMALL,
+        ModelConfig(channels=(8, 16, 32, 64)),
+        ModelConfig(channels=(8,), convs_per_stage=2, sum_hidden=1),
+        ModelConfig(first_stride=2, norm_after_pool=True),
+        ModelConfig(channels=(4, 8), convs_per_stage=2, norm_after_pool=True),
+    ],
+)
 def test_forward_gives_10_digit_and_19_sum_logits(config):
     images, numbers, _ = batch(5)
     digit_logits, sum_logits = DigitSumNet(config)(images, numbers)
@@ -182,9 +195,15 @@ def test_maxpool2x2_equals_maxpool2d_exactly(size):
     assert torch.equal(MaxPool2x2()(x), torch.nn.MaxPool2d(2)(x))
 
 
-@pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(channels=(8, 16), convs_per_stage=2),
-                                    ModelConfig(first_stride=2),
-                                    ModelConfig(first_stride=2, norm_after_pool=True)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(),
+        ModelConfig(channels=(8, 16), convs_per_stage=2),
+        ModelConfig(first_stride=2),
+        ModelConfig(first_stride=2, norm_after_pool=True),
+    ],
+)
 def test_inference_model_gives_the_same_outputs_and_keeps_the_original(config):
     torch.manual_seed(3)
     model = DigitSumNet(config)
@@ -251,7 +270,7 @@ def test_addition_table_finds_the_one_wrong_entry_and_the_grid_counts_its_images
         hidden.bias.zero_()
         s, d = torch.arange(19.0)[:, None], torch.arange(10.0)[None, :]
         out.weight.copy_(torch.cat([2 * s * d, 2 * s * d], dim=1))
-        out.bias.copy_(-torch.arange(19.0) ** 2)
+        out.bias.copy_(-(torch.arange(19.0) ** 2))
     assert addition_table(model).all()
     digits = torch.tensor([3, 3, 5, 7])
     logits = 4.0 * F.one_hot(torch.tensor([3, 3, 5, 1]), 10).float()  # three right, one wrong digit

@@ -115,9 +115,21 @@ def test_a_view_fed_back_in_comes_out_unchanged():
     assert np.array_equal(preprocess(Image.fromarray(view))[1], view)
 
 
-@pytest.mark.parametrize("format, mode", [("PNG", "L"), ("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "P"),
-                                          ("PNG", "I;16"), ("JPEG", "RGB"), ("BMP", "RGB"), ("GIF", "P"),
-                                          ("WEBP", "RGB"), ("TIFF", "L")])
+@pytest.mark.parametrize(
+    "format, mode",
+    [
+        ("PNG", "L"),
+        ("PNG", "RGB"),
+        ("PNG", "RGBA"),
+        ("PNG", "P"),
+        ("PNG", "I;16"),
+        ("JPEG", "RGB"),
+        ("BMP", "RGB"),
+        ("GIF", "P"),
+        ("WEBP", "RGB"),
+        ("TIFF", "L"),
+    ],
+)
 def test_every_supported_format_and_mode_reads_as_the_same_digit(format, mode):
     reference = preprocess(drawn_seven())[1]
     image = drawn_seven()
@@ -233,8 +245,7 @@ def test_the_command_prints_one_line_per_image(model_path, tmp_path, capsys):
 
 def test_the_command_prints_json_with_top3(model_path, tmp_path, capsys):
     drawn_seven().save(tmp_path / "seven.png")
-    assert cli.main(["predict", str(tmp_path / "seven.png"), "--number", "3", "--json",
-                     "--checkpoint", str(model_path)]) == 0
+    assert cli.main(["predict", str(tmp_path / "seven.png"), "--number", "3", "--json", "--checkpoint", str(model_path)]) == 0
     [result] = json.loads(capsys.readouterr().out)
     assert result["image"] == str(tmp_path / "seven.png") and set(result["top3"]) == {"digit", "sum"}
 
@@ -264,22 +275,33 @@ def test_the_command_exits_2_for_a_number_out_of_range(model_path, tmp_path, cap
 def test_the_command_takes_one_number_per_image(model_path, tmp_path, capsys):
     drawn_seven().save(tmp_path / "a.png")
     drawn_seven().save(tmp_path / "b.png")
-    assert cli.main(["predict", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--numbers", "2,9", "--json",
-                     "--checkpoint", str(model_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(tmp_path / "a.png"),
+                str(tmp_path / "b.png"),
+                "--numbers",
+                "2,9",
+                "--json",
+                "--checkpoint",
+                str(model_path),
+            ]
+        )
+        == 0
+    )
     assert [r["number"] for r in json.loads(capsys.readouterr().out)] == [2, 9]
 
 
 def test_the_command_exits_2_for_a_missing_checkpoint(tmp_path, capsys):
     drawn_seven().save(tmp_path / "seven.png")
-    assert cli.main(["predict", str(tmp_path / "seven.png"), "--number", "1",
-                     "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert cli.main(["predict", str(tmp_path / "seven.png"), "--number", "1", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_show_writes_the_28x28_view_next_to_the_image(model_path, tmp_path, capsys):
     drawn_seven().save(tmp_path / "seven.png")
-    assert cli.main(["predict", str(tmp_path / "seven.png"), "--number", "1", "--show",
-                     "--checkpoint", str(model_path)]) == 0
+    assert cli.main(["predict", str(tmp_path / "seven.png"), "--number", "1", "--show", "--checkpoint", str(model_path)]) == 0
     view = Image.open(tmp_path / "seven.png.28x28.png")
     assert view.size == (28, 28)
     assert np.array_equal(np.asarray(view), preprocess(tmp_path / "seven.png")[1])
@@ -302,8 +324,7 @@ def test_mnist_test_images_saved_as_png_get_the_tensor_paths_predictions(trained
     test = load_split("test", real_root, limit=500)
     with torch.inference_mode():
         tensor_digits = trained_model(normalize(test.images), test.numbers)[0].argmax(1)
-    results = predict(trained_model, [encoded(Image.fromarray(image.numpy())) for image in test.images],
-                      test.numbers.tolist())
+    results = predict(trained_model, [encoded(Image.fromarray(image.numpy())) for image in test.images], test.numbers.tolist())
     agreement = np.mean([r["digit"] == int(d) for r, d in zip(results, tensor_digits)])
     assert agreement >= 0.998
 

@@ -38,9 +38,12 @@ def test_a_fifo_is_refused_without_hanging(tmp_path, model_path, capsys):
     drawn_seven().save(tmp_path / "seven.png")
     outcome = []
     # In a daemon thread, so that a hang fails this test instead of stalling the whole run.
-    worker = threading.Thread(target=lambda: outcome.append(cli.main([
-        "predict", str(fifo), str(tmp_path / "seven.png"), "--number", "1", "--checkpoint", str(model_path)])),
-        daemon=True)
+    worker = threading.Thread(
+        target=lambda: outcome.append(
+            cli.main(["predict", str(fifo), str(tmp_path / "seven.png"), "--number", "1", "--checkpoint", str(model_path)])
+        ),
+        daemon=True,
+    )
     worker.start()
     worker.join(timeout=30)
     assert not worker.is_alive(), "digitsum predict hung on a FIFO"
@@ -91,13 +94,27 @@ def test_missing_files_and_folders_keep_their_messages(tmp_path):
 def test_show_gives_x_png_and_x_jpg_their_own_views(tmp_path, model_path, capsys):
     drawn_seven().save(tmp_path / "x.png")
     drawn_seven().rotate(90).convert("RGB").save(tmp_path / "x.jpg", quality=95)
-    assert cli.main(["predict", str(tmp_path / "x.png"), str(tmp_path / "x.jpg"), "--number", "1", "--show",
-                     "--checkpoint", str(model_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(tmp_path / "x.png"),
+                str(tmp_path / "x.jpg"),
+                "--number",
+                "1",
+                "--show",
+                "--checkpoint",
+                str(model_path),
+            ]
+        )
+        == 0
+    )
     for name in ("x.png", "x.jpg"):
         view = np.asarray(Image.open(tmp_path / f"{name}.28x28.png"))
         assert np.array_equal(view, preprocess(tmp_path / name)[1])
-    assert not np.array_equal(np.asarray(Image.open(tmp_path / "x.png.28x28.png")),
-                              np.asarray(Image.open(tmp_path / "x.jpg.28x28.png")))
+    assert not np.array_equal(
+        np.asarray(Image.open(tmp_path / "x.png.28x28.png")), np.asarray(Image.open(tmp_path / "x.jpg.28x28.png"))
+    )
 
 
 def test_show_dir_numbers_views_of_same_named_images_from_different_folders(tmp_path, model_path, capsys):
@@ -106,8 +123,23 @@ def test_show_dir_numbers_views_of_same_named_images_from_different_folders(tmp_
     drawn_seven().save(tmp_path / "a" / "x.png")
     drawn_seven().rotate(90).save(tmp_path / "b" / "x.png")
     views = tmp_path / "views"
-    assert cli.main(["predict", str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"), "--number", "1",
-                     "--show-dir", str(views), "--json", "--checkpoint", str(model_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(tmp_path / "a" / "x.png"),
+                str(tmp_path / "b" / "x.png"),
+                "--number",
+                "1",
+                "--show-dir",
+                str(views),
+                "--json",
+                "--checkpoint",
+                str(model_path),
+            ]
+        )
+        == 0
+    )
     results = json.loads(capsys.readouterr().out)
     assert [Path(result["view"]).name for result in results] == ["x.png.28x28.png", "x.png-2.28x28.png"]
     assert np.array_equal(np.asarray(Image.open(views / "x.png-2.28x28.png")), preprocess(tmp_path / "b" / "x.png")[1])
@@ -119,8 +151,22 @@ def test_a_view_never_overwrites_an_input_image(tmp_path, model_path):
     drawn_seven().save(views / "x.png.28x28.png")  # an input that sits where x.png's view would go
     drawn_seven().save(tmp_path / "x.png")
     before = (views / "x.png.28x28.png").read_bytes()
-    assert cli.main(["predict", str(views / "x.png.28x28.png"), str(tmp_path / "x.png"), "--number", "1",
-                     "--show-dir", str(views), "--checkpoint", str(model_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(views / "x.png.28x28.png"),
+                str(tmp_path / "x.png"),
+                "--number",
+                "1",
+                "--show-dir",
+                str(views),
+                "--checkpoint",
+                str(model_path),
+            ]
+        )
+        == 0
+    )
     assert (views / "x.png.28x28.png").read_bytes() == before
     assert (views / "x.png-2.28x28.png").exists()
 
@@ -129,11 +175,27 @@ def test_a_view_never_overwrites_an_input_image(tmp_path, model_path):
 def test_a_bad_show_dir_is_one_line_exit_2_before_any_work(tmp_path, model_path, capsys, kind):
     drawn_seven().save(tmp_path / "x.png")
     (tmp_path / "file").write_text("not a folder")
-    show_dir = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "views",
-                "not creatable": Path("/proc/digitsum-views")}[kind]
+    show_dir = {
+        "a file": tmp_path / "file",
+        "under a file": tmp_path / "file" / "views",
+        "not creatable": Path("/proc/digitsum-views"),
+    }[kind]
     # A missing checkpoint would fail the loading: the folder check must come first.
-    assert cli.main(["predict", str(tmp_path / "x.png"), "--number", "1", "--show-dir", str(show_dir),
-                     "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(tmp_path / "x.png"),
+                "--number",
+                "1",
+                "--show-dir",
+                str(show_dir),
+                "--checkpoint",
+                str(tmp_path / "none.pt"),
+            ]
+        )
+        == 2
+    )
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
     assert captured.err.startswith(f"digitsum predict: error: --show-dir {show_dir}")
@@ -144,18 +206,32 @@ def test_a_read_only_show_dir_is_refused_before_any_work(tmp_path, model_path, c
     drawn_seven().save(tmp_path / "x.png")
     views = tmp_path / "views"
     views.mkdir(mode=0o555)
-    assert cli.main(["predict", str(tmp_path / "x.png"), "--number", "1", "--show-dir", str(views),
-                     "--checkpoint", str(model_path)]) == 2
+    assert (
+        cli.main(["predict", str(tmp_path / "x.png"), "--number", "1", "--show-dir", str(views), "--checkpoint", str(model_path)])
+        == 2
+    )
     assert "is not writable" in capsys.readouterr().err
 
 
-def test_a_view_that_cannot_be_written_is_that_image_s_error_and_every_prediction_is_printed(
-        tmp_path, model_path, capsys):
+def test_a_view_that_cannot_be_written_is_that_image_s_error_and_every_prediction_is_printed(tmp_path, model_path, capsys):
     drawn_seven().save(tmp_path / "x.png")
     drawn_seven().save(tmp_path / "y.png")
     (tmp_path / "x.png.28x28.png").mkdir()  # the view's name is taken by a folder: saving it fails
-    assert cli.main(["predict", str(tmp_path / "x.png"), str(tmp_path / "y.png"), "--number", "1", "--show",
-                     "--checkpoint", str(model_path)]) == 2
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(tmp_path / "x.png"),
+                str(tmp_path / "y.png"),
+                "--number",
+                "1",
+                "--show",
+                "--checkpoint",
+                str(model_path),
+            ]
+        )
+        == 2
+    )
     captured = capsys.readouterr()
     assert f"{tmp_path / 'x.png'}: digit" in captured.out and f"{tmp_path / 'y.png'}: digit" in captured.out
     errors = captured.err.strip().splitlines()

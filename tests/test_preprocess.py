@@ -19,9 +19,15 @@ from digitsum import cli, preprocess
 from digitsum.preprocess import ImageError, preprocess_view
 from test_predict import encoded, ink_box
 
-ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
 # ^ for each EXIF value, how a camera stores upright pixels so that the tag turns them back upright
 
 
@@ -47,8 +53,11 @@ def similar(a: np.ndarray, b: np.ndarray) -> float:
     (a rounding of the centre of mass moves a view by one pixel)."""
     a = a.astype(float)
     padded = np.pad(b.astype(float), 1)
-    return max(float(np.corrcoef(a.ravel(), padded[1 + dy : 29 + dy, 1 + dx : 29 + dx].ravel())[0, 1])
-               for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    return max(
+        float(np.corrcoef(a.ravel(), padded[1 + dy : 29 + dy, 1 + dx : 29 + dx].ravel())[0, 1])
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+    )
 
 
 REFERENCE = preprocess_view(seven())
@@ -116,8 +125,9 @@ def test_squared_paper_is_not_the_digit():
     for k in range(0, 400, 25):
         draw.line([(k, 0), (k, 399)], fill=(170, 170, 175), width=1)
         draw.line([(0, k), (399, k)], fill=(170, 170, 175), width=1)
-    page = Image.composite(seven((400, 400), width=14).convert("RGB"), page, seven((400, 400), width=14).point(
-        lambda v: 255 if v < 128 else 0))  # the pen goes over the grid
+    page = Image.composite(
+        seven((400, 400), width=14).convert("RGB"), page, seven((400, 400), width=14).point(lambda v: 255 if v < 128 else 0)
+    )  # the pen goes over the grid
     view = preprocess_view(page)
     assert similar(view, preprocess_view(seven((400, 400), width=14))) > 0.9
 
@@ -187,10 +197,15 @@ def _mode_image(mode: str, gray: np.ndarray, rng: np.random.Generator) -> Image.
     raise AssertionError(mode)
 
 
-MODES = ["1", "L", "LA", "P", "P+transparency", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I",
-         "I;16", "I;16B", "I;16L", "F"]
-FORMATS = {"PNG": {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}, "TIFF": set(MODES) - {"HSV", "P+transparency"},
-           "JPEG": {"L", "RGB", "CMYK"}, "WEBP": {"RGB", "RGBA"}, "BMP": {"1", "L", "P", "RGB"}, "GIF": {"L", "P"}}
+MODES = ["1", "L", "LA", "P", "P+transparency", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "I;16B", "I;16L", "F"]
+FORMATS = {
+    "PNG": {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"},
+    "TIFF": set(MODES) - {"HSV", "P+transparency"},
+    "JPEG": {"L", "RGB", "CMYK"},
+    "WEBP": {"RGB", "RGBA"},
+    "BMP": {"1", "L", "P", "RGB"},
+    "GIF": {"L", "P"},
+}
 
 
 @st.composite
@@ -278,8 +293,7 @@ def test_the_command_reads_the_crash_cases_and_still_predicts_the_others(tmp_pat
     blank.write_bytes(encoded(Image.fromarray(np.full((40, 40), np.nan, np.float32)), "TIFF"))
     good = tmp_path / "seven.png"
     seven().save(good)
-    code = cli.main(["predict", str(lab), str(nan), str(blank), str(good), "--number", "3",
-                     "--checkpoint", str(model), "--json"])
+    code = cli.main(["predict", str(lab), str(nan), str(blank), str(good), "--number", "3", "--checkpoint", str(model), "--json"])
     captured = capsys.readouterr()
     results = json.loads(captured.out)
     assert code == 2  # the blank one
@@ -321,18 +335,33 @@ def pasted_digits(draw, count: int = 100):
     """`count` placements: (test image index, digit height, canvas size, place, background, ink)."""
     cases = []
     for _ in range(count):
-        cases.append((draw(st.integers(0, 1999)), draw(st.integers(40, 220)),
-                      draw(st.tuples(st.integers(240, 600), st.integers(240, 600))),
-                      draw(st.tuples(st.floats(0, 1), st.floats(0, 1))),
-                      draw(st.sampled_from(["uniform", "gradient"])), draw(st.integers(150, 255)),
-                      draw(st.floats(0.0, 0.5)), draw(st.floats(0, 6.283)), draw(st.integers(0, 60))))
+        cases.append(
+            (
+                draw(st.integers(0, 1999)),
+                draw(st.integers(40, 220)),
+                draw(st.tuples(st.integers(240, 600), st.integers(240, 600))),
+                draw(st.tuples(st.floats(0, 1), st.floats(0, 1))),
+                draw(st.sampled_from(["uniform", "gradient"])),
+                draw(st.integers(150, 255)),
+                draw(st.floats(0.0, 0.5)),
+                draw(st.floats(0, 6.283)),
+                draw(st.integers(0, 60)),
+            )
+        )
     return cases
 
 
 @pytest.mark.slow
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                               HealthCheck.large_base_example,
-                                                               HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=3,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 @given(pasted_digits())
 def test_an_mnist_digit_pasted_anywhere_on_a_uniform_or_gradient_background_keeps_its_class(mnist_and_model, cases):
     images, classes = mnist_and_model
@@ -404,14 +433,20 @@ def _large_pngs() -> dict[str, bytes]:
     gamma = PngInfo()
     gamma.add(b"gAMA", (45455).to_bytes(4, "big"))  # libpng would convert in linear light
     gamma.add(b"sRGB", b"\x00")
-    return {"L": encoded(grey), "1": encoded(grey.convert("1")), "RGB": encoded(Image.fromarray(rgb)),
-            "RGB sRGB": encoded(Image.fromarray(rgb), pnginfo=gamma),
-            "RGB interlaced": encoded(Image.fromarray(rgb), optimize=False, interlace=1),
-            "RGBA": encoded(Image.fromarray(transparent, "RGBA")), "RGBA light": encoded(Image.fromarray(light, "RGBA")),
-            "RGBA opaque": encoded(Image.fromarray(rgb).convert("RGBA")),
-            "LA": encoded(Image.fromarray(transparent, "RGBA").convert("LA")),
-            "P": encoded(palette), "P transparent": encoded(palette, transparency=0),
-            "L tRNS": encoded(grey, transparency=235)}
+    return {
+        "L": encoded(grey),
+        "1": encoded(grey.convert("1")),
+        "RGB": encoded(Image.fromarray(rgb)),
+        "RGB sRGB": encoded(Image.fromarray(rgb), pnginfo=gamma),
+        "RGB interlaced": encoded(Image.fromarray(rgb), optimize=False, interlace=1),
+        "RGBA": encoded(Image.fromarray(transparent, "RGBA")),
+        "RGBA light": encoded(Image.fromarray(light, "RGBA")),
+        "RGBA opaque": encoded(Image.fromarray(rgb).convert("RGBA")),
+        "LA": encoded(Image.fromarray(transparent, "RGBA").convert("LA")),
+        "P": encoded(palette),
+        "P transparent": encoded(palette, transparency=0),
+        "L tRNS": encoded(grey, transparency=235),
+    }
 
 
 @pytest.mark.parametrize("kind", list(_large_pngs()))

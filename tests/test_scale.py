@@ -41,8 +41,12 @@ from model_files import random_checkpoint  # noqa: E402
 def seven_png(size: int = 280) -> bytes:
     image = Image.new("L", (size, size), "white")
     scale = size / 280
-    ImageDraw.Draw(image).line([(70 * scale, 60 * scale), (210 * scale, 60 * scale), (120 * scale, 230 * scale)],
-                               fill="black", width=max(1, round(22 * scale)), joint="curve")
+    ImageDraw.Draw(image).line(
+        [(70 * scale, 60 * scale), (210 * scale, 60 * scale), (120 * scale, 230 * scale)],
+        fill="black",
+        width=max(1, round(22 * scale)),
+        joint="curve",
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -76,8 +80,11 @@ def field_of(response) -> str:
 def samples(text: str) -> dict[tuple, float]:
     """{(sample name, sorted label items): value} of a Prometheus text exposition (parsed, so a
     malformed exposition fails the test)."""
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def value(text: str, name: str, **labels) -> float:
@@ -102,10 +109,8 @@ def client(checkpoint):
 def test_metrics_is_prometheus_text_counting_requests_by_route_and_status(client):
     for _ in range(3):
         assert client.get("/api/health").status_code == 200
-    assert client.post("/api/predict", files={"image": ("d.png", SEVEN, "image/png")},
-                       data={"number": "2"}).status_code == 200
-    assert client.post("/api/predict", files={"image": ("d.png", SEVEN, "image/png")},
-                       data={"number": "12"}).status_code == 422
+    assert client.post("/api/predict", files={"image": ("d.png", SEVEN, "image/png")}, data={"number": "2"}).status_code == 200
+    assert client.post("/api/predict", files={"image": ("d.png", SEVEN, "image/png")}, data={"number": "12"}).status_code == 422
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
@@ -135,8 +140,12 @@ def test_route_labels_are_bounded_and_body_limit_rejections_are_counted(client):
     client.get("/nowhere/1")
     client.get("/nowhere/2")
     client.get("/static/app.js")
-    assert client.post("/api/predict", content=bytes(serve.MAX_BODY_BYTES + 1),
-                       headers={"content-type": "application/json"}).status_code == 413
+    assert (
+        client.post(
+            "/api/predict", content=bytes(serve.MAX_BODY_BYTES + 1), headers={"content-type": "application/json"}
+        ).status_code
+        == 413
+    )
     text = client.get("/metrics").text
     routes = {dict(labels).get("route") for name, labels in samples(text) if name == "digitsum_http_requests_total"}
     assert routes == {"other", "/static", "/api/predict"}  # not one series per made-up path
@@ -148,8 +157,9 @@ def test_in_flight_preprocessing_shows_a_large_image_being_decoded(checkpoint):
     big = seven_png(4096)
     with TestClient(serve.create_app(checkpoint)) as client:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            upload = pool.submit(client.post, "/api/predict", files={"image": ("big.png", big, "image/png")},
-                                 data={"number": "1"})
+            upload = pool.submit(
+                client.post, "/api/predict", files={"image": ("big.png", big, "image/png")}, data={"number": "1"}
+            )
             seen = []
             while not upload.done():
                 seen.append(value(client.get("/metrics").text, "digitsum_preprocessing_in_flight"))
@@ -163,13 +173,17 @@ def test_in_flight_preprocessing_shows_a_large_image_being_decoded(checkpoint):
 
 
 def batch_form(client, images: list[tuple[str, bytes]], **data):
-    return client.post("/api/predict_batch", files=[("image", (name, content, "image/png")) for name, content in images],
-                       data=data)
+    return client.post(
+        "/api/predict_batch", files=[("image", (name, content, "image/png")) for name, content in images], data=data
+    )
 
 
 def test_a_batch_gives_predict_json_results_for_good_items_and_errors_for_bad_ones(client, checkpoint):
-    response = batch_form(client, [("a.png", SEVEN), ("junk.png", b"%PDF-1.4 no picture"),
-                                   ("blank.png", blank_png()), ("b.png", ONE)], numbers="3,4,5,6")
+    response = batch_form(
+        client,
+        [("a.png", SEVEN), ("junk.png", b"%PDF-1.4 no picture"), ("blank.png", blank_png()), ("b.png", ONE)],
+        numbers="3,4,5,6",
+    )
     assert response.status_code == 200
     results = response.json()["results"]
     assert [result["image"] for result in results] == ["a.png", "junk.png", "blank.png", "b.png"]
@@ -187,9 +201,14 @@ def test_a_batch_gives_predict_json_results_for_good_items_and_errors_for_bad_on
 
 
 def test_a_json_batch_reports_each_bad_item_by_index(client):
-    items = [{"image_png_base64": b64(SEVEN), "number": 1}, {"image_png_base64": "not base64 !!", "number": 1},
-             {"image_png_base64": b64(SEVEN), "number": 10}, 7, {"number": 2},
-             {"image_png_base64": "data:image/png;base64," + b64(ONE), "number": 0}]
+    items = [
+        {"image_png_base64": b64(SEVEN), "number": 1},
+        {"image_png_base64": "not base64 !!", "number": 1},
+        {"image_png_base64": b64(SEVEN), "number": 10},
+        7,
+        {"number": 2},
+        {"image_png_base64": "data:image/png;base64," + b64(ONE), "number": 0},
+    ]
     response = client.post("/api/predict_batch", json={"items": items})
     assert response.status_code == 200
     results = response.json()["results"]
@@ -206,15 +225,18 @@ def test_one_number_applies_to_every_image_and_repeated_number_fields_go_one_per
     assert [result["number"] for result in each] == [2, 9]
 
 
-@pytest.mark.parametrize("data,field", [({"numbers": "1,2,3"}, "numbers"), ({}, "number"),
-                                        ({"numbers": "1,2", "number": "3"}, "numbers")])
+@pytest.mark.parametrize(
+    "data,field", [({"numbers": "1,2,3"}, "numbers"), ({}, "number"), ({"numbers": "1,2", "number": "3"}, "numbers")]
+)
 def test_numbers_that_do_not_fit_the_images_fail_the_whole_request_with_422(client, data, field):
     response = batch_form(client, [("a.png", SEVEN), ("b.png", ONE)], **data)
     assert response.status_code == 422 and field_of(response) == field
 
 
-@pytest.mark.parametrize("body,field", [({"items": []}, "items"), ({"items": "x"}, "items"), ([1, 2], "items"),
-                                        ({"image_png_base64": "x", "number": 1}, "items")])
+@pytest.mark.parametrize(
+    "body,field",
+    [({"items": []}, "items"), ({"items": "x"}, "items"), ([1, 2], "items"), ({"image_png_base64": "x", "number": 1}, "items")],
+)
 def test_a_json_batch_without_a_list_of_items_is_422(client, body, field):
     response = client.post("/api/predict_batch", json=body)
     assert response.status_code == 422 and field_of(response) == field
@@ -227,8 +249,9 @@ def test_a_form_without_images_is_422(client):
 
 def test_more_than_64_items_is_413_for_json_and_multipart(client):
     tiny = b64(ONE)
-    response = client.post("/api/predict_batch",
-                           json={"items": [{"image_png_base64": tiny, "number": 1}] * (serve.MAX_BATCH_ITEMS + 1)})
+    response = client.post(
+        "/api/predict_batch", json={"items": [{"image_png_base64": tiny, "number": 1}] * (serve.MAX_BATCH_ITEMS + 1)}
+    )
     assert response.status_code == 413 and field_of(response) == "items"
     response = batch_form(client, [("a.png", ONE)] * (serve.MAX_BATCH_ITEMS + 1), numbers="1")
     assert response.status_code == 413 and field_of(response) == "image"
@@ -247,10 +270,15 @@ def test_the_batch_route_takes_bodies_up_to_8_mb_and_the_single_route_still_2_mb
     images = [(f"n{i}.png", noise_png(1000, i)) for i in range(3)]  # about 1 MB each: incompressible
     assert sum(len(content) for _, content in images) > serve.MAX_BODY_BYTES
     assert batch_form(client, images, numbers="1").status_code == 200
-    assert client.post("/api/predict", files={"image": ("n.png", b"".join(c for _, c in images), "image/png")},
-                       data={"number": "1"}).status_code == 413
-    response = client.post("/api/predict_batch", content=bytes(serve.MAX_BATCH_BODY_BYTES + 1),
-                           headers={"content-type": "application/json"})
+    assert (
+        client.post(
+            "/api/predict", files={"image": ("n.png", b"".join(c for _, c in images), "image/png")}, data={"number": "1"}
+        ).status_code
+        == 413
+    )
+    response = client.post(
+        "/api/predict_batch", content=bytes(serve.MAX_BATCH_BODY_BYTES + 1), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413 and "8 MB" in response.json()["detail"][0]["msg"]
 
 
@@ -259,8 +287,7 @@ def test_a_batch_that_finds_no_preprocessing_slot_in_time_is_503_as_a_whole(chec
     big = seven_png(4096)
     with TestClient(serve.create_app(checkpoint, lanes=lanes)) as client:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            hog = pool.submit(client.post, "/api/predict", files={"image": ("big.png", big, "image/png")},
-                              data={"number": "1"})
+            hog = pool.submit(client.post, "/api/predict", files={"image": ("big.png", big, "image/png")}, data={"number": "1"})
             time.sleep(0.3)  # the big single upload holds the one large slot
             response = batch_form(client, [("a.png", big), ("b.png", big)], numbers="1")
             assert hog.result().status_code == 200
@@ -277,11 +304,17 @@ def test_openapi_documents_the_batch_route_and_metrics(client):
 
 # ----------------------------------------------------------------------------- batch fuzz: no 5xx
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-                           lambda children: st.lists(children, max_size=3)
-                           | st.dictionaries(st.text(max_size=6), children, max_size=3), max_leaves=8)
-image_bytes = st.one_of(st.binary(max_size=300), st.just(ONE), st.just(SEVEN[: len(SEVEN) // 2]),
-                        st.binary(max_size=30).map(lambda tail: ONE[:60] + tail))
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=8,
+)
+image_bytes = st.one_of(
+    st.binary(max_size=300),
+    st.just(ONE),
+    st.just(SEVEN[: len(SEVEN) // 2]),
+    st.binary(max_size=30).map(lambda tail: ONE[:60] + tail),
+)
 number_texts = st.one_of(st.text(max_size=6), st.integers(-3, 12).map(str), st.just("³"))
 
 
@@ -289,22 +322,42 @@ number_texts = st.one_of(st.text(max_size=6), st.integers(-3, 12).map(str), st.j
 def batch_requests(draw):
     """kwargs for client.post of a random multipart or JSON batch (a few items, some broken)."""
     if draw(st.booleans()):
-        files = [(draw(st.sampled_from(["image", "image", "number", "x"])),
-                  (draw(st.sampled_from(["a.png", "", "ü.png"])), draw(image_bytes), "image/png"))
-                 for _ in range(draw(st.integers(0, 4)))]
-        data = draw(st.dictionaries(st.sampled_from(["number", "numbers", "image"]),
-                                    st.one_of(number_texts, st.lists(number_texts, max_size=4).map(",".join)),
-                                    max_size=3))
+        files = [
+            (
+                draw(st.sampled_from(["image", "image", "number", "x"])),
+                (draw(st.sampled_from(["a.png", "", "ü.png"])), draw(image_bytes), "image/png"),
+            )
+            for _ in range(draw(st.integers(0, 4)))
+        ]
+        data = draw(
+            st.dictionaries(
+                st.sampled_from(["number", "numbers", "image"]),
+                st.one_of(number_texts, st.lists(number_texts, max_size=4).map(",".join)),
+                max_size=3,
+            )
+        )
         return {"files": files or None, "data": data}
-    items = draw(st.lists(st.one_of(json_values, st.fixed_dictionaries({
-        "image_png_base64": st.one_of(image_bytes.map(b64), st.text(max_size=8)),
-        "number": st.one_of(st.integers(-2, 11), json_values)})), max_size=4))
+    items = draw(
+        st.lists(
+            st.one_of(
+                json_values,
+                st.fixed_dictionaries(
+                    {
+                        "image_png_base64": st.one_of(image_bytes.map(b64), st.text(max_size=8)),
+                        "number": st.one_of(st.integers(-2, 11), json_values),
+                    }
+                ),
+            ),
+            max_size=4,
+        )
+    )
     body = {"items": items} if draw(st.booleans()) else draw(json_values)
     return {"content": json.dumps(body).encode(), "headers": {"content-type": "application/json"}}
 
 
-@settings(max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@settings(
+    max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(request=batch_requests())
 def test_fuzz_the_batch_route_never_answers_5xx(client, request):
     response = client.post("/api/predict_batch", **request)
@@ -363,9 +416,26 @@ def test_a_worker_that_cannot_load_the_model_stops_the_server_with_one_line_erro
     They must not be restarted forever: each says why in one line and the parent exits 2."""
     doomed = tmp_path / "doomed.pt"
     doomed.write_bytes(checkpoint.read_bytes())
-    process = subprocess.Popen([sys.executable, "-m", "digitsum.cli", "serve", "--workers", "2", "--port", "0",
-                                "--checkpoint", str(doomed), "--no-access-log"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=worker_env(), start_new_session=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "digitsum.cli",
+            "serve",
+            "--workers",
+            "2",
+            "--port",
+            "0",
+            "--checkpoint",
+            str(doomed),
+            "--no-access-log",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=worker_env(),
+        start_new_session=True,
+    )
     try:
         assert "serving" in process.stdout.readline()
         doomed.unlink()
@@ -382,8 +452,10 @@ def test_a_worker_that_cannot_load_the_model_stops_the_server_with_one_line_erro
 
 def worker_env() -> dict:
     """This process's environment with the digitsum under test first on PYTHONPATH."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(serve.__file__).parents[1]),
-                                                                     os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(serve.__file__).parents[1]), os.environ.get("PYTHONPATH")])),
+    }
 
 
 # ----------------------------------------------------------------------------- --workers 2: a real server
@@ -394,9 +466,25 @@ class WorkerServer:
 
     def __init__(self, checkpoint: Path, workers: int = 2):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "digitsum.cli", "serve", "--workers", str(workers), "--port", "0",
-             "--checkpoint", str(checkpoint), "--no-access-log"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(), start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "digitsum.cli",
+                "serve",
+                "--workers",
+                str(workers),
+                "--port",
+                "0",
+                "--checkpoint",
+                str(checkpoint),
+                "--no-access-log",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=worker_env(),
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.errors: list[str] = []
         threading.Thread(target=self._collect, args=(self.process.stdout, self.lines), daemon=True).start()
@@ -465,8 +553,9 @@ def test_two_workers_start_answer_and_each_loads_the_model_once(workers):
     assert len(loaded) == 2 and len(set(loaded)) == 2
     pids = serve_until_both_workers_answered(workers)
     assert set(pids) == set(loaded)  # the answering processes are the two that loaded the model
-    response = httpx.post(workers.url + "/api/predict", files={"image": ("d.png", SEVEN, "image/png")},
-                          data={"number": "3"}, timeout=30)
+    response = httpx.post(
+        workers.url + "/api/predict", files={"image": ("d.png", SEVEN, "image/png")}, data={"number": "3"}, timeout=30
+    )
     assert response.status_code == 200 and response.json()["number"] == 3
     assert workers.loaded_pids() == loaded  # requests do not load the model again
 
@@ -489,9 +578,11 @@ def test_metrics_add_up_the_requests_both_workers_served(workers):
 
 @pytest.mark.slow  # a real multi-process uvicorn server (each worker imports torch)
 def test_the_batch_route_and_head_deadline_work_under_workers(workers):
-    response = httpx.post(workers.url + "/api/predict_batch",
-                          json={"items": [{"image_png_base64": b64(SEVEN), "number": 1},
-                                          {"image_png_base64": b64(b"junk"), "number": 2}]}, timeout=30)
+    response = httpx.post(
+        workers.url + "/api/predict_batch",
+        json={"items": [{"image_png_base64": b64(SEVEN), "number": 1}, {"image_png_base64": b64(b"junk"), "number": 2}]},
+        timeout=30,
+    )
     assert response.status_code == 200
     assert ["error" in result for result in response.json()["results"]] == [False, True]
     # The head-deadline protocol travels to the workers: a connection that sends nothing is closed.
@@ -505,11 +596,16 @@ def test_the_batch_route_and_head_deadline_work_under_workers(workers):
 @pytest.mark.slow  # a real multi-process uvicorn server (each worker imports torch)
 def test_a_dead_worker_is_replaced_and_marked_dead_in_the_metrics(workers):
     """Last in the module: it kills a worker. Its counts stay in the totals; its live gauges go."""
-    metrics_dir = dict(line.split("=", 1) for line in
-                       Path(f"/proc/{workers.loaded_pids()[0]}/environ").read_text().split("\0") if "=" in line
-                       )[serve.MULTIPROC_ENV]
-    before = value(httpx.get(workers.url + "/metrics", timeout=30).text, "digitsum_http_requests_total",
-                   route="/api/health", method="GET", status="200")
+    metrics_dir = dict(
+        line.split("=", 1) for line in Path(f"/proc/{workers.loaded_pids()[0]}/environ").read_text().split("\0") if "=" in line
+    )[serve.MULTIPROC_ENV]
+    before = value(
+        httpx.get(workers.url + "/metrics", timeout=30).text,
+        "digitsum_http_requests_total",
+        route="/api/health",
+        method="GET",
+        status="200",
+    )
     victim = workers.health_pid()
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 180

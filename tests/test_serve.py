@@ -84,8 +84,7 @@ def test_the_response_carries_the_28x28_image_the_model_saw_as_a_png_data_url(cl
 
 
 def test_a_json_request_gives_the_same_answer_as_multipart(client):
-    by_json = client.post("/api/predict", json={"image_png_base64": base64.b64encode(seven_png()).decode(),
-                                                "number": 3}).json()
+    by_json = client.post("/api/predict", json={"image_png_base64": base64.b64encode(seven_png()).decode(), "number": 3}).json()
     by_form = post_form(client).json()
     for key in ("digit", "sum", "digit_probabilities", "sum_probabilities", "image_28x28"):
         assert by_json[key] == by_form[key]
@@ -125,8 +124,7 @@ def test_a_missing_number_is_422_naming_the_number_field(client):
 
 
 def test_a_json_number_out_of_range_is_422(client):
-    response = client.post("/api/predict", json={"image_png_base64": base64.b64encode(seven_png()).decode(),
-                                                 "number": 10})
+    response = client.post("/api/predict", json={"image_png_base64": base64.b64encode(seven_png()).decode(), "number": 10})
     assert response.status_code == 422 and field_of(response) == "number"
 
 
@@ -167,8 +165,7 @@ def test_a_json_body_that_is_not_json_is_422(client):
 
 
 def test_a_malformed_multipart_body_is_422_not_500(client):
-    response = client.post("/api/predict", content=b"garbage",
-                           headers={"content-type": "multipart/form-data; boundary=xyz"})
+    response = client.post("/api/predict", content=b"garbage", headers={"content-type": "multipart/form-data; boundary=xyz"})
     assert response.status_code == 422
 
 
@@ -235,8 +232,7 @@ def test_files_that_used_to_crash_the_server_are_predicted_or_refused_with_a_4xx
     values[:4] = np.nan
     values[-4:] = np.inf
     blank = np.full((60, 60), np.nan, np.float32)
-    cases = {"lab.tif": (lab, 200), "nan.tif": (PILImage.fromarray(values), 200),
-             "all-nan.tif": (PILImage.fromarray(blank), 422)}
+    cases = {"lab.tif": (lab, 200), "nan.tif": (PILImage.fromarray(values), 200), "all-nan.tif": (PILImage.fromarray(blank), 422)}
     for name, (image, status) in cases.items():
         buffer = io.BytesIO()
         image.save(buffer, format="TIFF")
@@ -251,8 +247,10 @@ def test_both_backends_serve_the_same_api_with_the_same_answers(exported_random,
     # The session's model.pt and its export (a .pt served by onnxruntime is exported in memory by the
     # same load_backend: test_export.py::test_load_backend_exports_a_pt_checkpoint_in_memory_for_onnxruntime, slow).
     model_pt, model_onnx, _ = exported_random
-    with TestClient(create_app(model_onnx if backend == "onnxruntime" else model_pt, backend=backend)) as backend_client, \
-            TestClient(create_app(model_pt, backend="torch")) as torch_client:
+    with (
+        TestClient(create_app(model_onnx if backend == "onnxruntime" else model_pt, backend=backend)) as backend_client,
+        TestClient(create_app(model_pt, backend="torch")) as torch_client,
+    ):
         assert backend_client.get("/api/health").json()["backend"] == backend
         ours, reference = post_form(backend_client), post_form(torch_client)
         assert ours.status_code == reference.status_code == 200

@@ -39,8 +39,12 @@ KEEP_ALIVE = 1.0
 def seven_png(size: int = 280, mode: str = "L") -> bytes:
     image = Image.new(mode, (size, size), "white")
     scale = size / 280
-    ImageDraw.Draw(image).line([(70 * scale, 60 * scale), (210 * scale, 60 * scale), (120 * scale, 230 * scale)],
-                               fill="black", width=max(1, round(22 * scale)), joint="curve")
+    ImageDraw.Draw(image).line(
+        [(70 * scale, 60 * scale), (210 * scale, 60 * scale), (120 * scale, 230 * scale)],
+        fill="black",
+        width=max(1, round(22 * scale)),
+        joint="curve",
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -76,8 +80,9 @@ def running(app, **limits):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    with running(serve.create_app(checkpoint, read_timeout=READ_TIMEOUT), keep_alive=KEEP_ALIVE,
-                 head_timeout=READ_TIMEOUT) as url:
+    with running(
+        serve.create_app(checkpoint, read_timeout=READ_TIMEOUT), keep_alive=KEEP_ALIVE, head_timeout=READ_TIMEOUT
+    ) as url:
         yield url
 
 
@@ -138,23 +143,28 @@ def json_post(http, body: bytes):
 IMAGE_FIELD = b'"image_png_base64": "' + base64.b64encode(SEVEN) + b'"'
 
 
-@pytest.mark.parametrize("body", [
-    b'{"number": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # valid JSON, 100,000 deep
-    b"[" * 100_000,  # invalid and deep
-    b'{"a": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001,
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"number": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # valid JSON, 100,000 deep
+        b"[" * 100_000,  # invalid and deep
+        b'{"a": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001,
+    ],
+)
 def test_json_nested_100000_deep_is_422_not_a_recursion_error(http, body):
     response = json_post(http, body)
     assert response.status_code == 422 and field_of(response) == "body"
 
 
 def test_brackets_inside_json_strings_do_not_count_as_nesting(http):
-    body = b'{' + IMAGE_FIELD + b', "number": 4, "note": "' + b"[{" * 5000 + b'"}'
+    body = b"{" + IMAGE_FIELD + b', "number": 4, "note": "' + b"[{" * 5000 + b'"}'
     assert json_post(http, body).status_code == 200
 
 
-@pytest.mark.parametrize("number", [b"3" * 5000, b"-" + b"3" * 5000, b"3.0", b"3e0", b"NaN", b"Infinity",
-                                    b"true", b'"\\u00b3"', b'"--3"', b"null", b"[3]"])
+@pytest.mark.parametrize(
+    "number",
+    [b"3" * 5000, b"-" + b"3" * 5000, b"3.0", b"3e0", b"NaN", b"Infinity", b"true", b'"\\u00b3"', b'"--3"', b"null", b"[3]"],
+)
 def test_a_json_number_that_is_not_a_small_integer_is_422(http, number):
     response = json_post(http, b"{" + IMAGE_FIELD + b', "number": ' + number + b"}")
     assert response.status_code == 422 and field_of(response) in ("number", "body"), response.text
@@ -171,8 +181,9 @@ def test_head_answers_200_without_a_body(http, path):
 
 def test_a_half_sent_body_gets_408_and_the_connection_is_closed(server):
     host, port = address(server)
-    head = (f"POST /api/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            "Content-Length: 1000\r\n\r\n").encode()
+    head = (
+        f"POST /api/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
     received, closed_after = raw_exchange(server, head + b'{"number": 3, "image_png_base64": "iVBO', wait=10)
     assert received.startswith(b"HTTP/1.1 408")
     assert closed_after < READ_TIMEOUT + 3
@@ -195,8 +206,10 @@ def test_a_slow_but_steady_body_is_not_cut_off(server):
     host, port = address(server)
     body = json.dumps({"number": 2, "image_png_base64": base64.b64encode(SEVEN).decode()}).encode()
     with socket.create_connection((host, port), timeout=10) as connection:
-        connection.sendall(f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                           f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        connection.sendall(
+            f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        )
         pieces = [body[i : i + len(body) // 3 + 1] for i in range(0, len(body), len(body) // 3 + 1)]
         for piece in pieces:
             time.sleep(READ_TIMEOUT * 0.6)  # 3 pieces: longer in total than the deadline
@@ -224,15 +237,23 @@ def test_connections_beyond_the_limit_get_503(checkpoint):
 # ----------------------------------------------------------------------------- E: headers
 
 
-@pytest.mark.parametrize("method,path", [("GET", "/"), ("GET", "/api/health"), ("GET", "/static/app.js"),
-                                         ("POST", "/api/predict"), ("GET", "/nowhere"), ("GET", "/docs")])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/"),
+        ("GET", "/api/health"),
+        ("GET", "/static/app.js"),
+        ("POST", "/api/predict"),
+        ("GET", "/nowhere"),
+        ("GET", "/docs"),
+    ],
+)
 def test_every_response_says_nosniff(http, method, path):
     assert http.request(method, path).headers["x-content-type-options"] == "nosniff"
 
 
 def test_nosniff_is_also_on_the_413_of_the_body_limit(http):
-    response = http.post("/api/predict", content=bytes(serve.MAX_BODY_BYTES + 1),
-                         headers={"content-type": "application/json"})
+    response = http.post("/api/predict", content=bytes(serve.MAX_BODY_BYTES + 1), headers={"content-type": "application/json"})
     assert response.status_code == 413 and response.headers["x-content-type-options"] == "nosniff"
 
 
@@ -263,8 +284,7 @@ def test_health_answers_quickly_while_large_images_are_preprocessed(server, http
 
     def upload():
         with httpx.Client(base_url=server, timeout=120) as client:
-            return client.post("/api/predict", files={"image": ("big.png", big, "image/png")},
-                               data={"number": "1"}).status_code
+            return client.post("/api/predict", files={"image": ("big.png", big, "image/png")}, data={"number": "1"}).status_code
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         uploads = [pool.submit(upload) for _ in range(4)]
@@ -285,6 +305,7 @@ def test_a_request_that_waits_too_long_for_a_preprocessing_slot_gets_503(checkpo
     big = seven_png(4096)
     lanes = serve.PreprocessLanes(large_slots=1, wait_s=0.01)
     with TestClient(serve.create_app(checkpoint, lanes=lanes)) as client:
+
         def upload():
             return client.post("/api/predict", files={"image": ("big.png", big, "image/png")}, data={"number": "1"})
 
@@ -322,9 +343,12 @@ def test_a_port_in_use_is_a_one_line_error_exit_2(checkpoint, capsys):
 
 @pytest.mark.slow  # starts `digitsum serve` in its own process (importing torch there: 5-10 s)
 def test_port_0_listens_on_a_free_port_and_prints_it(checkpoint):
-    process = subprocess.Popen([sys.executable, "-m", "digitsum.cli", "serve", "--port", "0", "--checkpoint",
-                                str(checkpoint), "--no-access-log"], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "digitsum.cli", "serve", "--port", "0", "--checkpoint", str(checkpoint), "--no-access-log"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = process.stdout.readline()
         port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
@@ -344,15 +368,33 @@ def test_port_0_listens_on_a_free_port_and_prints_it(checkpoint):
 
 # ----------------------------------------------------------------------------- F: fuzz, no 5xx
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                           lambda children: st.lists(children, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
-image_bytes = st.one_of(st.binary(max_size=2000), st.just(SEVEN), st.just(SEVEN[: len(SEVEN) // 2]),
-                        st.just(seven_png(40, "RGBA")), st.binary(max_size=40).map(lambda tail: SEVEN[:60] + tail))
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+image_bytes = st.one_of(
+    st.binary(max_size=2000),
+    st.just(SEVEN),
+    st.just(SEVEN[: len(SEVEN) // 2]),
+    st.just(seven_png(40, "RGBA")),
+    st.binary(max_size=40).map(lambda tail: SEVEN[:60] + tail),
+)
 numbers = st.one_of(st.text(max_size=12), st.integers(-20, 20).map(str), st.sampled_from(["³", "--3", "3" * 5000]))
-content_types = st.one_of(st.sampled_from(["application/json", "multipart/form-data", "text/plain",
-                                           "multipart/form-data; boundary=", "application/json; charset=utf-16",
-                                           "", "image/png"]), st.text(max_size=30))
+content_types = st.one_of(
+    st.sampled_from(
+        [
+            "application/json",
+            "multipart/form-data",
+            "text/plain",
+            "multipart/form-data; boundary=",
+            "application/json; charset=utf-16",
+            "",
+            "image/png",
+        ]
+    ),
+    st.text(max_size=30),
+)
 
 
 def _header_safe(text: str) -> str:
@@ -366,8 +408,13 @@ def requests(draw):
     """(kwargs for client.post) of a random multipart, JSON or raw request to /api/predict."""
     kind = draw(st.sampled_from(["multipart", "json", "raw"]))
     if kind == "multipart":
-        files = {draw(st.sampled_from(["image", "img", "number"])): ("x.png", draw(image_bytes),
-                                                                    draw(st.sampled_from(["image/png", "text/plain"])))}
+        files = {
+            draw(st.sampled_from(["image", "img", "number"])): (
+                "x.png",
+                draw(image_bytes),
+                draw(st.sampled_from(["image/png", "text/plain"])),
+            )
+        }
         data = draw(st.dictionaries(st.sampled_from(["number", "image", "other"]), numbers, max_size=3))
         return {"files": files, "data": data}
     if kind == "json":
@@ -387,15 +434,17 @@ def _assert_client_error_shape(response) -> None:
         assert isinstance(detail, list) and detail[0]["loc"][0] == "body" and detail[0]["msg"]
 
 
-@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@settings(
+    max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(request=requests())
 def test_fuzz_the_api_in_process_never_answers_5xx(test_client, request):
     _assert_client_error_shape(test_client.post("/api/predict", **request))
 
 
-@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow])
+@settings(
+    max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(request=requests())
 def test_fuzz_the_real_server_never_answers_5xx(http, request):
     _assert_client_error_shape(http.post("/api/predict", **request))

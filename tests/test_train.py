@@ -41,8 +41,17 @@ def metric_values(run_dir):
 
 def test_a_run_writes_its_folder_and_points_latest_at_it(tiny_run):
     out = tiny_run  # train(TINY, out_dir=.../runs/tiny) with the default figures and final evaluation
-    for name in ("config.json", "metrics.csv", "model.pt", "last.pt", "curves.png", "samples.png",
-                 "eval.json", "confusion.png", "mistakes.png"):
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "model.pt",
+        "last.pt",
+        "curves.png",
+        "samples.png",
+        "eval.json",
+        "confusion.png",
+        "mistakes.png",
+    ):
         assert (out / name).exists(), name
     assert (out.parent / "latest").resolve() == out.resolve()
     saved = json.loads((out / "config.json").read_text())
@@ -87,8 +96,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_run, session
         for name in straight:
             assert torch.equal(straight[name], resumed[name]), name
     # With EMA the evaluated weights are the average, not the trained ones (else the check above is one check).
-    averaged = [not torch.equal(straight_pt["model"][k], checkpoint.train_weights(straight_pt)[k])
-                for k in straight_pt["model"] if straight_pt["model"][k].is_floating_point()]
+    averaged = [
+        not torch.equal(straight_pt["model"][k], checkpoint.train_weights(straight_pt)[k])
+        for k in straight_pt["model"]
+        if straight_pt["model"][k].is_floating_point()
+    ]
     assert any(averaged) == bool(ema)
     assert metric_values(straight_dir) == metric_values(tmp_path / "resumed")
 
@@ -99,8 +111,9 @@ def test_ctrl_c_leaves_a_resumable_last_pt(session_root, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(Interrupted, match="resume with"):
-        train(TINY, out_dir=tmp_path / "run", data_root=session_root, log=interrupt_after_first_epoch,
-              progress=False, figures=False)
+        train(
+            TINY, out_dir=tmp_path / "run", data_root=session_root, log=interrupt_after_first_epoch, progress=False, figures=False
+        )
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["metadata"]["epoch"] == 1
     summary = run(None, session_root, None, resume=tmp_path / "run" / "last.pt")

@@ -74,8 +74,10 @@ def upgrade(payload: dict, path: str | os.PathLike = "checkpoint") -> dict:
     if version is None:
         raise CheckpointError(f"{path} is not a digitsum checkpoint")
     if version > VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {version}, written by a newer digitsum; "
-                              f"this one reads versions 1..{VERSION} (upgrade digitsum)")
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}, written by a newer digitsum; "
+            f"this one reads versions 1..{VERSION} (upgrade digitsum)"
+        )
     while version < VERSION:
         try:
             payload = MIGRATIONS[version](payload)
@@ -97,8 +99,7 @@ def _v1_train_config(values: object) -> object:
 
 
 # v1 -> v2, the keys of a v1 last.pt that move into "resume" (the rest is model.pt's layout).
-_V1_RESUME_KEYS = ("optimizer", "scheduler", "generator", "torch_rng", "rows", "best_score", "world_size",
-                   "rank_states")
+_V1_RESUME_KEYS = ("optimizer", "scheduler", "generator", "torch_rng", "rows", "best_score", "world_size", "rank_states")
 
 
 def migrate_v1(payload: dict) -> dict:
@@ -174,8 +175,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         return {name: tuple(tensor.shape) for name, tensor in DigitSumNet(config).state_dict().items()}
 
 
-def check_weights(weights: object, config: ModelConfig, path: str | os.PathLike = "checkpoint",
-                  what: str = "weights") -> None:
+def check_weights(weights: object, config: ModelConfig, path: str | os.PathLike = "checkpoint", what: str = "weights") -> None:
     """CheckpointError unless `weights` is a state dict with exactly the tensors `config` builds, shape for shape."""
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"{path} has no {what} (expected a dict of tensors)")
@@ -183,13 +183,16 @@ def check_weights(weights: object, config: ModelConfig, path: str | os.PathLike 
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
         detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}") + (
-            f" and {len(missing) + len(unexpected) - 1} more" if len(missing) + len(unexpected) > 1 else "")
+            f" and {len(missing) + len(unexpected) - 1} more" if len(missing) + len(unexpected) > 1 else ""
+        )
         raise CheckpointError(f"{path} does not match the DigitSumNet architecture it declares ({what}: {detail})")
     for name, shape in expected.items():
         if tuple(weights[name].shape) != shape:
-            raise CheckpointError(f"{path} does not match the DigitSumNet architecture it declares "
-                                  f"({what}: {name} has shape {list(weights[name].shape)}, "
-                                  f"the declared model_config needs {list(shape)})")
+            raise CheckpointError(
+                f"{path} does not match the DigitSumNet architecture it declares "
+                f"({what}: {name} has shape {list(weights[name].shape)}, "
+                f"the declared model_config needs {list(shape)})"
+            )
 
 
 def build_model(payload: dict, path: str | os.PathLike = "checkpoint") -> DigitSumNet:

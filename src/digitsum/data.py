@@ -70,8 +70,9 @@ def _mnist(root: Path, train: bool):
     return torchvision.datasets.MNIST(str(root), train=train, download=False)
 
 
-def load_split(split: str, root: str | os.PathLike | None = None, val_size: int = 5000, seed: int = 0,
-               limit: int | None = None) -> Split:
+def load_split(
+    split: str, root: str | os.PathLike | None = None, val_size: int = 5000, seed: int = 0, limit: int | None = None
+) -> Split:
     """One split ("train", "val", "test") as uint8/int64 tensors with its stored numbers.
 
     `limit` keeps the first `limit` examples (for quick runs and tests).
@@ -107,8 +108,14 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return standardize(to_unit(images))
 
 
-def random_affine(pixels: torch.Tensor, generator: torch.Generator, rotate: float = 0.0, scale: float = 0.0,
-                  shear: float = 0.0, translate: float = 0.0) -> torch.Tensor:
+def random_affine(
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+    rotate: float = 0.0,
+    scale: float = 0.0,
+    shear: float = 0.0,
+    translate: float = 0.0,
+) -> torch.Tensor:
     """Randomly rotate (degrees), scale (+-fraction), shear (degrees) and shift (pixels) a batch.
 
     Works on whole batches with one `affine_grid` + `grid_sample` on the batch's device, so it
@@ -138,9 +145,14 @@ def random_affine(pixels: torch.Tensor, generator: torch.Generator, rotate: floa
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def batches(split: Split, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-            drop_last: bool = False, augment=None
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+def batches(
+    split: Split,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    augment=None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (images float (B,1,28,28) normalised, numbers, digits, sums) by indexing whole batches.
 
     The split's tensors stay wherever they are (CPU or GPU); no per-sample Python runs.
@@ -177,8 +189,9 @@ class DigitSumDataset(torch.utils.data.Dataset):
     `batch(indices)` returns the same keys for many indices at once, by tensor indexing.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, split: str = "train", val_size: int = 5000,
-                 seed: int = 0, transform=None):
+    def __init__(
+        self, root: str | os.PathLike | None = None, split: str = "train", val_size: int = 5000, seed: int = 0, transform=None
+    ):
         self.split = load_split(split, root, val_size=val_size, seed=seed)
         self.transform = transform  # optional, applied to the normalised image tensor
 
@@ -190,8 +203,7 @@ class DigitSumDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             image = self.transform(image)
         digit, number = self.split.digits[index], self.split.numbers[index]
-        return {"input_mnist_image": image, "input_number": number, "mnist_gt": digit,
-                "sum_gt": digit + number}
+        return {"input_mnist_image": image, "input_number": number, "mnist_gt": digit, "sum_gt": digit + number}
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """The four keys for many samples at once (leading batch dimension), without a Python loop."""
@@ -200,6 +212,4 @@ class DigitSumDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             images = torch.stack([self.transform(image) for image in images])
         digits, numbers = self.split.digits[index], self.split.numbers[index]
-        return {"input_mnist_image": images, "input_number": numbers, "mnist_gt": digits,
-                "sum_gt": digits + numbers}
-
+        return {"input_mnist_image": images, "input_number": numbers, "mnist_gt": digits, "sum_gt": digits + numbers}

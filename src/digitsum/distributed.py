@@ -57,8 +57,9 @@ def world_from_env(environ=None) -> World | None:
         try:
             values[name] = int(text)
         except ValueError:
-            raise DigitsumError(f"${name} must be an integer when $WORLD_SIZE is set (torchrun sets both), "
-                                f"got {text!r}") from None
+            raise DigitsumError(
+                f"${name} must be an integer when $WORLD_SIZE is set (torchrun sets both), got {text!r}"
+            ) from None
     size, rank, local_rank = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
     if size < 1 or not 0 <= rank < size or local_rank < 0:
         raise DigitsumError(f"inconsistent torchrun environment: WORLD_SIZE={size} RANK={rank} LOCAL_RANK={local_rank}")
@@ -84,8 +85,10 @@ def rank_device(world: World, device: torch.device) -> torch.device:
     if device.type != "cuda":
         return device
     if world.local_rank >= torch.cuda.device_count():
-        raise DigitsumError(f"LOCAL_RANK {world.local_rank} has no GPU: this machine has "
-                            f"{torch.cuda.device_count()} (start fewer processes per node)")
+        raise DigitsumError(
+            f"LOCAL_RANK {world.local_rank} has no GPU: this machine has "
+            f"{torch.cuda.device_count()} (start fewer processes per node)"
+        )
     torch.cuda.set_device(world.local_rank)
     return torch.device("cuda", world.local_rank)
 

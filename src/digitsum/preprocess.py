@@ -58,9 +58,15 @@ LINE_BAND = 3  # px a ruled line may wander across its direction (a photo's tilt
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 
 # EXIF Orientation -> the Pillow transpose that shows the image upright (as ImageOps.exif_transpose does)
-_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageError(DigitsumError):
@@ -96,8 +102,10 @@ def _read_file(path: Path, name: str) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise ImageError(f"{name}: is not a regular file (a pipe, device or socket); give an image file")
         if info.st_size > MAX_FILE_BYTES:
-            raise ImageError(f"{name}: is {info.st_size:,} bytes ({info.st_size / 2**20:,.0f} MB), over the "
-                             f"{MAX_FILE_BYTES // 2**20} MB limit for an image file")
+            raise ImageError(
+                f"{name}: is {info.st_size:,} bytes ({info.st_size / 2**20:,.0f} MB), over the "
+                f"{MAX_FILE_BYTES // 2**20} MB limit for an image file"
+            )
         # O_NONBLOCK: should the path have been swapped for a FIFO since the stat, open() must not hang.
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         with os.fdopen(descriptor, "rb") as file:
@@ -134,14 +142,17 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
         except UnidentifiedImageError:
             raise NotAnImageError(f"{name}: is not an image Pillow can read (PNG, JPEG, BMP, GIF, WebP, TIFF)") from None
         except Image.DecompressionBombError:
-            raise ImageError(f"{name}: is far larger than the {MAX_SIDE}x{MAX_SIDE} limit "
-                             "(decompression bomb guard); shrink it first") from None
+            raise ImageError(
+                f"{name}: is far larger than the {MAX_SIDE}x{MAX_SIDE} limit (decompression bomb guard); shrink it first"
+            ) from None
         except Exception as error:  # Pillow's plugins raise many types for malformed headers
             raise ImageError(f"{name}: cannot be read as an image ({_reason(error)})") from None
     width, height = image.size
     if width > MAX_SIDE or height > MAX_SIDE:
-        raise ImageError(f"{name}: is {width}x{height} pixels, larger than the "
-                         f"{MAX_SIDE}x{MAX_SIDE} limit (decompression bomb guard); shrink it first")
+        raise ImageError(
+            f"{name}: is {width}x{height} pixels, larger than the "
+            f"{MAX_SIDE}x{MAX_SIDE} limit (decompression bomb guard); shrink it first"
+        )
     if width < 1 or height < 1:
         raise ImageError(f"{name}: has no pixels ({width}x{height})")
     if max_decoded_side and image.format == "PNG" and max(width, height) > max_decoded_side:
@@ -155,8 +166,7 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
             # A colour JPEG straight to grey (its Y channel, = Pillow's RGB -> L within a level): libjpeg
             # then skips the colour planes' inverse DCT and the colour conversion (53 vs 58 ms CPU for a
             # 4096x4096 q90 photo).
-            image.draft("L" if image.mode == "RGB" else image.mode,
-                        (math.ceil(width * shrink), math.ceil(height * shrink)))
+            image.draft("L" if image.mode == "RGB" else image.mode, (math.ceil(width * shrink), math.ceil(height * shrink)))
         image.load()
     except Exception as error:  # truncated data, bad chunks, decoder errors of any plugin
         raise ImageError(f"{name}: is damaged or truncated ({_reason(error)})") from None
@@ -202,8 +212,9 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
         return None
     encoded = bytearray().join(kept)
     try:
-        decoded = decode_png(torch.frombuffer(encoded, dtype=torch.uint8),
-                             ImageReadMode.GRAY_ALPHA if alpha else ImageReadMode.GRAY)
+        decoded = decode_png(
+            torch.frombuffer(encoded, dtype=torch.uint8), ImageReadMode.GRAY_ALPHA if alpha else ImageReadMode.GRAY
+        )
     except Exception:  # whatever libpng refuses, Pillow reads or explains
         return None
     del encoded, kept
@@ -228,8 +239,10 @@ def _flattened(pairs: np.ndarray) -> np.ndarray:
         return grey
     height, rows = grey.shape[0], 256
     visible = int(alpha.sum(dtype=np.int64))
-    weighted = sum(int((grey[top : top + rows].astype(np.uint32) * alpha[top : top + rows]).sum(dtype=np.int64))
-                   for top in range(0, height, rows))
+    weighted = sum(
+        int((grey[top : top + rows].astype(np.uint32) * alpha[top : top + rows]).sum(dtype=np.int64))
+        for top in range(0, height, rows)
+    )
     background = 255 if visible == 0 or weighted / (255 * visible) < 0.5 else 0
     flat = np.empty(grey.shape, np.uint8)
     for top in range(0, height, rows):
@@ -395,8 +408,10 @@ def _cropped_digit_ink(gray: np.ndarray, name: str) -> np.ndarray:
     background = min(background, 1.0 - background)
     contrast = float(ink.max()) - background
     if contrast < MIN_CONTRAST:
-        raise ImageError(f"{name}: is blank (no ink: every pixel is within {100 * MIN_CONTRAST:.0f}% of the "
-                         "background); draw or photograph a digit")
+        raise ImageError(
+            f"{name}: is blank (no ink: every pixel is within {100 * MIN_CONTRAST:.0f}% of the "
+            "background); draw or photograph a digit"
+        )
     ink = np.clip((ink - background) / contrast, 0.0, 1.0)
     return np.where(_dilate(ink >= NOISE_FLOOR, 1), ink, 0.0).astype(np.float32)
 
@@ -446,8 +461,7 @@ def _ink_is_dark(gray: np.ndarray) -> bool:
     # Plain paper all round (a uniform border, the usual photo or scan): the paper is the border,
     # and bold ink whose loops a median would call "thin and light" cannot fool it.
     frame = max(1, min(gray.shape) // 20)
-    border = np.concatenate([gray[:frame].ravel(), gray[-frame:].ravel(), gray[:, :frame].ravel(),
-                             gray[:, -frame:].ravel()])
+    border = np.concatenate([gray[:frame].ravel(), gray[-frame:].ravel(), gray[:, :frame].ravel(), gray[:, -frame:].ravel()])
     low, paper, high = np.percentile(border, [10, 50, 90])
     if high - low < 0.15:
         return bool(paper >= 0.5)
@@ -523,8 +537,9 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
     # One straight line and next to no other ink is a thin '1' from edge to edge, not ruled paper
     # (which has several lines, or a digit beside its margin line).
     rest = float(ink[strong & ~lines].sum())
-    if lines.any() and (rest == 0 or (rest < 0.25 * float(ink[lines].sum())
-                                      and ndimage.label(lines, structure=np.ones((3, 3), bool))[1] == 1)):
+    if lines.any() and (
+        rest == 0 or (rest < 0.25 * float(ink[lines].sum()) and ndimage.label(lines, structure=np.ones((3, 3), bool))[1] == 1)
+    ):
         lines[:] = False
     strong &= ~lines
     labels, count = ndimage.label(strong, structure=np.ones((3, 3), bool))
@@ -594,13 +609,11 @@ def _straight_lines(mask: np.ndarray) -> np.ndarray:
     values = mask.astype(np.uint8)
     bands = {axis: ndimage.maximum_filter1d(values, 2 * LINE_BAND + 1, axis=1 - axis) for axis in (0, 1)}
     # Cheap first: no band of rows (columns) holds LINE_SPAN of a line - no line (most images).
-    possible = [axis for axis, extent in ((1, width), (0, height))
-                if bands[axis].sum(axis=axis).max() >= LINE_SPAN * extent]
+    possible = [axis for axis, extent in ((1, width), (0, height)) if bands[axis].sum(axis=axis).max() >= LINE_SPAN * extent]
     if not possible:
         return found
     square = max(5, round(min(height, width) / 100)) | 1
-    opened = ndimage.maximum_filter(ndimage.minimum_filter(values, size=square, mode="constant"), size=square,
-                                    mode="constant")
+    opened = ndimage.maximum_filter(ndimage.minimum_filter(values, size=square, mode="constant"), size=square, mode="constant")
     thin = mask & (opened == 0)
     values = thin.astype(np.uint8)
     for axis, extent in ((1, width), (0, height)):
@@ -613,8 +626,10 @@ def _straight_lines(mask: np.ndarray) -> np.ndarray:
         if not runs.any():
             continue
         labels, count = ndimage.label(runs)
-        pieces = [(s[across].start, s[across].stop, s[axis].stop - s[axis].start, i)
-                  for i, s in enumerate(ndimage.find_objects(labels), start=1)]
+        pieces = [
+            (s[across].start, s[across].stop, s[axis].stop - s[axis].start, i)
+            for i, s in enumerate(ndimage.find_objects(labels), start=1)
+        ]
         pieces.sort()
         tolerance = LINE_BAND  # the pieces of one tilted line, cut by a digit, sit a few px apart
         thin_along, thin_across = (np.nonzero(thin)[axis], np.nonzero(thin)[across])
@@ -630,8 +645,7 @@ def _straight_lines(mask: np.ndarray) -> np.ndarray:
                     slope, offset = np.polyfit(along, across_at, 1)
                     near = np.abs(thin_across - (slope * thin_along + offset)) <= LINE_BAND + 1
                     covered = np.unique(thin_along[near])
-                    if (covered.size >= LINE_SPAN * extent and covered[0] <= 0.05 * extent
-                            and covered[-1] >= 0.95 * extent - 1):
+                    if covered.size >= LINE_SPAN * extent and covered[0] <= 0.05 * extent and covered[-1] >= 0.95 * extent - 1:
                         found[(thin_along[near], thin_across[near])[:: 1 if axis == 0 else -1]] = True  # (rows, cols)
                 group = []
             if piece is not None:
@@ -689,8 +703,7 @@ def mnist_layout(ink: np.ndarray, name: str = "image") -> np.ndarray:
     top = min(max(round(CENTRE - centre_y), 0), IMAGE_SIZE - box.shape[0])
     left = min(max(round(CENTRE - centre_x), 0), IMAGE_SIZE - box.shape[1])
     if abs(top + centre_y - CENTRE) > 1.0 or abs(left + centre_x - CENTRE) > 1.0:
-        raise ImageError(f"{name}: its ink is too lopsided to centre like an MNIST digit "
-                         "(crop the image to the digit)")
+        raise ImageError(f"{name}: its ink is too lopsided to centre like an MNIST digit (crop the image to the digit)")
     field = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     field[top : top + box.shape[0], left : left + box.shape[1]] = box
     return np.round(field * 255.0).astype(np.uint8)
@@ -700,9 +713,16 @@ def mnist_layout(ink: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 # For each EXIF orientation: stored (u, v) from upright (u, v), as fractions of the width and height
-_STORED_FROM_UPRIGHT = {1: lambda u, v: (u, v), 2: lambda u, v: (1 - u, v), 3: lambda u, v: (1 - u, 1 - v),
-                        4: lambda u, v: (u, 1 - v), 5: lambda u, v: (v, u), 6: lambda u, v: (v, 1 - u),
-                        7: lambda u, v: (1 - v, 1 - u), 8: lambda u, v: (1 - v, u)}
+_STORED_FROM_UPRIGHT = {
+    1: lambda u, v: (u, v),
+    2: lambda u, v: (1 - u, v),
+    3: lambda u, v: (1 - u, 1 - v),
+    4: lambda u, v: (u, 1 - v),
+    5: lambda u, v: (v, u),
+    6: lambda u, v: (v, 1 - u),
+    7: lambda u, v: (1 - v, 1 - u),
+    8: lambda u, v: (1 - v, u),
+}
 
 
 def _detail(image: Image.Image, orientation: int, ink: np.ndarray, name: str) -> np.ndarray:
@@ -719,12 +739,18 @@ def _detail(image: Image.Image, orientation: int, ink: np.ndarray, name: str) ->
     if extent >= DETAIL_SIDE or full < 1.5:
         return ink
     margin = 0.5 * extent + 2
-    corners = [_STORED_FROM_UPRIGHT[orientation](u, v)
-               for u in (max(0.0, cols[0] - margin) / width, min(width, cols[-1] + 1 + margin) / width)
-               for v in (max(0.0, rows[0] - margin) / height, min(height, rows[-1] + 1 + margin) / height)]
+    corners = [
+        _STORED_FROM_UPRIGHT[orientation](u, v)
+        for u in (max(0.0, cols[0] - margin) / width, min(width, cols[-1] + 1 + margin) / width)
+        for v in (max(0.0, rows[0] - margin) / height, min(height, rows[-1] + 1 + margin) / height)
+    ]
     us, vs = [u for u, _ in corners], [v for _, v in corners]
-    box = (math.floor(min(us) * image.width), math.floor(min(vs) * image.height),
-           math.ceil(max(us) * image.width), math.ceil(max(vs) * image.height))
+    box = (
+        math.floor(min(us) * image.width),
+        math.floor(min(vs) * image.height),
+        math.ceil(max(us) * image.width),
+        math.ceil(max(vs) * image.height),
+    )
     factor = max(1, int(extent * full) // (2 * DETAIL_SIDE))
     try:
         crop = _workable(image.crop(box))

@@ -97,70 +97,131 @@ SMALL_SLOTS = max(2, os.cpu_count() or 1)
 
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 # The page uses only its own files and data: URLs (the 28x28 view); no inline script or style.
-PAGE_CSP = (b"content-security-policy",
-            b"default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
-            b"frame-ancestors 'none'; form-action 'self'")
+PAGE_CSP = (
+    b"content-security-policy",
+    b"default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+)
 
 _REQUEST_BODY_DOC = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["image", "number"],
-                "properties": {"image": {"type": "string", "format": "binary",
-                                         "description": "PNG, JPEG, BMP, GIF, WebP or TIFF; at most 4096x4096"},
-                               "number": {"type": "integer", "minimum": 0, "maximum": 9}}}},
-            "application/json": {"schema": {
-                "type": "object", "required": ["image_png_base64", "number"],
-                "properties": {"image_png_base64": {"type": "string",
-                                                    "description": "base64 image bytes (a data: URL prefix is allowed)"},
-                               "number": {"type": "integer", "minimum": 0, "maximum": 9}}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "number"],
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "PNG, JPEG, BMP, GIF, WebP or TIFF; at most 4096x4096",
+                        },
+                        "number": {"type": "integer", "minimum": 0, "maximum": 9},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image_png_base64", "number"],
+                    "properties": {
+                        "image_png_base64": {
+                            "type": "string",
+                            "description": "base64 image bytes (a data: URL prefix is allowed)",
+                        },
+                        "number": {"type": "integer", "minimum": 0, "maximum": 9},
+                    },
+                }
+            },
         },
     },
-    "responses": {"413": {"description": "body over 2 MB"}, "415": {"description": "not an image"},
-                  "422": {"description": "bad number or image; the body names the field"}},
+    "responses": {
+        "413": {"description": "body over 2 MB"},
+        "415": {"description": "not an image"},
+        "422": {"description": "bad number or image; the body names the field"},
+    },
 }
 
 
-_BATCH_ITEM_SCHEMA = {"type": "object", "required": ["image_png_base64", "number"],
-                      "properties": {"image_png_base64": {"type": "string"},
-                                     "number": {"type": "integer", "minimum": 0, "maximum": 9}}}
-_BATCH_RESULT_SCHEMA = {"type": "object", "properties": {
-    "image": {"type": "string", "description": "the upload's file name (or image[i]); items[i] for JSON"},
-    "error": {"type": "string", "description": "only for an unusable item (then no prediction fields)"},
-    "number": {"type": "integer"}, "digit": {"type": "integer"}, "digit_probability": {"type": "number"},
-    "sum": {"type": "integer"}, "sum_probability": {"type": "number"},
-    "top3": {"type": "object", "description": "the 3 likeliest digits and sums with probabilities"}}}
+_BATCH_ITEM_SCHEMA = {
+    "type": "object",
+    "required": ["image_png_base64", "number"],
+    "properties": {"image_png_base64": {"type": "string"}, "number": {"type": "integer", "minimum": 0, "maximum": 9}},
+}
+_BATCH_RESULT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "image": {"type": "string", "description": "the upload's file name (or image[i]); items[i] for JSON"},
+        "error": {"type": "string", "description": "only for an unusable item (then no prediction fields)"},
+        "number": {"type": "integer"},
+        "digit": {"type": "integer"},
+        "digit_probability": {"type": "number"},
+        "sum": {"type": "integer"},
+        "sum_probability": {"type": "number"},
+        "top3": {"type": "object", "description": "the 3 likeliest digits and sums with probabilities"},
+    },
+}
 _BATCH_BODY_DOC = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["image"],
-                "properties": {
-                    "image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                              "maxItems": 64, "description": "repeat the field once per image (1..64)"},
-                    "numbers": {"type": "string", "example": "3,4,5",
-                                "description": "comma-separated: one number for all images or one per image"},
-                    "number": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
-                               "description": "instead of numbers: repeated, one for all or one per image"}}}},
-            "application/json": {"schema": {
-                "type": "object", "required": ["items"],
-                "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 64,
-                                         "items": _BATCH_ITEM_SCHEMA}}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "maxItems": 64,
+                            "description": "repeat the field once per image (1..64)",
+                        },
+                        "numbers": {
+                            "type": "string",
+                            "example": "3,4,5",
+                            "description": "comma-separated: one number for all images or one per image",
+                        },
+                        "number": {
+                            "type": "array",
+                            "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                            "description": "instead of numbers: repeated, one for all or one per image",
+                        },
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["items"],
+                    "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 64, "items": _BATCH_ITEM_SCHEMA}},
+                }
+            },
         },
     },
     "responses": {
-        "200": {"description": "one result per item, in order; bad items carry an error and the rest are "
-                               "still predicted", "content": {"application/json": {"schema": {
-                                   "type": "object", "properties": {
-                                       "results": {"type": "array", "items": _BATCH_RESULT_SCHEMA},
-                                       "model": {"type": "string"}, "latency_ms": {"type": "number"}}}}}},
+        "200": {
+            "description": "one result per item, in order; bad items carry an error and the rest are still predicted",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "results": {"type": "array", "items": _BATCH_RESULT_SCHEMA},
+                            "model": {"type": "string"},
+                            "latency_ms": {"type": "number"},
+                        },
+                    }
+                }
+            },
+        },
         "413": {"description": "body over 8 MB or more than 64 images"},
         "415": {"description": "neither multipart nor JSON"},
-        "422": {"description": "malformed as a whole (no images, numbers that do not match the images, "
-                               "not JSON); the body names the field"},
-        "503": {"description": "no preprocessing slot in time; retry after the Retry-After seconds"}},
+        "422": {
+            "description": "malformed as a whole (no images, numbers that do not match the images, "
+            "not JSON); the body names the field"
+        },
+        "503": {"description": "no preprocessing slot in time; retry after the Retry-After seconds"},
+    },
 }
 
 
@@ -183,8 +244,9 @@ class BodyLimit:
     takes over `read_timeout` seconds to arrive: uvicorn itself has no body timeout, so a half-sent
     body would hold its connection forever."""
 
-    def __init__(self, app, limit: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT_S,
-                 path_limits: dict[str, int] | None = None):
+    def __init__(
+        self, app, limit: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT_S, path_limits: dict[str, int] | None = None
+    ):
         self.app, self.limit, self.read_timeout = app, limit, read_timeout
         self.path_limits = path_limits or {}
 
@@ -225,8 +287,14 @@ class BodyLimit:
                 await self._reply(413, too_large, scope, receive, send)
         except _ReadTimeout:
             if not started:
-                await self._reply(408, f"the request body stopped arriving (nothing for {self.read_timeout:g} s)",
-                                  scope, receive, send, close=True)
+                await self._reply(
+                    408,
+                    f"the request body stopped arriving (nothing for {self.read_timeout:g} s)",
+                    scope,
+                    receive,
+                    send,
+                    close=True,
+                )
 
     async def _reply(self, status, message, scope, receive, send, close=False):
         response = _error(status, "body" if status == 408 else "image", message)
@@ -268,8 +336,9 @@ class SecurityHeaders:
 
 
 # Routes as metric labels: a fixed set, so that clients cannot create a series per URL they make up.
-_ROUTE_LABELS = frozenset({"/", "/api/predict", "/api/predict_batch", "/api/health", "/metrics", "/docs",
-                           "/openapi.json", "/favicon.ico"})
+_ROUTE_LABELS = frozenset(
+    {"/", "/api/predict", "/api/predict_batch", "/api/health", "/metrics", "/docs", "/openapi.json", "/favicon.ico"}
+)
 _METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 LATENCY_BUCKETS_S = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -295,20 +364,44 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("digitsum_http_requests", "HTTP requests answered, by route, method and status",
-                                ["route", "method", "status"], registry=self.registry)
-        self.latency = Histogram("digitsum_http_request_duration_seconds",
-                                 "Time from the request head to the end of the response, by route",
-                                 ["route"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
-        self.images = Counter("digitsum_images_preprocessed", "Images preprocessed, by outcome: ok, error "
-                              "(not a usable image) or busy (no preprocessing slot in time)",
-                              ["outcome"], registry=self.registry)
-        self.in_flight = Gauge("digitsum_preprocessing_in_flight", "Images being preprocessed right now",
-                               registry=self.registry, multiprocess_mode="livesum")
-        self.workers = Gauge("digitsum_worker_processes", "Worker processes serving (each sets 1; dead ones drop out)",
-                             registry=self.registry, multiprocess_mode="livesum")
-        self.model = Gauge("digitsum_model_info", "The model served (value 1; the labels say which)",
-                           ["model", "version"], registry=self.registry, multiprocess_mode="livemax")
+        self.requests = Counter(
+            "digitsum_http_requests",
+            "HTTP requests answered, by route, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "digitsum_http_request_duration_seconds",
+            "Time from the request head to the end of the response, by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.images = Counter(
+            "digitsum_images_preprocessed",
+            "Images preprocessed, by outcome: ok, error (not a usable image) or busy (no preprocessing slot in time)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "digitsum_preprocessing_in_flight",
+            "Images being preprocessed right now",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.workers = Gauge(
+            "digitsum_worker_processes",
+            "Worker processes serving (each sets 1; dead ones drop out)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.model = Gauge(
+            "digitsum_model_info",
+            "The model served (value 1; the labels say which)",
+            ["model", "version"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
         self.workers.set(1)
         self.model.labels(model, __version__).set(1)
 
@@ -364,8 +457,13 @@ class PreprocessLanes:
     """Run preprocess() in worker threads, at most `large_slots` large images and `small_slots`
     others at a time; a request that waits over `wait_s` for a slot gets 503 (BadInput)."""
 
-    def __init__(self, large_slots: int = LARGE_SLOTS, small_slots: int = SMALL_SLOTS,
-                 wait_s: float = QUEUE_WAIT_S, large_pixels: int = LARGE_IMAGE_PIXELS):
+    def __init__(
+        self,
+        large_slots: int = LARGE_SLOTS,
+        small_slots: int = SMALL_SLOTS,
+        wait_s: float = QUEUE_WAIT_S,
+        large_pixels: int = LARGE_IMAGE_PIXELS,
+    ):
         self.large_slots, self.small_slots, self.wait_s, self.large_pixels = large_slots, small_slots, wait_s, large_pixels
         self._loop = None
         self.metrics: Metrics | None = None  # set by create_app: in-flight gauge and outcome counter
@@ -373,8 +471,7 @@ class PreprocessLanes:
     def _lane(self, pixels: int) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # asyncio primitives belong to one loop (TestClient starts its own)
-            self._loop, self._large, self._small = loop, asyncio.Semaphore(self.large_slots), \
-                asyncio.Semaphore(self.small_slots)
+            self._loop, self._large, self._small = loop, asyncio.Semaphore(self.large_slots), asyncio.Semaphore(self.small_slots)
         return self._large if pixels > self.large_pixels else self._small
 
     async def preprocess(self, data: bytes, field: str):
@@ -386,8 +483,9 @@ class PreprocessLanes:
             await asyncio.wait_for(lane.acquire(), self.wait_s)
         except asyncio.TimeoutError:
             self._count("busy")
-            raise BadInput(503, field, f"the server is busy preprocessing other images (waited {self.wait_s:g} s); "
-                           "retry later") from None
+            raise BadInput(
+                503, field, f"the server is busy preprocessing other images (waited {self.wait_s:g} s); retry later"
+            ) from None
         if self.metrics is not None:
             self.metrics.in_flight.inc()
         try:
@@ -481,7 +579,7 @@ def _json_too_deep(body: bytes) -> bool:
         return False
     outside_strings = re.sub(rb'"[^"\\]*(?:\\.[^"\\]*)*"', b"", body)
     codes = np.frombuffer(outside_strings, dtype=np.uint8)
-    steps = (np.isin(codes, (ord("["), ord("{"))).astype(np.int32) - np.isin(codes, (ord("]"), ord("}"))))
+    steps = np.isin(codes, (ord("["), ord("{"))).astype(np.int32) - np.isin(codes, (ord("]"), ord("}")))
     return bool(len(steps)) and int(np.cumsum(steps).max()) > MAX_JSON_DEPTH
 
 
@@ -584,14 +682,14 @@ async def _read_batch_form(request: "Request") -> list[BatchItem]:
     if any(not isinstance(value, str) for value in [*number_fields, *numbers_text]):
         raise BadInput(422, "number", "'number' and 'numbers' must be text fields, not file uploads")
     if number_fields and numbers_text or len(numbers_text) > 1:
-        raise BadInput(422, "numbers", "give one 'numbers' field (comma-separated) or repeated 'number' fields, "
-                       "not both")
+        raise BadInput(422, "numbers", "give one 'numbers' field (comma-separated) or repeated 'number' fields, not both")
     numbers = numbers_text[0].split(",") if numbers_text else number_fields
     if not numbers:
         raise BadInput(422, "number", "the form has no 'number' or 'numbers' field")
     if len(numbers) not in (1, len(uploads)):
-        raise BadInput(422, "numbers", f"got {len(numbers)} numbers for {len(uploads)} images; "
-                       "give one number for all or one per image")
+        raise BadInput(
+            422, "numbers", f"got {len(numbers)} numbers for {len(uploads)} images; give one number for all or one per image"
+        )
     numbers = numbers * len(uploads) if len(numbers) == 1 else numbers
     items = []
     for index, (upload, number_text) in enumerate(zip(uploads, numbers)):
@@ -627,8 +725,7 @@ def _read_batch_json(body: bytes) -> list[BatchItem]:
             error = error or f"{name}: image_png_base64 must be a base64 string"
         else:
             try:
-                data = base64.b64decode(encoded.partition(",")[2] if encoded.startswith("data:") else encoded,
-                                        validate=True)
+                data = base64.b64decode(encoded.partition(",")[2] if encoded.startswith("data:") else encoded, validate=True)
             except (binascii.Error, ValueError):
                 error = error or f"{name}: image_png_base64 is not valid base64"
         items.append(BatchItem(name, data, number, error))
@@ -655,9 +752,14 @@ def _image_error(name: str, error: ImageError) -> str:
 def _prediction(number: int, digit_p: torch.Tensor, sum_p: torch.Tensor) -> dict:
     """The prediction fields of one `digitsum predict --json` result (predict.predict's shape)."""
     digit, total = int(digit_p.argmax()), int(sum_p.argmax())
-    return {"number": number, "digit": digit, "digit_probability": round(float(digit_p[digit]), 4),
-            "sum": total, "sum_probability": round(float(sum_p[total]), 4),
-            "top3": {"digit": _top(digit_p), "sum": _top(sum_p)}}
+    return {
+        "number": number,
+        "digit": digit,
+        "digit_probability": round(float(digit_p[digit]), 4),
+        "sum": total,
+        "sum_probability": round(float(sum_p[total]), 4),
+        "top3": {"digit": _top(digit_p), "sum": _top(sum_p)},
+    }
 
 
 async def _preprocess_batch(lanes: PreprocessLanes, items: list[BatchItem]) -> list:
@@ -682,8 +784,12 @@ async def _preprocess_batch(lanes: PreprocessLanes, items: list[BatchItem]) -> l
     return outcomes
 
 
-def create_app(checkpoint_path: str | os.PathLike, read_timeout: float = READ_TIMEOUT_S,
-               lanes: PreprocessLanes | None = None, backend: str | None = None) -> "FastAPI":
+def create_app(
+    checkpoint_path: str | os.PathLike,
+    read_timeout: float = READ_TIMEOUT_S,
+    lanes: PreprocessLanes | None = None,
+    backend: str | None = None,
+) -> "FastAPI":
     """The FastAPI app serving one checkpoint (loaded once, here; CheckpointError if unusable).
 
     `read_timeout`: seconds each chunk of a request body may take (408 after); `lanes`: where
@@ -702,11 +808,15 @@ def create_app(checkpoint_path: str | os.PathLike, read_timeout: float = READ_TI
     metrics = Metrics(identity)
     lanes.metrics = metrics
 
-    app = FastAPI(title="digitsum", version=__version__,
-                  description="An image of a handwritten digit and a number 0..9 in; the digit and their sum out.")
+    app = FastAPI(
+        title="digitsum",
+        version=__version__,
+        description="An image of a handwritten digit and a number 0..9 in; the digit and their sum out.",
+    )
     app.state.model_id = identity
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, read_timeout=read_timeout,
-                       path_limits={"/api/predict_batch": MAX_BATCH_BODY_BYTES})
+    app.add_middleware(
+        BodyLimit, limit=MAX_BODY_BYTES, read_timeout=read_timeout, path_limits={"/api/predict_batch": MAX_BATCH_BODY_BYTES}
+    )
     app.add_middleware(SecurityHeaders)  # outer to BodyLimit: also on its 413 and 408
     app.add_middleware(RequestMetrics, metrics=metrics)  # added last = outermost: counts every response
 
@@ -714,8 +824,15 @@ def create_app(checkpoint_path: str | os.PathLike, read_timeout: float = READ_TI
     async def health() -> dict:
         """Whether the model is loaded, which one, the digitsum version, and the serving process's pid
         (with --workers N, requests spread over N processes)."""
-        return {"status": "ok", "model_loaded": True, "model": identity, "backend": backend, "version": __version__,
-                "epoch": metadata.get("epoch"), "pid": os.getpid()}
+        return {
+            "status": "ok",
+            "model_loaded": True,
+            "model": identity,
+            "backend": backend,
+            "version": __version__,
+            "epoch": metadata.get("epoch"),
+            "pid": os.getpid(),
+        }
 
     # HEAD for uptime monitors (uvicorn sends the headers only); one OpenAPI operation is enough.
     app.add_api_route("/api/health", health, methods=["HEAD"], include_in_schema=False)
@@ -726,8 +843,7 @@ def create_app(checkpoint_path: str | os.PathLike, read_timeout: float = READ_TI
         started = time.perf_counter()
         try:
             data, number = await _read_request(request)
-            field = "image_png_base64" if request.headers.get("content-type", "").startswith("application/json") \
-                else "image"
+            field = "image_png_base64" if request.headers.get("content-type", "").startswith("application/json") else "image"
             try:
                 # Decoding a 4096x4096 photo takes a second: in a worker thread, so that the event
                 # loop keeps answering health checks and small drawings meanwhile.
@@ -745,16 +861,18 @@ def create_app(checkpoint_path: str | os.PathLike, read_timeout: float = READ_TI
         # a thread hand-off would cost about as much as the model.
         digit_probabilities, sum_probabilities = classify(model, inputs, [number])
         digit_p, sum_p = digit_probabilities[0], sum_probabilities[0]
-        return JSONResponse({
-            "number": number,
-            "digit": int(digit_p.argmax()),
-            "digit_probabilities": [round(p, 5) for p in digit_p.tolist()],
-            "sum": int(sum_p.argmax()),
-            "sum_probabilities": [round(p, 5) for p in sum_p.tolist()],
-            "image_28x28": png_data_url(view),
-            "model": identity,
-            "latency_ms": round(1000 * (time.perf_counter() - started), 2),
-        })
+        return JSONResponse(
+            {
+                "number": number,
+                "digit": int(digit_p.argmax()),
+                "digit_probabilities": [round(p, 5) for p in digit_p.tolist()],
+                "sum": int(sum_p.argmax()),
+                "sum_probabilities": [round(p, 5) for p in sum_p.tolist()],
+                "image_28x28": png_data_url(view),
+                "model": identity,
+                "latency_ms": round(1000 * (time.perf_counter() - started), 2),
+            }
+        )
 
     @app.post("/api/predict_batch", openapi_extra=_BATCH_BODY_DOC)
     async def api_predict_batch(request: Request):
@@ -779,15 +897,22 @@ def create_app(checkpoint_path: str | os.PathLike, read_timeout: float = READ_TI
         results = {id(item): {"image": item.name, "error": item.error} for item in items if item.error}
         if good:
             # One forward pass for the whole batch (the point of the route).
-            digit_probs, sum_probs = classify(model, torch.cat([inputs for _, inputs in good]),
-                                              [item.number for item, _ in good])
+            digit_probs, sum_probs = classify(model, torch.cat([inputs for _, inputs in good]), [item.number for item, _ in good])
             for (item, _), digit_p, sum_p in zip(good, digit_probs, sum_probs):
                 results[id(item)] = {"image": item.name, **_prediction(item.number, digit_p, sum_p)}
-        return JSONResponse({"results": [results[id(item)] for item in items], "model": identity,
-                             "latency_ms": round(1000 * (time.perf_counter() - started), 2)})
+        return JSONResponse(
+            {
+                "results": [results[id(item)] for item in items],
+                "model": identity,
+                "latency_ms": round(1000 * (time.perf_counter() - started), 2),
+            }
+        )
 
-    @app.get("/metrics", response_class=Response,
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    )
     async def prometheus_metrics():
         """Requests by route and status, latency histograms, images preprocessed by outcome, images being
         preprocessed, the model served: the Prometheus text format, added up over all worker processes."""
@@ -814,8 +939,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     loads, and so that the real port of --port 0 is known.
     """
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, UnicodeError) as error:
         raise DigitsumError(f"cannot listen on {host!r}: {getattr(error, 'strerror', None) or error}") from None
     sock = socket.socket(family, kind, proto)
@@ -824,13 +948,17 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as error:
         sock.close()
-        hint = "; another program is listening there: pick another --port (0 = any free port)" \
-            if error.errno == errno.EADDRINUSE else ""
+        hint = (
+            "; another program is listening there: pick another --port (0 = any free port)"
+            if error.errno == errno.EADDRINUSE
+            else ""
+        )
         raise DigitsumError(f"cannot listen on {host}:{port}: {error.strerror or error}{hint}") from None
     return sock
 
 
 if _UvicornHTTPProtocol is not None:
+
     class HeadTimeoutProtocol(_UvicornHTTPProtocol):
         """uvicorn's HTTP protocol, closing connections that do not finish a request head within
         `config.head_timeout` seconds of connecting or of their last response (uvicorn's keep-alive
@@ -866,27 +994,44 @@ if _UvicornHTTPProtocol is not None:
                 self.transport.close()
 
 
-def _server_config(app, workers: int = 1, access_log: bool = True, log_level: str = "info",
-                   keep_alive: float = KEEP_ALIVE_S, head_timeout: float = READ_TIMEOUT_S,
-                   max_connections: int = MAX_CONNECTIONS):
+def _server_config(
+    app,
+    workers: int = 1,
+    access_log: bool = True,
+    log_level: str = "info",
+    keep_alive: float = KEEP_ALIVE_S,
+    head_timeout: float = READ_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
+):
     """uvicorn.Config with digitsum's connection limits (per worker process); `app` is an ASGI app,
     or for workers > 1 the import string of a factory."""
     import uvicorn
 
-    config = uvicorn.Config(app, access_log=access_log, log_level=log_level, timeout_keep_alive=keep_alive,
-                            limit_concurrency=max_connections,
-                            # By name, not the class: a worker then imports this module (and torch)
-                            # only once it runs, after it can answer the supervisor's health pings.
-                            http="digitsum.serve:HeadTimeoutProtocol",
-                            workers=workers, factory=workers > 1,
-                            timeout_worker_healthcheck=WORKER_HEALTHCHECK_S)
+    config = uvicorn.Config(
+        app,
+        access_log=access_log,
+        log_level=log_level,
+        timeout_keep_alive=keep_alive,
+        limit_concurrency=max_connections,
+        # By name, not the class: a worker then imports this module (and torch)
+        # only once it runs, after it can answer the supervisor's health pings.
+        http="digitsum.serve:HeadTimeoutProtocol",
+        workers=workers,
+        factory=workers > 1,
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+    )
     config.head_timeout = head_timeout  # read by HeadTimeoutProtocol; travels with the config to workers
     return config
 
 
-def build_server(app, access_log: bool = True, log_level: str = "info",
-                 keep_alive: float = KEEP_ALIVE_S, head_timeout: float = READ_TIMEOUT_S,
-                 max_connections: int = MAX_CONNECTIONS):
+def build_server(
+    app,
+    access_log: bool = True,
+    log_level: str = "info",
+    keep_alive: float = KEEP_ALIVE_S,
+    head_timeout: float = READ_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
+):
     """A uvicorn.Server for `app` with digitsum's connection limits; start it with .run(sockets=[sock])."""
     import uvicorn
 
@@ -940,8 +1085,7 @@ def _supervise(config, sock: socket.socket) -> None:
             for pid in self.seen - live:
                 mark_process_dead(pid)
             self.seen = live
-            self.startup_failed = self.startup_failed or any(process.exitcode == STARTUP_FAILURE
-                                                             for process in self.processes)
+            self.startup_failed = self.startup_failed or any(process.exitcode == STARTUP_FAILURE for process in self.processes)
 
         def keep_subprocess_alive(self):
             super().keep_subprocess_alive()
@@ -967,8 +1111,14 @@ def resolve_backend(path: Path, backend: str | None) -> str:
     return backend
 
 
-def run(checkpoint_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
-        access_log: bool = True, workers: int = 1, backend: str | None = None) -> None:
+def run(
+    checkpoint_path: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    access_log: bool = True,
+    workers: int = 1,
+    backend: str | None = None,
+) -> None:
     """Load the checkpoint and serve until Ctrl-C (uvicorn; `workers` processes, 1 = this one;
     `backend`: torch or onnxruntime, see resolve_backend)."""
     check_workers(workers)
@@ -998,8 +1148,9 @@ def run(checkpoint_path: str | os.PathLike, host: str = "127.0.0.1", port: int =
         sock.close()
 
 
-def _run_workers(checkpoint_path, sock: socket.socket, workers: int, access_log: bool, where: str,
-                 backend: str = "torch") -> None:
+def _run_workers(
+    checkpoint_path, sock: socket.socket, workers: int, access_log: bool, where: str, backend: str = "torch"
+) -> None:
     path = Path(checkpoint_path).absolute()
     # A bad checkpoint (for this backend) is one clear error here, not N workers failing to start.
     load_backend(path, backend)

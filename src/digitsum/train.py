@@ -41,8 +41,17 @@ from digitsum.mnist import resolve_root
 from digitsum.model import DigitSumNet
 
 RUN_FILES = ("config.json", "metrics.csv", "model.pt", "last.pt")
-METRIC_COLUMNS = ("epoch", "train_loss", "train_digit_accuracy", "train_sum_accuracy", "val_loss",
-                  "val_digit_accuracy", "val_sum_accuracy", "lr", "seconds")
+METRIC_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "train_digit_accuracy",
+    "train_sum_accuracy",
+    "val_loss",
+    "val_digit_accuracy",
+    "val_sum_accuracy",
+    "lr",
+    "seconds",
+)
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
@@ -87,14 +96,23 @@ def augmenter(config: TrainConfig, generator: torch.Generator):
     if not (config.rotate or config.scale or config.translate):
         return None
     # No shear: random_affine still draws its (zero-width) shear angle, so the random stream is v1's.
-    return partial(random_affine, generator=generator, rotate=config.rotate, scale=config.scale,
-                   translate=config.translate)
+    return partial(random_affine, generator=generator, rotate=config.rotate, scale=config.scale, translate=config.translate)
 
 
-def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: TrainConfig,
-                    generator: torch.Generator, bf16: bool, ema=None, progress: bool = False,
-                    on_step=None, world: World | None = None,
-                    augment_generator: torch.Generator | None = None) -> dict:
+def train_one_epoch(
+    model,
+    optimizer,
+    scheduler,
+    train_split: Split,
+    config: TrainConfig,
+    generator: torch.Generator,
+    bf16: bool,
+    ema=None,
+    progress: bool = False,
+    on_step=None,
+    world: World | None = None,
+    augment_generator: torch.Generator | None = None,
+) -> dict:
     """One pass over the training split; returns mean loss and accuracies (as seen while training).
 
     `on_step(model)`, if given, runs after every optimizer step; returning True ends the epoch
@@ -110,13 +128,25 @@ def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: Tra
     totals = torch.zeros(3, device=device)  # loss * B, digit hits, sum hits: summed on device, no sync
     if world is None:
         steps = len(train_split) // config.batch_size
-        epoch_batches = batches(train_split, config.batch_size, shuffle=True, generator=generator, drop_last=True,
-                                augment=augmenter(config, generator))
+        epoch_batches = batches(
+            train_split,
+            config.batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=True,
+            augment=augmenter(config, generator),
+        )
     else:
         shard = rank_shard(train_split, world, generator)
         steps = len(shard) // config.batch_size
-        epoch_batches = batches(shard, config.batch_size, shuffle=False, generator=augment_generator,
-                                drop_last=True, augment=augmenter(config, augment_generator))
+        epoch_batches = batches(
+            shard,
+            config.batch_size,
+            shuffle=False,
+            generator=augment_generator,
+            drop_last=True,
+            augment=augmenter(config, augment_generator),
+        )
     network = getattr(model, "module", model)  # the DigitSumNet itself (under DDP, model.module)
     bar = tqdm(total=steps, disable=not progress, leave=False, unit="batch", dynamic_ncols=True)
     seen = 0
@@ -129,8 +159,7 @@ def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: Tra
             # the addition practice for a block that costs next to nothing next to the CNN.
             grid_numbers = torch.arange(NUM_NUMBERS, device=device).repeat(len(digits))  # (B*10,)
             grid_sum_logits = network.add(digit_logits.repeat_interleave(NUM_NUMBERS, 0), grid_numbers)
-            loss = loss_fn(digit_logits, grid_sum_logits, digits,
-                           digits.repeat_interleave(NUM_NUMBERS) + grid_numbers, config)
+            loss = loss_fn(digit_logits, grid_sum_logits, digits, digits.repeat_interleave(NUM_NUMBERS) + grid_numbers, config)
         else:
             loss = loss_fn(digit_logits, sum_logits, digits, sums, config)
         optimizer.zero_grad(set_to_none=True)
@@ -140,9 +169,9 @@ def train_one_epoch(model, optimizer, scheduler, train_split: Split, config: Tra
         if ema is not None:
             ema.update_parameters(network)
         with torch.no_grad():
-            totals += torch.stack([loss.detach() * len(digits),
-                                   (digit_logits.argmax(1) == digits).sum(),
-                                   (sum_logits.argmax(1) == sums).sum()]).float()
+            totals += torch.stack(
+                [loss.detach() * len(digits), (digit_logits.argmax(1) == digits).sum(), (sum_logits.argmax(1) == sums).sum()]
+            ).float()
         bar.update()
         seen += len(digits)
         if on_step is not None and on_step(network):
@@ -213,10 +242,17 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 def environment(device: torch.device, bf16: bool) -> dict:
     import torchvision
 
-    return {"digitsum": digitsum.__version__, "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "python": platform.python_version(),
-            "platform": platform.platform(), "device": str(device), "bf16": bf16,
-            "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+    return {
+        "digitsum": digitsum.__version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "bf16": bf16,
+        "threads": torch.get_num_threads(),
+        "command": " ".join(sys.argv),
+    }
 
 
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -228,8 +264,9 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
         raise DigitsumError(f"output {run_dir} exists and is not a folder")
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if existing and not overwrite:
-        raise DigitsumError(f"{run_dir} already holds a run ({', '.join(existing)}); "
-                            "pass --overwrite to replace it or choose another --out")
+        raise DigitsumError(
+            f"{run_dir} already holds a run ({', '.join(existing)}); pass --overwrite to replace it or choose another --out"
+        )
 
 
 def make_run_dir(run_dir: Path) -> None:
@@ -281,8 +318,11 @@ def resume_state_problem(payload: dict, config: TrainConfig) -> str:
         except (TypeError, ValueError):
             return f"a metrics row has seconds {row['seconds']!r}"
     best = resume.get("best_score")
-    if best is not None and not (isinstance(best, (list, tuple)) and 1 <= len(best) <= 3
-                                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in best)):
+    if best is not None and not (
+        isinstance(best, (list, tuple))
+        and 1 <= len(best) <= 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in best)
+    ):
         return f"resume.best_score is malformed ({str(best)[:60]})"
     if epoch > 0 and best is None:
         return "resume.best_score is missing"
@@ -310,7 +350,8 @@ def resume_state_problem(payload: dict, config: TrainConfig) -> str:
             return f"resume.rank_states must hold one entry per process ({size})"
         for entry in ranks:
             if not isinstance(entry, dict) or not all(
-                    _is_rng_state(entry.get(name)) for name in ("augment_generator", "torch_rng")):
+                _is_rng_state(entry.get(name)) for name in ("augment_generator", "torch_rng")
+            ):
                 return "resume.rank_states holds an entry that is not a random-number state"
     return ""
 
@@ -345,7 +386,8 @@ def load_resume_state(path: Path) -> tuple[TrainConfig, dict]:
     if epoch >= config.epochs and (path.parent / "eval.json").exists():
         raise checkpoint.CheckpointError(
             f"{path} is a finished run ({epoch}/{config.epochs} epochs, evaluated in "
-            f"{path.parent / 'eval.json'}); nothing to resume (re-evaluate with: digitsum evaluate {path.parent / 'model.pt'})")
+            f"{path.parent / 'eval.json'}); nothing to resume (re-evaluate with: digitsum evaluate {path.parent / 'model.pt'})"
+        )
     return config, payload
 
 
@@ -371,11 +413,32 @@ class Setup:
     def epoch(self, config: "TrainConfig", progress: bool = False, on_step=None) -> dict:
         """Train one epoch with this setup (see train_one_epoch)."""
         if self.world is None:
-            return train_one_epoch(self.model, self.optimizer, self.scheduler, self.train_split, config,
-                                   self.generator, self.bf16, self.ema, progress, on_step)
-        metrics = train_one_epoch(self.ddp, self.optimizer, self.scheduler, self.train_split, config,
-                                  self.generator, self.bf16, self.ema, progress, on_step,
-                                  world=self.world, augment_generator=self.augment_generator)
+            return train_one_epoch(
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.train_split,
+                config,
+                self.generator,
+                self.bf16,
+                self.ema,
+                progress,
+                on_step,
+            )
+        metrics = train_one_epoch(
+            self.ddp,
+            self.optimizer,
+            self.scheduler,
+            self.train_split,
+            config,
+            self.generator,
+            self.bf16,
+            self.ema,
+            progress,
+            on_step,
+            world=self.world,
+            augment_generator=self.augment_generator,
+        )
         distributed.broadcast_state(*[m for m in (self.model, self.ema) if m is not None])
         return metrics
 
@@ -406,22 +469,22 @@ def prepare(config: TrainConfig, data_root=None, bf16: bool | None = None, world
         device = distributed.rank_device(world, device)
     if bf16 is None:
         bf16 = resolve_bf16(config, device)
-    train_split = load_split("train", data_root, config.val_size, config.seed,
-                             limit=config.train_limit or None).to(device)
+    train_split = load_split("train", data_root, config.val_size, config.seed, limit=config.train_limit or None).to(device)
     val_split = load_split("val", data_root, config.val_size, config.seed).to(device) if config.val_size else None
     if len(train_split) < config.batch_size:
         raise DigitsumError(f"batch size {config.batch_size} is larger than the {len(train_split)} training images")
     per_rank = len(train_split) // world.size if world is not None else len(train_split)
     if per_rank < config.batch_size:
-        raise DigitsumError(f"batch size {config.batch_size} is larger than the {per_rank} training images "
-                            f"of each of the {world.size} processes (lower --batch-size)")
+        raise DigitsumError(
+            f"batch size {config.batch_size} is larger than the {per_rank} training images "
+            f"of each of the {world.size} processes (lower --batch-size)"
+        )
 
     torch.manual_seed(config.seed)
     model = DigitSumNet(config.model).to(device, memory_format=torch.channels_last)
     steps_per_epoch = per_rank // config.batch_size
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch * config.epochs)
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
-           if config.ema else None)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
     generator = torch.Generator(device=device).manual_seed(config.seed)
     if world is None:
         return Setup(device, bf16, train_split, val_split, model, optimizer, scheduler, ema, generator)
@@ -431,16 +494,37 @@ def prepare(config: TrainConfig, data_root=None, bf16: bool | None = None, world
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     augment_generator = torch.Generator(device=device).manual_seed(world.seed(config.seed))
     torch.manual_seed(world.seed(config.seed))  # dropout masks differ between ranks
-    return Setup(device, bf16, train_split, val_split, model, optimizer, scheduler, ema, generator,
-                 world=world, ddp=ddp, augment_generator=augment_generator)
+    return Setup(
+        device,
+        bf16,
+        train_split,
+        val_split,
+        model,
+        optimizer,
+        scheduler,
+        ema,
+        generator,
+        world=world,
+        ddp=ddp,
+        augment_generator=augment_generator,
+    )
 
 
 # ----------------------------------------------------------------------------- the whole run
 
 
-def train(config: TrainConfig | None, out_dir: str | os.PathLike | None = None, data_root=None, overwrite: bool = False,
-          resume: str | os.PathLike | None = None, log=print, progress: bool | None = None,
-          stop_after: int | None = None, evaluate_test: bool = True, figures: bool = True) -> dict:
+def train(
+    config: TrainConfig | None,
+    out_dir: str | os.PathLike | None = None,
+    data_root=None,
+    overwrite: bool = False,
+    resume: str | os.PathLike | None = None,
+    log=print,
+    progress: bool | None = None,
+    stop_after: int | None = None,
+    evaluate_test: bool = True,
+    figures: bool = True,
+) -> dict:
     """Train a DigitSumNet, write the run folder, evaluate on the test set; return a summary.
 
     `resume` continues from a last.pt (its saved settings and precision win; `config` is ignored);
@@ -472,8 +556,7 @@ def train(config: TrainConfig | None, out_dir: str | os.PathLike | None = None, 
     if world is None:
         if progress is None:
             progress = sys.stderr.isatty()
-        return _train(config, state, run_dir, data_root, log, progress, stop_after, evaluate_test, figures,
-                      resume=resume)
+        return _train(config, state, run_dir, data_root, log, progress, stop_after, evaluate_test, figures, resume=resume)
 
     # torchrun: join the group, then agree on the checks of the run folder before anyone writes.
     distributed.init(world, distributed.rank_device(world, resolve_device(config.device)))
@@ -495,10 +578,13 @@ def train(config: TrainConfig | None, out_dir: str | os.PathLike | None = None, 
         elif progress is None:
             progress = sys.stderr.isatty()
         if world.main:
-            log(f"{world.size} processes (torchrun), {config.batch_size} images per process and step: "
-                f"global batch {config.batch_size * world.size}")
-        return _train(config, state, run_dir, data_root, log, progress, stop_after, evaluate_test, figures,
-                      resume=resume, world=world)
+            log(
+                f"{world.size} processes (torchrun), {config.batch_size} images per process and step: "
+                f"global batch {config.batch_size * world.size}"
+            )
+        return _train(
+            config, state, run_dir, data_root, log, progress, stop_after, evaluate_test, figures, resume=resume, world=world
+        )
     finally:
         distributed.close()
 
@@ -513,23 +599,37 @@ def check_world_size(state: dict, world: World | None, path: Path) -> None:
     saved = state["resume"].get("world_size", 1)
     now = world.size if world is not None else 1
     if saved != now and state["metadata"]["epoch"] < state["metadata"]["train_config"].get("epochs", 0):
-        how = (f"torchrun --nproc-per-node {saved} -m digitsum train --resume {path}" if saved > 1
-               else f"digitsum train --resume {path} (one process, without torchrun)")
-        raise DigitsumError(f"{path} was trained by {saved} process{'es' if saved > 1 else ''}, "
-                            f"this is {now}; resume it with the same count: {how}")
+        how = (
+            f"torchrun --nproc-per-node {saved} -m digitsum train --resume {path}"
+            if saved > 1
+            else f"digitsum train --resume {path} (one process, without torchrun)"
+        )
+        raise DigitsumError(
+            f"{path} was trained by {saved} process{'es' if saved > 1 else ''}, "
+            f"this is {now}; resume it with the same count: {how}"
+        )
 
 
-def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, log, progress: bool,
-           stop_after: int | None, evaluate_test: bool, figures: bool, resume: Path | None = None,
-           world: World | None = None) -> dict:
+def _train(
+    config: TrainConfig,
+    state: dict | None,
+    run_dir: Path,
+    data_root,
+    log,
+    progress: bool,
+    stop_after: int | None,
+    evaluate_test: bool,
+    figures: bool,
+    resume: Path | None = None,
+    world: World | None = None,
+) -> dict:
     """The run itself, once every check has passed (see train)."""
     main = world is None or world.main
     if state is not None and state["metadata"]["epoch"] >= config.epochs:
         if not main:  # rank 0 alone finishes the run; the others wait for it
             distributed.barrier()
             return {"run_dir": run_dir, "epochs": config.epochs, "rank": world.rank}
-        log(f"{run_dir} finished training but has no eval.json (its final evaluation did not happen); "
-            "running it now")
+        log(f"{run_dir} finished training but has no eval.json (its final evaluation did not happen); running it now")
         summary = finish(config, run_dir, list(state["resume"]["rows"]), data_root, log, evaluate_test, figures)
         if world is not None:
             distributed.barrier()
@@ -547,11 +647,11 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
     if world is not None and stored_bf16 is None:
         # One precision for all processes: rank 0's choice (auto looks at each machine's hardware).
         stored_bf16 = distributed.broadcast_object(
-            resolve_bf16(config, distributed.rank_device(world, resolve_device(config.device))))
+            resolve_bf16(config, distributed.rank_device(world, resolve_device(config.device)))
+        )
     setup = prepare(config, data_root, bf16=stored_bf16, world=world)
     device, bf16, train_split, val_split = setup.device, setup.bf16, setup.train_split, setup.val_split
-    model, optimizer, scheduler, ema, generator = (setup.model, setup.optimizer, setup.scheduler, setup.ema,
-                                                   setup.generator)
+    model, optimizer, scheduler, ema, generator = (setup.model, setup.optimizer, setup.scheduler, setup.ema, setup.generator)
 
     rows: list[dict] = []
     best_score, start_epoch = None, 0
@@ -562,8 +662,12 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
             optimizer.load_state_dict(resume_state["optimizer"])
             scheduler.load_state_dict(resume_state["scheduler"])
             if ema is not None:  # the average is the evaluated "model"; only its step count is extra
-                ema.load_state_dict({"n_averaged": resume_state["ema_n_averaged"],
-                                     **{f"module.{name}": value for name, value in state["model"].items()}})
+                ema.load_state_dict(
+                    {
+                        "n_averaged": resume_state["ema_n_averaged"],
+                        **{f"module.{name}": value for name, value in state["model"].items()},
+                    }
+                )
             generator.set_state(resume_state["generator"])
             if world is None:
                 restore_rng_states(resume_state, device, log)
@@ -576,15 +680,21 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
         if main:
             remove_stale_temporaries(run_dir)
         best_score = tuple(state["resume"]["best_score"]) if state["resume"]["best_score"] is not None else None
-        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{config.epochs} "
-            f"(bf16 autocast: {'on' if bf16 else 'off'}, as stored)")
+        log(
+            f"resuming {run_dir} at epoch {start_epoch + 1}/{config.epochs} (bf16 autocast: {'on' if bf16 else 'off'}, as stored)"
+        )
     elif main:
         make_run_dir(run_dir)
         log(f"training into {run_dir} on {device} (bf16 autocast: {'on' if bf16 else 'off'}), settings:")
         log(describe(config))
-        run_info = {"train": config.to_dict(), "bf16": bf16, "environment": environment(device, bf16),
-                    "data_root": str(data_root), "train_images": len(train_split),
-                    "val_images": len(val_split) if val_split is not None else 0}
+        run_info = {
+            "train": config.to_dict(),
+            "bf16": bf16,
+            "environment": environment(device, bf16),
+            "data_root": str(data_root),
+            "train_images": len(train_split),
+            "val_images": len(val_split) if val_split is not None else 0,
+        }
         if world is not None:
             run_info["world_size"] = world.size
             run_info["global_batch_size"] = config.batch_size * world.size
@@ -599,16 +709,30 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
 
     def model_payload(epoch: int, val_metrics: dict) -> dict:
         """model.pt's layout (last.pt adds "resume"): the evaluated weights and what they are."""
-        return {"model_config": config.model.to_dict(), "model": setup.eval_model.state_dict(),
-                "metadata": {"epoch": epoch, "val": val_metrics, "train_config": train_config, "bf16": bf16,
-                             "environment": run_environment, "run": str(run_dir)}}
+        return {
+            "model_config": config.model.to_dict(),
+            "model": setup.eval_model.state_dict(),
+            "metadata": {
+                "epoch": epoch,
+                "val": val_metrics,
+                "train_config": train_config,
+                "bf16": bf16,
+                "environment": run_environment,
+                "run": str(run_dir),
+            },
+        }
 
     def save_last(epoch: int, val_metrics: dict) -> None:
         # Under torchrun each rank's streams are in rank_states; the top-level CPU one is rank 0's.
         global_rng = rng_states(device) if world is None else {"torch_rng": torch.get_rng_state()}
-        resume_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "generator": generator.get_state(), **global_rng, "rows": rows,
-                        "best_score": list(best_score) if best_score is not None else None}
+        resume_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(),
+            **global_rng,
+            "rows": rows,
+            "best_score": list(best_score) if best_score is not None else None,
+        }
         if ema is not None:  # "model" is the average; the trained weights and its step count come here
             resume_state["model_train"] = model.state_dict()
             resume_state["ema_n_averaged"] = ema.n_averaged
@@ -631,17 +755,23 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
                 # loop never syncs; the diverged weights are not saved over the last good epoch.
                 raise DigitsumError(
                     f"training diverged: the loss became {train_metrics['loss']} in epoch {epoch} "
-                    f"(lower --lr?); {run_dir / 'last.pt'} keeps epoch {epoch - 1}")
+                    f"(lower --lr?); {run_dir / 'last.pt'} keeps epoch {epoch - 1}"
+                )
             # Under torchrun every rank measures the whole validation split with the same weights:
             # the numbers are those of a single-process evaluation, and all ranks choose the same best.
             val_metrics = measure(setup.eval_model, val_split) if val_split is not None else {}
-            row = {"epoch": epoch, "seconds": round(seconds, 3), "lr": f"{scheduler.get_last_lr()[0]:.6g}",
-                   **{f"train_{k}": f"{v:.6f}" for k, v in train_metrics.items()},
-                   **{f"val_{k}": f"{v:.6f}" for k, v in val_metrics.items()}}
+            row = {
+                "epoch": epoch,
+                "seconds": round(seconds, 3),
+                "lr": f"{scheduler.get_last_lr()[0]:.6g}",
+                **{f"train_{k}": f"{v:.6f}" for k, v in train_metrics.items()},
+                **{f"val_{k}": f"{v:.6f}" for k, v in val_metrics.items()},
+            }
             rows.append(row)
             # Best by validation (sum accuracy, then digit accuracy, then lower loss; later epoch on ties).
-            score = ((val_metrics["sum_accuracy"], val_metrics["digit_accuracy"], -val_metrics["loss"])
-                     if val_metrics else (epoch,))
+            score = (
+                (val_metrics["sum_accuracy"], val_metrics["digit_accuracy"], -val_metrics["loss"]) if val_metrics else (epoch,)
+            )
             if best_score is None or score >= best_score:
                 best_score = score
                 if main:
@@ -651,29 +781,46 @@ def _train(config: TrainConfig, state: dict | None, run_dir: Path, data_root, lo
             save_last(epoch, val_metrics)
             if epoch == start_epoch + 1 and main:
                 point_latest(run_dir, log)  # only once the run holds a model.pt that commands can use
-            log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_metrics['loss']:.4f} "
+            log(
+                f"epoch {epoch:>2}/{config.epochs}  train loss {train_metrics['loss']:.4f} "
                 f"digit {100 * train_metrics['digit_accuracy']:.2f}% sum {100 * train_metrics['sum_accuracy']:.2f}%"
-                + (f" | val loss {val_metrics['loss']:.4f} digit {100 * val_metrics['digit_accuracy']:.2f}% "
-                   f"sum {100 * val_metrics['sum_accuracy']:.2f}%" if val_metrics else "")
-                + f" | lr {scheduler.get_last_lr()[0]:.4f} | {seconds:.1f}s")
+                + (
+                    f" | val loss {val_metrics['loss']:.4f} digit {100 * val_metrics['digit_accuracy']:.2f}% "
+                    f"sum {100 * val_metrics['sum_accuracy']:.2f}%"
+                    if val_metrics
+                    else ""
+                )
+                + f" | lr {scheduler.get_last_lr()[0]:.4f} | {seconds:.1f}s"
+            )
             if stop_after is not None and epoch - start_epoch >= stop_after and epoch < config.epochs:
                 summary = {"run_dir": run_dir, "epochs": epoch, "stopped": True}
                 if world is not None:
                     distributed.barrier()
-                    summary.update(rank=world.rank, weights_sha256=distributed.state_digest(model),
-                               eval_weights_sha256=distributed.state_digest(setup.eval_model))
+                    summary.update(
+                        rank=world.rank,
+                        weights_sha256=distributed.state_digest(model),
+                        eval_weights_sha256=distributed.state_digest(setup.eval_model),
+                    )
                 return summary
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; {run_dir / 'last.pt'} holds the last finished epoch "
-                          f"(resume with: digitsum train --resume {run_dir / 'last.pt'})") from None
+        raise Interrupted(
+            f"interrupted; {run_dir / 'last.pt'} holds the last finished epoch "
+            f"(resume with: digitsum train --resume {run_dir / 'last.pt'})"
+        ) from None
     if world is None:
         return finish(config, run_dir, rows, data_root, log, evaluate_test, figures)
     # Rank 0 draws the curves and evaluates on the test set; the others wait until the folder is complete.
-    summary = (finish(config, run_dir, rows, data_root, log, evaluate_test, figures) if main
-               else {"run_dir": run_dir, "epochs": config.epochs})
+    summary = (
+        finish(config, run_dir, rows, data_root, log, evaluate_test, figures)
+        if main
+        else {"run_dir": run_dir, "epochs": config.epochs}
+    )
     distributed.barrier()
-    summary.update(rank=world.rank, weights_sha256=distributed.state_digest(model),
-                   eval_weights_sha256=distributed.state_digest(setup.eval_model))
+    summary.update(
+        rank=world.rank,
+        weights_sha256=distributed.state_digest(model),
+        eval_weights_sha256=distributed.state_digest(setup.eval_model),
+    )
     return summary
 
 
@@ -695,8 +842,10 @@ def restore_rng_states(states: dict, device: torch.device, log=print) -> None:
     if cuda is not None and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     else:
-        log("note: this last.pt holds no CUDA random state for this machine's GPUs; "
-            "dropout continues from a fresh stream (the run is no longer bit-exact)")
+        log(
+            "note: this last.pt holds no CUDA random state for this machine's GPUs; "
+            "dropout continues from a fresh stream (the run is no longer bit-exact)"
+        )
 
 
 def rank_state(setup: Setup) -> dict:
@@ -715,15 +864,15 @@ def restore_rank_state(setup: Setup, state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda_rng"], setup.device)
 
 
-def finish(config: TrainConfig, run_dir: Path, rows: list[dict], data_root, log=print,
-           evaluate_test: bool = True, figures: bool = True) -> dict:
+def finish(
+    config: TrainConfig, run_dir: Path, rows: list[dict], data_root, log=print, evaluate_test: bool = True, figures: bool = True
+) -> dict:
     """The end of a run: curves, then the test evaluation (eval.json marks a run as evaluated).
 
     When this fails or is interrupted, last.pt (at the final epoch) stays resumable: `--resume`
     runs this step again.
     """
-    summary = {"run_dir": run_dir, "epochs": config.epochs,
-               "train_seconds": round(sum(float(r["seconds"]) for r in rows), 2)}
+    summary = {"run_dir": run_dir, "epochs": config.epochs, "train_seconds": round(sum(float(r["seconds"]) for r in rows), 2)}
     try:
         if figures:
             plots.curves(run_dir / "metrics.csv", run_dir / "curves.png")
@@ -733,6 +882,8 @@ def finish(config: TrainConfig, run_dir: Path, rows: list[dict], data_root, log=
             log(summary_line(metrics))
             summary["metrics"] = metrics
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted during the final evaluation; training is complete in {run_dir} "
-                          f"(evaluate with: digitsum train --resume {run_dir / 'last.pt'})") from None
+        raise Interrupted(
+            f"interrupted during the final evaluation; training is complete in {run_dir} "
+            f"(evaluate with: digitsum train --resume {run_dir / 'last.pt'})"
+        ) from None
     return summary

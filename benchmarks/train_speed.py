@@ -17,7 +17,7 @@ all recipes alike; the classic/ours-fast and old/new default ratios are computed
 
 Recipes: ours-fast and ours-default are today's presets; ours-old-default is the default recipe
 before issue 14 (defined below, so it stays measurable); classic is pytorch/examples mnist/main.py.
-The whole default run takes about 20 minutes on an idle 2-core CPU; pass fewer --seeds or
+The whole default run takes 35-40 minutes on a 2-core CPU (3 recipes took 25+ min); pass fewer --seeds or
 --recipes for a quicker look (e.g. --seeds 0 --recipes ours-default,ours-old-default).
 
 Test accuracy picks nothing here: it only decides when the clock stops (benchmark only).

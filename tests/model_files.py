@@ -24,6 +24,20 @@ TINY_RUN = TrainConfig(
 )
 
 
+# Every file a finished run folder holds (train() with figures and the final evaluation).
+RUN_FOLDER_FILES = (
+    "config.json",
+    "metrics.csv",
+    "model.pt",
+    "last.pt",
+    "curves.png",
+    "samples.png",
+    "eval.json",
+    "confusion.png",
+    "mistakes.png",
+)
+
+
 def random_checkpoint(path: Path) -> Path:
     """An untrained DigitSumNet saved the way train.py saves model.pt (for tests that need no accuracy)."""
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ import torch
 from digitsum import cli
 from digitsum.config import PRESETS, ModelConfig, TrainConfig, read_config_file
 from digitsum.errors import DigitsumError
+from test_faults import cli_error
 
 FLAGS = {dest: (flag, field, annotation) for flag, dest, field, annotation in cli.config_flags()}
 SETTINGS = [("train", field) for field in dataclasses.fields(TrainConfig) if field.name not in cli.NOT_FLAGS] + [
@@ -47,18 +48,6 @@ TINY = [
 
 def parse(argv: list[str]) -> TrainConfig:
     return cli.train_config_from_args(cli.build_parser().parse_args(["train", *argv]))
-
-
-def one_line_error(capsys, argv) -> str:
-    """Run the CLI; assert exit code 2 and one line on stderr; return it."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as exited:  # argparse's own usage errors
-        code = exited.code
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def another_value(field: dataclasses.Field, annotation, current):
@@ -170,15 +159,15 @@ def test_a_tuple_flag_sets_the_channels_and_keeps_the_rest_of_the_preset():
 def test_a_value_outside_a_fields_choices_is_one_line(capsys, dest):
     flag, _, annotation = FLAGS[dest]
     bogus = "99" if annotation is int else "bogus"  # the right type, not one of the choices
-    assert f"{flag}: invalid choice: " in one_line_error(capsys, ["train", flag, bogus])
+    assert f"{flag}: invalid choice: " in cli_error(capsys, ["train", flag, bogus])
 
 
 def test_device_cuda_n_is_accepted_and_checked(capsys, tmp_path, monkeypatch):
     assert parse(["--device", "cuda:3"]).device == "cuda:3"
-    assert "unknown device 'cuda:x'" in one_line_error(capsys, ["train", "--device", "cuda:x"])
+    assert "unknown device 'cuda:x'" in cli_error(capsys, ["train", "--device", "cuda:x"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine has no CUDA GPU, whatever it is
     monkeypatch.chdir(tmp_path)
-    err = one_line_error(
+    err = cli_error(
         capsys, ["train", "--device", "cuda:1", "--out", str(tmp_path / "run"), "--data-root", str(tmp_path / "data")]
     )
     assert "cuda:1" in err and "no CUDA GPU" in err
@@ -232,17 +221,15 @@ def test_config_file_settings_with_flags_over_them(tmp_path):
 )
 def test_a_bad_config_file_is_one_line_and_creates_nothing(tmp_path, capsys, content, fragment):
     path = write_json(tmp_path / "config.json", content)
-    err = one_line_error(
-        capsys, ["train", "--config", path, "--out", str(tmp_path / "run"), "--data-root", str(tmp_path / "data")]
-    )
+    err = cli_error(capsys, ["train", "--config", path, "--out", str(tmp_path / "run"), "--data-root", str(tmp_path / "data")])
     assert fragment in err
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
 def test_config_with_preset_or_resume_is_refused(tmp_path, capsys):
     path = write_json(tmp_path / "config.json", {"train": {}})
-    assert "--preset" in one_line_error(capsys, ["train", "--config", path, "--preset", "fast"])
-    assert "--resume" in one_line_error(capsys, ["train", "--config", path, "--resume", str(tmp_path / "last.pt")])
+    assert "--preset" in cli_error(capsys, ["train", "--config", path, "--preset", "fast"])
+    assert "--resume" in cli_error(capsys, ["train", "--config", path, "--resume", str(tmp_path / "last.pt")])
 
 
 def metrics_without_time(path) -> list[dict]:

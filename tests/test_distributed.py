@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import make_synthetic_mnist
+from model_files import RUN_FOLDER_FILES
 from digitsum import checkpoint, distributed
 from digitsum.data import Split
 from digitsum.distributed import World, world_from_env
@@ -109,17 +110,7 @@ def test_two_processes_hold_identical_weights_and_write_one_complete_run_folder(
     model = DigitSumNet(ModelConfig.from_dict(saved["model_config"]))
     model.load_state_dict(checkpoint.train_weights(saved))
     assert distributed.state_digest(model) == rank0["weights_sha256"]  # what rank 0 saved is what both hold
-    for name in (
-        "config.json",
-        "metrics.csv",
-        "model.pt",
-        "last.pt",
-        "curves.png",
-        "samples.png",
-        "eval.json",
-        "confusion.png",
-        "mistakes.png",
-    ):
+    for name in RUN_FOLDER_FILES:
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.glob(".*.tmp"))
     assert (run_dir.parent / "latest").resolve() == run_dir

@@ -15,7 +15,7 @@ from digitsum import checkpoint
 from digitsum.errors import DigitsumError, Interrupted
 from digitsum.config import TrainConfig
 from digitsum.train import train
-from model_files import TINY_RUN
+from model_files import RUN_FOLDER_FILES, TINY_RUN
 
 TINY = TINY_RUN  # the config of the session's shared `tiny_run` (conftest.py)
 
@@ -41,17 +41,7 @@ def metric_values(run_dir):
 
 def test_a_run_writes_its_folder_and_points_latest_at_it(tiny_run):
     out = tiny_run  # train(TINY, out_dir=.../runs/tiny) with the default figures and final evaluation
-    for name in (
-        "config.json",
-        "metrics.csv",
-        "model.pt",
-        "last.pt",
-        "curves.png",
-        "samples.png",
-        "eval.json",
-        "confusion.png",
-        "mistakes.png",
-    ):
+    for name in RUN_FOLDER_FILES:
         assert (out / name).exists(), name
     assert (out.parent / "latest").resolve() == out.resolve()
     saved = json.loads((out / "config.json").read_text())

@@ -412,21 +412,8 @@ class Setup:
 
     def epoch(self, config: "TrainConfig", progress: bool = False, on_step=None) -> dict:
         """Train one epoch with this setup (see train_one_epoch)."""
-        if self.world is None:
-            return train_one_epoch(
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                self.train_split,
-                config,
-                self.generator,
-                self.bf16,
-                self.ema,
-                progress,
-                on_step,
-            )
         metrics = train_one_epoch(
-            self.ddp,
+            self.model if self.world is None else self.ddp,
             self.optimizer,
             self.scheduler,
             self.train_split,
@@ -439,7 +426,8 @@ class Setup:
             world=self.world,
             augment_generator=self.augment_generator,
         )
-        distributed.broadcast_state(*[m for m in (self.model, self.ema) if m is not None])
+        if self.world is not None:
+            distributed.broadcast_state(*[m for m in (self.model, self.ema) if m is not None])
         return metrics
 
     @property

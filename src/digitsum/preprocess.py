@@ -32,6 +32,7 @@ import io
 import math
 import os
 import stat
+import zlib
 from pathlib import Path
 from typing import Union
 
@@ -181,22 +182,25 @@ _PNG_METADATA_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
 
 
 def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
-    """A large 8-bit (or less) PNG decoded by torchvision (libpng) straight to grey, transparency
-    flattened as grayscale() does: an "L" image carrying the header's metadata (EXIF), or None where
-    only Pillow can (16-bit, animated, metadata after the pixels, torchvision missing or failing).
+    """A large 8-bit (or less) PNG decoded straight to grey, transparency flattened as grayscale()
+    does: an "L" image carrying the header's metadata (EXIF), or None where only Pillow can (16-bit,
+    animated, metadata after the pixels, the decoders missing or failing).
 
-    Measured for 4096x4096 (benchmarks/preprocess_cost.py; CPU ms, machine load ~7): Pillow holds
-    RGB/RGBA/LA at 4 bytes a pixel (64 MB) and then needs strips of grey conversion; libpng converts
-    while it decodes, to 1 byte a pixel (2 with alpha): decode RGB 91 vs 152 ms, L 22 vs 34 ms, a
-    grainy L page (9 MB of deflate) 153 vs 152 ms; +RSS of the whole preprocessing RGB 85 -> 24 MB,
-    RGBA 88 -> 51 MB. (torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec;
-    should they go, the import fails and Pillow decodes as before.)
+    Opaque 8-bit grey and RGB go to libspng (pyspng; _spng_grey), everything else to libpng
+    (torchvision's decode_png), which converts colour to grey while it decodes, to 1 byte a pixel
+    (2 with alpha). Measured for 4096x4096 (benchmarks/preprocess_cost.py; CPU ms, machine load ~7):
+    Pillow holds RGB/RGBA/LA at 4 bytes a pixel (64 MB) and then needs strips of grey conversion:
+    libpng decode RGB 91 vs Pillow 152 ms, L 22 vs 34 ms, a grainy L page (9 MB of deflate) 153 vs
+    152 ms; +RSS of the whole preprocessing RGB 85 -> 24 MB, RGBA 88 -> 51 MB. (torchvision 0.29
+    marks its image decoders deprecated in favour of TorchCodec; should they go, the import fails
+    and Pillow decodes as before.)
     """
     if data is None or len(data) < 33 or data[24] > 8 or getattr(image, "is_animated", False):
         return None  # data[24]: IHDR's bit depth
     alpha = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
     # The chunks (length, type, data, CRC), less the colour-space ones before the pixels.
     kept, at, pixels = [memoryview(data)[:8]], 8, False
+    idat = []
     while at + 12 <= len(data):
         length, kind = int.from_bytes(data[at : at + 4], "big"), bytes(data[at + 4 : at + 8])
         pixels = pixels or kind == b"IDAT"
@@ -204,25 +208,126 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
             return None  # an orientation Pillow finds after the pixels; or a pathological chunk count
         if pixels or kind not in _PNG_COLOUR_CHUNKS:
             kept.append(memoryview(data)[at : at + 12 + length])
+        if kind == b"IDAT":
+            idat.append(kept[-1])
         at += 12 + length
-    try:
-        import torch
-        from torchvision.io import ImageReadMode, decode_png
-    except Exception:
-        return None
-    encoded = bytearray().join(kept)
-    try:
-        decoded = decode_png(
-            torch.frombuffer(encoded, dtype=torch.uint8), ImageReadMode.GRAY_ALPHA if alpha else ImageReadMode.GRAY
-        )
-    except Exception:  # whatever libpng refuses, Pillow reads or explains
-        return None
-    del encoded, kept
-    pixels = decoded.permute(1, 2, 0).numpy()  # (H, W, channels), as libpng wrote it
-    grey = pixels[..., 0] if not alpha else _flattened(pixels)
+    grey = None
+    if not alpha and image.mode in ("L", "RGB"):
+        grey = _spng_grey(data[16:29], idat)
+    if grey is None:
+        try:
+            import torch
+            from torchvision.io import ImageReadMode, decode_png
+        except Exception:
+            return None
+        encoded = bytearray().join(kept)
+        try:
+            decoded = decode_png(
+                torch.frombuffer(encoded, dtype=torch.uint8), ImageReadMode.GRAY_ALPHA if alpha else ImageReadMode.GRAY
+            )
+        except Exception:  # whatever libpng refuses, Pillow reads or explains
+            return None
+        del encoded, kept
+        pairs = decoded.permute(1, 2, 0).numpy()  # (H, W, channels), as libpng wrote it
+        grey = pairs[..., 0] if not alpha else _flattened(pairs)
     result = Image.fromarray(np.ascontiguousarray(grey), mode="L")
     result.info = dict(image.info)  # EXIF / XMP orientation (getexif reads info)
     return result
+
+
+# An IDAT stream larger than this fraction of its inflated size (paper grain, a photo: mostly
+# literals) is inflated by ISA-L first: 50 vs 158 ms for zlib on a grainy 4096x4096 page, while on
+# a flat page (long matches, ratio ~0.002) zlib inside libspng is the faster.
+_ISAL_RATIO = 0.05
+
+
+def _spng_grey(header: bytes, idat: list) -> np.ndarray | None:
+    """uint8 (H, W) grey of an opaque 8-bit grey or RGB, non-interlaced PNG by libspng (pyspng), or
+    None where that does not apply or fails (the caller falls back to libpng, then Pillow).
+
+    libspng unfilters with SIMD and inflates a flat page faster than libpng: for 4096x4096 (decode
+    alone, min of 7, machine load ~3) L 16 vs 29 ms, RGB 42 vs 106 ms (libpng's grey). Poorly
+    compressed data (grain) is inflated by ISA-L (isal) instead and handed to libspng as stored
+    deflate blocks, which only unfilters it: 80 vs 130-200 ms. RGB comes as 3 bytes a pixel (48 MB
+    at 4096x4096) and is turned into Pillow's luminance in place, strip by strip, into the front of
+    that buffer, so no second full-size array is made. `header`: IHDR's 13 bytes; `idat`: the IDAT
+    chunks whole (length, type, data, CRC). pyspng does not check CRCs (it is built with
+    SPNG_CRC_USE), so they are checked here, as libpng and Pillow do.
+    """
+    width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
+    depth, colour, interlace = header[8], header[9], header[12]
+    if depth != 8 or colour not in (0, 2) or interlace != 0 or not idat:
+        return None
+    try:
+        import pyspng
+    except Exception:
+        return None
+    try:
+        import isal.isal_zlib as fast_zlib  # CRC-32 and inflate by ISA-L (PCLMUL, ~10x zlib's CRC)
+    except Exception:
+        fast_zlib = None
+    crc32 = fast_zlib.crc32 if fast_zlib is not None else zlib.crc32
+    for chunk in idat:
+        if len(chunk) < 12 or crc32(chunk[4:-4]) != int.from_bytes(chunk[-4:], "big"):
+            return None  # truncated or corrupt: libpng or Pillow says what is wrong
+    channels = 1 if colour == 0 else 3
+    inflated = height * (width * channels + 1)
+    compressed = sum(len(chunk) - 12 for chunk in idat)
+    try:
+        if fast_zlib is not None and channels == 1 and compressed > _ISAL_RATIO * inflated:
+            stream = b"".join(chunk[8:-4] for chunk in idat)
+            raw = fast_zlib.decompress(stream, bufsize=inflated)  # checks the zlib stream's Adler-32
+            del stream
+            if len(raw) != inflated:
+                return None
+            png = _stored_png(header, raw)
+            del raw
+        else:
+            png = b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", bytes(header)), *idat, _PNG_END])
+        pixels = pyspng.load(png, "L" if channels == 1 else "RGB")
+    except Exception:
+        return None
+    del png
+    if pixels.shape[:2] != (height, width) or pixels.dtype != np.uint8:
+        return None
+    if channels == 1:
+        return pixels
+    # Luminance in place: strip k's grey goes to bytes [k0 * width, k1 * width) of the buffer, which
+    # hold only rows already read (row r's RGB starts at 3 * r * width); each strip is converted
+    # whole before it is written.
+    flat = pixels.reshape(-1)
+    grey = flat[: height * width].reshape(height, width)
+    rows = 256
+    for top in range(0, height, rows):
+        strip = pixels[top : top + rows]
+        luminance = np.asarray(Image.frombuffer("RGB", (width, strip.shape[0]), strip, "raw", "RGB", 0, 1).convert("L"))
+        grey[top : top + strip.shape[0]] = luminance
+    return grey
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+
+
+def _stored_png(header: bytes, raw: bytes) -> bytes:
+    """A PNG whose one IDAT holds `raw` (inflated, still filtered scanlines) as stored deflate blocks
+    (no compression): libspng then only copies and unfilters. The zlib trailer's Adler-32 and the
+    IDAT's CRC are left 0: the stream was checked when it was inflated, and pyspng checks neither."""
+    block = 65535
+    view = memoryview(raw)
+    count = max(1, -(-len(raw) // block))
+    size = 2 + len(raw) + 5 * count + 4
+    pieces = [_PNG_SIGNATURE, _png_chunk(b"IHDR", bytes(header)), size.to_bytes(4, "big"), b"IDAT\x78\x01"]
+    for index in range(count):
+        piece = view[index * block : (index + 1) * block]
+        last = 1 if index == count - 1 else 0
+        pieces += [bytes((last,)) + len(piece).to_bytes(2, "little") + (len(piece) ^ 0xFFFF).to_bytes(2, "little"), piece]
+    pieces += [bytes(8), _PNG_END]  # Adler-32 and CRC (unchecked), IEND
+    return b"".join(pieces)
 
 
 def _flattened(pairs: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ centre, white ink on black. `preprocess_view()` does the same to whatever a user
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 import os
@@ -174,6 +175,9 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
     return image
 
 
+# The key in a large PNG's Image.info naming the decoder that read it: "libspng", "ISA-L + libspng" or
+# "libpng" (benchmarks/preprocess_cost.py reports it; absent where Pillow decoded).
+DECODER_KEY = "digitsum.decoder"
 # Ancillary PNG chunks that make libpng convert colour to grey in linear light (Pillow, and so the
 # rest of this module, converts the stored values): dropped before torchvision decodes.
 _PNG_COLOUR_CHUNKS = (b"gAMA", b"sRGB", b"cHRM", b"iCCP")
@@ -211,14 +215,17 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
         if kind == b"IDAT":
             idat.append(kept[-1])
         at += 12 + length
-    grey = None
-    if not alpha and image.mode in ("L", "RGB"):
-        grey = _spng_grey(data[16:29], idat)
-    if grey is None:
+    header = data[16:29]
+    decoded = _spng_grey(header, idat) if not alpha and image.mode in ("L", "RGB") else None
+    if decoded is not None:
+        grey, decoder = decoded
+    else:
         try:
             import torch
             from torchvision.io import ImageReadMode, decode_png
         except Exception:
+            return None
+        if not _safe_for_libpng(header, idat):
             return None
         encoded = bytearray().join(kept)
         try:
@@ -229,24 +236,26 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
             return None
         del encoded, kept
         pairs = decoded.permute(1, 2, 0).numpy()  # (H, W, channels), as libpng wrote it
-        grey = pairs[..., 0] if not alpha else _flattened(pairs)
+        grey, decoder = (pairs[..., 0] if not alpha else _flattened(pairs)), "libpng"
     result = Image.fromarray(np.ascontiguousarray(grey), mode="L")
     result.info = dict(image.info)  # EXIF / XMP orientation (getexif reads info)
+    result.info[DECODER_KEY] = decoder
     return result
 
 
 # An IDAT stream larger than this fraction of its inflated size (paper grain, a photo: mostly
 # literals) is inflated by ISA-L first: 50 vs 158 ms for zlib on a grainy 4096x4096 page, while on
 # a flat page (long matches, ratio ~0.002) zlib inside libspng is the faster.
-_ISAL_RATIO = 0.05
+_ISAL_RATIO = 0.06
 
 
-def _spng_grey(header: bytes, idat: list) -> np.ndarray | None:
-    """uint8 (H, W) grey of an opaque 8-bit grey or RGB, non-interlaced PNG by libspng (pyspng), or
-    None where that does not apply or fails (the caller falls back to libpng, then Pillow).
+def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
+    """uint8 (H, W) grey of an opaque 8-bit grey or RGB, non-interlaced PNG by libspng (pyspng) and
+    the decoder's name, or None where that does not apply or fails (the caller falls back to libpng,
+    then Pillow).
 
-    libspng unfilters with SIMD and inflates a flat page faster than libpng: for 4096x4096 (decode
-    alone, min of 7, machine load ~3) L 16 vs 29 ms, RGB 42 vs 106 ms (libpng's grey). Poorly
+    libspng inflates and unfilters a flat page faster than libpng: for 4096x4096 (decode alone, min
+    of 7, machine load ~3) L 16 vs 29 ms, RGB 42 vs 106 ms (libpng's grey). Poorly
     compressed data (grain) is inflated by ISA-L (isal) instead and handed to libspng as stored
     deflate blocks, which only unfilters it: 80 vs 130-200 ms. RGB comes as 3 bytes a pixel (48 MB
     at 4096x4096) and is turned into Pillow's luminance in place, strip by strip, into the front of
@@ -263,22 +272,25 @@ def _spng_grey(header: bytes, idat: list) -> np.ndarray | None:
     except Exception:
         return None
     try:
-        import isal.isal_zlib as fast_zlib  # CRC-32 and inflate by ISA-L (PCLMUL, ~10x zlib's CRC)
+        import isal.isal_zlib as fast_zlib  # ISA-L inflate
     except Exception:
         fast_zlib = None
-    crc32 = fast_zlib.crc32 if fast_zlib is not None else zlib.crc32
-    for chunk in idat:
-        if len(chunk) < 12 or crc32(chunk[4:-4]) != int.from_bytes(chunk[-4:], "big"):
-            return None  # truncated or corrupt: libpng or Pillow says what is wrong
+    if not _crcs_right(idat):
+        return None  # truncated or corrupt: Pillow says what is wrong
     channels = 1 if colour == 0 else 3
     inflated = height * (width * channels + 1)
     compressed = sum(len(chunk) - 12 for chunk in idat)
     try:
+        decoder = "libspng"
         if fast_zlib is not None and channels == 1 and compressed > _ISAL_RATIO * inflated:
+            decoder = "ISA-L + libspng"
             stream = b"".join(chunk[8:-4] for chunk in idat)
-            raw = fast_zlib.decompress(stream, bufsize=inflated)  # checks the zlib stream's Adler-32
+            inflater = fast_zlib.decompressobj()
+            # At most one byte more than the image holds (a deflate bomb stops there); the whole
+            # stream, to its end, where the Adler-32 is checked.
+            raw = inflater.decompress(stream, inflated + 1)
             del stream
-            if len(raw) != inflated:
+            if len(raw) != inflated or not inflater.eof:
                 return None
             png = _stored_png(header, raw)
             del raw
@@ -291,7 +303,7 @@ def _spng_grey(header: bytes, idat: list) -> np.ndarray | None:
     if pixels.shape[:2] != (height, width) or pixels.dtype != np.uint8:
         return None
     if channels == 1:
-        return pixels
+        return pixels, decoder
     # Luminance in place: strip k's grey goes to bytes [k0 * width, k1 * width) of the buffer, which
     # hold only rows already read (row r's RGB starts at 3 * r * width); each strip is converted
     # whole before it is written.
@@ -302,7 +314,75 @@ def _spng_grey(header: bytes, idat: list) -> np.ndarray | None:
         strip = pixels[top : top + rows]
         luminance = np.asarray(Image.frombuffer("RGB", (width, strip.shape[0]), strip, "raw", "RGB", 0, 1).convert("L"))
         grey[top : top + strip.shape[0]] = luminance
-    return grey
+    return grey, decoder
+
+
+def _crcs_right(chunks: list) -> bool:
+    """Whether every chunk (length, type, data, CRC) is whole and its CRC-32 right."""
+    try:
+        from isal.isal_zlib import crc32  # ISA-L: ~10x zlib's CRC-32 (PCLMUL)
+    except Exception:
+        crc32 = zlib.crc32
+    return all(len(chunk) >= 12 and crc32(chunk[4:-4]) == int.from_bytes(chunk[-4:], "big") for chunk in chunks)
+
+
+# Adam7's passes: first column and row, column and row step
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _safe_for_libpng(header: bytes, idat: list) -> bool:
+    """Whether libpng can read the pixels without an error. torchvision's decode_png (0.29) kills
+    the process (SIGSEGV) on any libpng error while it reads the rows - an IDAT CRC error, a bad
+    Adler-32, invalid deflate data, a bad filter type - where the one-line ImageError is due: so
+    the IDAT chunks' CRCs are checked, and their zlib stream is inflated here, in 4 MB pieces that
+    are thrown away (bounded memory), to its end and Adler-32, to exactly the bytes the header
+    calls for, with a valid filter type (0-4) at the start of every row. Cost at 4096x4096: ~7 ms
+    for a flat RGBA page with zlib-ng, whose inflate is ~12x zlib's on such long runs; ISA-L's
+    for poorly compressed data (~3x zlib's)."""
+    width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
+    depth, colour, interlace = header[8], header[9], header[12]
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour)
+    if channels is None or not idat or not _crcs_right(idat):
+        return False
+    # Where each row's filter-type byte sits in the inflated stream
+    rows = []
+    for left, top, step_x, step_y in _ADAM7 if interlace else ((0, 0, 1, 1),):
+        pass_width, pass_height = max(0, -(-(width - left) // step_x)), max(0, -(-(height - top) // step_y))
+        if pass_width:
+            rows += [(pass_width * channels * depth + 7) // 8 + 1] * pass_height
+    starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
+    expected = int(starts[-1])
+    starts = starts[:-1]
+    inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * expected).decompressobj()
+    done = 0
+    try:
+        for chunk in idat:
+            pending = chunk[8:-4]
+            while pending:
+                piece = inflater.decompress(pending, 4 << 20)
+                pending = inflater.unconsumed_tail
+                if done + len(piece) > expected or (not piece and pending):
+                    return False
+                inside = starts[np.searchsorted(starts, done) : np.searchsorted(starts, done + len(piece))] - done
+                if inside.size and int(np.frombuffer(piece, np.uint8)[inside].max()) > 4:
+                    return False
+                done += len(piece)
+                if inflater.eof:
+                    break
+    except Exception:  # invalid deflate data or Adler-32
+        return False
+    return inflater.eof and done == expected
+
+
+def _inflater(poorly_compressed: bool):
+    """The fastest zlib-compatible module installed for the data: ISA-L for mostly literals (grain,
+    photos), zlib-ng for long runs (flat pages), else the standard library's zlib."""
+    for name in ("isal.isal_zlib", "zlib_ng.zlib_ng") if poorly_compressed else ("zlib_ng.zlib_ng", "isal.isal_zlib"):
+        try:
+            return importlib.import_module(name)
+        except Exception:
+            continue
+    return zlib
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import zlib
 
 import numpy as np
@@ -438,7 +439,7 @@ def _large_pngs() -> dict[str, bytes]:
         "1": encoded(grey.convert("1")),
         "RGB": encoded(Image.fromarray(rgb)),
         "RGB sRGB": encoded(Image.fromarray(rgb), pnginfo=gamma),
-        "RGB interlaced": encoded(Image.fromarray(rgb), optimize=False, interlace=1),
+        "RGB interlaced": _interlaced_png(rgb),
         "RGBA": encoded(Image.fromarray(transparent, "RGBA")),
         "RGBA light": encoded(Image.fromarray(light, "RGBA")),
         "RGBA opaque": encoded(Image.fromarray(rgb).convert("RGBA")),
@@ -446,7 +447,23 @@ def _large_pngs() -> dict[str, bytes]:
         "P": encoded(palette),
         "P transparent": encoded(palette, transparency=0),
         "L tRNS": encoded(grey, transparency=235),
+        "L grain": encoded(Image.fromarray(_grainy_seven())),
     }
+
+
+def _interlaced_png(pixels: np.ndarray) -> bytes:
+    """An Adam7-interlaced 8-bit RGB PNG (Pillow writes none): each pass's rows, filter type 0."""
+    height, width, _ = pixels.shape
+    passes = [pixels[top::step_y, left::step_x] for left, top, step_x, step_y in preprocess._ADAM7]
+    raw = b"".join(b"\x00" + row.tobytes() for image in passes if image.shape[1] for row in image)
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 1])
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
+
+
+def _grainy_seven(size=(1100, 1300)) -> np.ndarray:
+    """A '7' on paper with grain (+-6 levels): poorly compressed, like a scan or a photo."""
+    page = np.asarray(seven(size, ink=40, paper=235, width=30), np.int16)
+    return np.clip(page + np.random.default_rng(0).integers(-6, 7, page.shape), 0, 255).astype(np.uint8)
 
 
 @pytest.mark.parametrize("kind", list(_large_pngs()))
@@ -486,6 +503,131 @@ def test_a_large_png_keeps_its_exif_orientation_wherever_the_chunk_is(where):
         data = plain[:end] + _png_chunk(b"eXIf", exif.tobytes()[6:]) + plain[end:]
         assert preprocess.open_image(data, max_decoded_side=1024).format == "PNG"  # left to Pillow
     assert similar(preprocess_view(data), preprocess_view(encoded(upright))) > 0.95
+
+
+# What reads each large PNG: libspng the opaque 8-bit grey and RGB ones (ISA-L inflating a poorly
+# compressed grey one first), libpng (torchvision) what has alpha, a palette, < 8 bits or interlacing.
+DECODERS = {
+    "L": "libspng",
+    "L grain": "ISA-L + libspng",
+    "L tRNS": "libspng",
+    "RGB": "libspng",
+    "RGB sRGB": "libspng",
+    "RGB interlaced": "libpng",
+    "1": "libpng",
+    "RGBA": "libpng",
+    "RGBA light": "libpng",
+    "RGBA opaque": "libpng",
+    "LA": "libpng",
+    "P": "libpng",
+    "P transparent": "libpng",
+}
+
+
+@pytest.mark.parametrize("kind", list(DECODERS))
+def test_each_large_png_goes_to_its_decoder_and_libspng_gives_pillows_grey_exactly(kind):
+    pytest.importorskip("pyspng")  # (a dependency where PyPI has its wheel; else libpng reads all)
+    pytest.importorskip("isal")
+    data = _large_pngs()[kind]
+    decoded = preprocess.open_image(data, max_decoded_side=1024)
+    assert decoded.info[preprocess.DECODER_KEY] == DECODERS[kind]
+    if DECODERS[kind] != "libpng":  # grey as Pillow's convert("L") computes it, to the level
+        assert np.array_equal(np.asarray(decoded), np.asarray(Image.open(io.BytesIO(data)).convert("L")))
+
+
+@pytest.mark.parametrize("missing", [("pyspng", "isal", "zlib_ng"), ("isal",)])
+def test_without_the_fast_decoders_large_pngs_are_read_by_libpng_or_plain_libspng(missing, monkeypatch):
+    for name in missing:  # an import of a module set to None raises ImportError
+        for module in [name] + [key for key in list(sys.modules) if key.startswith(name + ".")] + [f"{name}.{name}_zlib", f"{name}.{name}"]:
+            monkeypatch.setitem(sys.modules, module, None)
+    pngs = _large_pngs()
+    for kind in ("L", "L grain", "RGB", "RGBA"):
+        decoded = preprocess.open_image(pngs[kind], max_decoded_side=1024)
+        expected = "libpng" if "pyspng" in missing or kind == "RGBA" else "libspng"
+        assert decoded.info[preprocess.DECODER_KEY] == expected
+        pillow = np.asarray(Image.open(io.BytesIO(pngs[kind])).convert("L"), int)
+        assert np.abs(np.asarray(decoded, int) - pillow).max() <= (0 if kind.startswith("L") else 8)
+
+
+def _with_stream(data: bytes, stream: bytes, crc: bool = True) -> bytes:
+    """`data` (a PNG) with its IDAT chunks replaced by one holding `stream` (CRC right or not)."""
+    chunks, at = [], 8
+    while at < len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        chunks.append((data[at + 4 : at + 8], data[at : at + 12 + length]))
+        at += 12 + length
+    first = next(i for i, (kind, _) in enumerate(chunks) if kind == b"IDAT")
+    idat = _png_chunk(b"IDAT", stream)
+    if not crc:
+        idat = idat[:-4] + bytes(4)
+    rest = [whole for kind, whole in chunks if kind != b"IDAT"]
+    return data[:8] + b"".join(rest[: first - 0]) + idat + b"".join(rest[first:])
+
+
+def _inflated(data: bytes) -> bytes:
+    at, stream = 8, b""
+    while at < len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        if data[at + 4 : at + 8] == b"IDAT":
+            stream += data[at + 8 : at + 8 + length]
+        at += 12 + length
+    return zlib.decompress(stream)
+
+
+def _read_both_ways(data: bytes, monkeypatch) -> tuple:
+    """(what open_image gives, what Pillow alone gives): an "L" array or the ImageError's message."""
+    results = []
+    for fast in (True, False):
+        with monkeypatch.context() as patch:
+            if not fast:
+                patch.setattr(preprocess, "_png_as_grey", lambda image, data: None)
+            try:
+                results.append(np.asarray(preprocess.open_image(data, max_decoded_side=1024).convert("L"), int))
+            except ImageError as error:
+                assert "\n" not in str(error)
+                results.append(str(error))
+    return tuple(results)
+
+
+@pytest.mark.parametrize("kind", ["L grain", "RGB", "RGBA", "P"])  # ISA-L + libspng, libspng, libpng, libpng
+@pytest.mark.parametrize("damage", ["CRC", "deflate data", "Adler-32", "filter type", "truncated stream", "truncated file"])
+def test_a_damaged_large_png_reads_as_pillow_reads_it_and_never_crashes(kind, damage, monkeypatch):
+    # torchvision's decode_png kills the process (SIGSEGV) on an IDAT CRC error, a bad Adler-32,
+    # invalid deflate data or filter type: these must never reach it. Pillow decides instead:
+    # an ImageError for a broken stream; the pixels where it ignores the damage (a CRC, an
+    # Adler-32 it stops reading before).
+    data = _large_pngs()[kind]
+    raw = _inflated(data)
+    stream = zlib.compress(raw)
+    middle = len(stream) // 2
+    if damage == "CRC":
+        damaged = _with_stream(data, stream, crc=False)
+    elif damage == "deflate data":
+        damaged = _with_stream(data, stream[:middle] + bytes([stream[middle] ^ 0x55]) + stream[middle + 1 :])
+    elif damage == "Adler-32":
+        damaged = _with_stream(data, stream[:-4] + bytes(b ^ 0xFF for b in stream[-4:]))
+    elif damage == "filter type":
+        row = len(raw) // 1300  # every image here is 1300 rows high, not interlaced
+        damaged = _with_stream(data, zlib.compress(raw[: 600 * row] + b"\x07" + raw[600 * row + 1 :]))
+    elif damage == "truncated stream":
+        damaged = _with_stream(data, stream[:middle])
+    else:
+        damaged = data[: len(data) // 2]
+    ours, pillow = _read_both_ways(damaged, monkeypatch)
+    if isinstance(pillow, str):
+        assert ours == pillow and "damaged or truncated" in ours
+    else:  # (libpng's RGB -> grey weights differ from Pillow's by a few levels)
+        assert not isinstance(ours, str) and np.abs(ours - pillow).max() <= (0 if kind != "RGBA" else 8)
+
+
+@pytest.mark.parametrize("kind", ["L grain", "RGB", "RGBA"])
+def test_a_large_png_whose_stream_inflates_past_the_image_reads_as_pillow_reads_it(kind, monkeypatch):
+    # 64 MB more than the header calls for (a deflate bomb): every decoder stops at the image's size
+    data = _large_pngs()[kind]
+    compress = zlib.compressobj()
+    stream = compress.compress(_inflated(data)) + b"".join(compress.compress(bytes(1 << 20)) for _ in range(64)) + compress.flush()
+    ours, pillow = _read_both_ways(_with_stream(data, stream), monkeypatch)
+    assert np.array_equal(ours, pillow) and np.array_equal(pillow, np.asarray(Image.open(io.BytesIO(data)).convert("L")))
 
 
 @pytest.mark.parametrize("shape", [(6, 8), (7, 9), (64, 33)])

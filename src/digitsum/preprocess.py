@@ -225,7 +225,7 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
             from torchvision.io import ImageReadMode, decode_png
         except Exception:
             return None
-        if not _safe_for_libpng(header, idat):
+        if not _stream_sound(header, idat):
             return None
         encoded = bytearray().join(kept)
         try:
@@ -260,8 +260,7 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
     deflate blocks, which only unfilters it: 80 vs 130-200 ms. RGB comes as 3 bytes a pixel (48 MB
     at 4096x4096) and is turned into Pillow's luminance in place, strip by strip, into the front of
     that buffer, so no second full-size array is made. `header`: IHDR's 13 bytes; `idat`: the IDAT
-    chunks whole (length, type, data, CRC). pyspng does not check CRCs (it is built with
-    SPNG_CRC_USE), so they are checked here, as libpng and Pillow do.
+    chunks whole (length, type, data, CRC).
     """
     width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
     depth, colour, interlace = header[8], header[9], header[12]
@@ -275,8 +274,6 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
         import isal.isal_zlib as fast_zlib  # ISA-L inflate
     except Exception:
         fast_zlib = None
-    if not _crcs_right(idat):
-        return None  # truncated or corrupt: Pillow says what is wrong
     channels = 1 if colour == 0 else 3
     inflated = height * (width * channels + 1)
     compressed = sum(len(chunk) - 12 for chunk in idat)
@@ -284,6 +281,8 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
         decoder = "libspng"
         if fast_zlib is not None and channels == 1 and compressed > _ISAL_RATIO * inflated:
             decoder = "ISA-L + libspng"
+            if not _crcs_right(idat):
+                return None  # corrupt: Pillow says what is wrong (or reads it, as it always did)
             stream = b"".join(chunk[8:-4] for chunk in idat)
             inflater = fast_zlib.decompressobj()
             # At most one byte more than the image holds (a deflate bomb stops there); the whole
@@ -295,6 +294,10 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
             png = _stored_png(header, raw)
             del raw
         else:
+            # libspng is built to ignore CRCs and the Adler-32 (pyspng's SPNG_CRC_USE): checked
+            # here, so that damage Pillow would refuse is refused (~5 ms for a flat page).
+            if not _stream_sound(header, idat):
+                return None
             png = b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", bytes(header)), *idat, _PNG_END])
         pixels = pyspng.load(png, "L" if channels == 1 else "RGB")
     except Exception:
@@ -330,8 +333,8 @@ def _crcs_right(chunks: list) -> bool:
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
-def _safe_for_libpng(header: bytes, idat: list) -> bool:
-    """Whether libpng can read the pixels without an error. torchvision's decode_png (0.29) kills
+def _stream_sound(header: bytes, idat: list) -> bool:
+    """Whether a decoder can read the pixels without an error. torchvision's decode_png (0.29) kills
     the process (SIGSEGV) on any libpng error while it reads the rows - an IDAT CRC error, a bad
     Adler-32, invalid deflate data, a bad filter type - where the one-line ImageError is due: so
     the IDAT chunks' CRCs are checked, and their zlib stream is inflated here, in 4 MB pieces that

@@ -5,8 +5,17 @@ preprocess of one file, median wall and CPU time of --repeats runs after one war
 peak RSS increase over the process's RSS just before (/proc/self/status VmHWM after clear_refs;
 torch and torchvision are imported before that, as in `digitsum predict`/`serve`). "before" is
 the preprocessing of commit 442c91f (predict.py before preprocess.py existed), loaded from git.
+"decode ms" is open_image() alone (median wall), "decoder" what read a large PNG (libspng,
+ISA-L + libspng, libpng; Pillow otherwise).
 
-    python benchmarks/preprocess_cost.py [--repeats 5] [--side 4096]
+--decoders prints, instead, the decode alone of each PNG input by each candidate decoder side by
+side (one process, min and median wall ms of --repeats runs after a warm-up): Pillow, libpng
+(torchvision's decode_png, to grey or grey+alpha as our fallback asks), libspng (pyspng, to the
+PNG's own channels), ISA-L inflate + libspng unfilter, imagecodecs' libpng/libspng where
+installed, and ours (open_image). Other processes on the machine disturb both tables: the load
+average is printed with each row.
+
+    python benchmarks/preprocess_cost.py [--repeats 5] [--side 4096] [--decoders]
 
 Target (issue 10): <= 100 ms and <= 64 MB extra RSS for a 4096x4096 input on a 2-core CPU.
 """
@@ -16,9 +25,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +46,9 @@ data = open(sys.argv[1], "rb").read()
 # Loaded before the baseline RSS is taken, in both versions: digitsum predict/serve have torch loaded
 # for the model, and ours decodes large PNGs with torchvision (its import is not per-image memory).
 import torch, torchvision.io
+decoder, decode_ms = "", float("nan")
 if sys.argv[2] == "ours":
-    from digitsum.preprocess import preprocess_view as run
+    from digitsum.preprocess import DECODER_KEY, WORK_SIDE, open_image, preprocess_view as run
 else:
     import importlib.util
     spec = importlib.util.spec_from_file_location("before_predict", sys.argv[4])
@@ -55,8 +68,15 @@ for _ in range(int(sys.argv[5])):
     run(data)
     walls.append(time.perf_counter() - wall)
     cpus.append(time.process_time() - cpu)
+if sys.argv[2] == "ours":
+    decodes = []
+    for _ in range(int(sys.argv[5])):
+        wall = time.perf_counter()
+        image = open_image(data, max_decoded_side=2 * WORK_SIDE)
+        decodes.append(time.perf_counter() - wall)
+    decoder, decode_ms = image.info.get(DECODER_KEY, "Pillow"), 1000 * statistics.median(decodes)
 print(json.dumps({"wall_ms": 1000 * statistics.median(walls), "cpu_ms": 1000 * statistics.median(cpus),
-                  "rss_mb": (peak - base) / 1024}))
+                  "rss_mb": (peak - base) / 1024, "decode_ms": decode_ms, "decoder": decoder}))
 """
 
 
@@ -69,12 +89,17 @@ def inputs(side: int) -> dict[str, bytes]:
     )
     rng = np.random.default_rng(0)
     noisy = np.clip(np.asarray(page, np.int16) + rng.integers(-6, 7, page.size[::-1]), 0, 255).astype(np.uint8)
+    # A drawing app's transparent canvas: black everywhere, the strokes only in the alpha channel
+    canvas = np.zeros((side, side, 4), np.uint8)
+    canvas[..., 3] = np.where(np.asarray(page) < 128, 255, 0)
     files = {}
     for name, image, fmt, options in [
         ("PNG L (flat page)", page, "PNG", {}),
         ("PNG RGB (flat page)", page.convert("RGB"), "PNG", {}),
         ("PNG RGBA (flat page)", page.convert("RGBA"), "PNG", {}),
+        ("PNG RGBA (ink only in alpha)", Image.fromarray(canvas, "RGBA"), "PNG", {}),
         ("PNG L (paper grain)", Image.fromarray(noisy), "PNG", {}),
+        ("PNG RGB (paper grain)", Image.fromarray(noisy).convert("RGB"), "PNG", {}),
         ("JPEG RGB q90 (paper grain)", Image.fromarray(noisy).convert("RGB"), "JPEG", {"quality": 90}),
     ]:
         buffer = io.BytesIO()
@@ -83,11 +108,91 @@ def inputs(side: int) -> dict[str, bytes]:
     return files
 
 
+def decoders(side: int, repeats: int) -> None:
+    """The decode-alone table (--decoders): each candidate on each PNG input, in this process."""
+    import importlib.util
+    import zlib
+
+    import torch
+    from torchvision.io import ImageReadMode, decode_png
+
+    sys.path.insert(0, str(REPO / "src"))
+    from digitsum import preprocess
+
+    torch.set_num_threads(1)  # as in digitsum predict's preprocessing: one image, one core
+
+    def pillow(data):
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+
+    def libpng(data):
+        alpha = Image.open(io.BytesIO(data)).mode in ("RGBA", "LA")
+        mode = ImageReadMode.GRAY_ALPHA if alpha else ImageReadMode.GRAY
+        return decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode)
+
+    def isal_libspng(data):
+        import isal.isal_zlib
+        import pyspng
+
+        at, stream = 8, []
+        while at < len(data):
+            length = int.from_bytes(data[at : at + 4], "big")
+            if data[at + 4 : at + 8] == b"IDAT":
+                stream.append(data[at + 8 : at + 8 + length])
+            at += 12 + length
+        return pyspng.load(preprocess._stored_png(data[16:29], isal.isal_zlib.decompress(b"".join(stream))))
+
+    candidates = {
+        "Pillow": pillow,
+        "libpng (torchvision, to grey)": libpng,
+        "ours (open_image)": lambda data: preprocess.open_image(data, max_decoded_side=2 * preprocess.WORK_SIDE),
+    }
+    if importlib.util.find_spec("pyspng"):
+        import pyspng
+
+        candidates["libspng (pyspng)"] = pyspng.load
+        if importlib.util.find_spec("isal"):
+            candidates["ISA-L + libspng"] = isal_libspng
+    if importlib.util.find_spec("imagecodecs"):
+        import imagecodecs
+
+        candidates["imagecodecs png (libpng)"] = imagecodecs.png_decode
+        candidates["imagecodecs spng (libspng)"] = imagecodecs.spng_decode
+    print(
+        f"decode alone, one {side}x{side} PNG per row; min / median wall ms of {repeats} after a warm-up; "
+        f"zlib {zlib.ZLIB_RUNTIME_VERSION}\n"
+    )
+    print("| input | file KB | " + " | ".join(candidates) + " | load avg |")
+    print("|---|---|" + "---|" * len(candidates) + "---|")
+    for name, data in inputs(side).items():
+        if not name.startswith("PNG"):
+            continue
+        cells = []
+        for decode in candidates.values():
+            try:
+                decode(data)
+            except Exception as error:
+                cells.append(f"fails ({type(error).__name__})")
+                continue
+            walls = []
+            for _ in range(repeats):
+                wall = time.perf_counter()
+                decode(data)
+                walls.append(1000 * (time.perf_counter() - wall))
+            cells.append(f"{min(walls):.0f} / {statistics.median(walls):.0f}")
+        print(f"| {name} | {len(data) / 1024:,.0f} | " + " | ".join(cells) + f" | {os.getloadavg()[0]:.1f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--side", type=int, default=4096)
+    parser.add_argument("--decoders", action="store_true", help="the decode-alone table of the candidate PNG decoders instead")
     args = parser.parse_args(argv)
+    if args.decoders:
+        decoders(args.side, args.repeats)
+        return 0
     with tempfile.TemporaryDirectory() as folder:
         before = Path(folder) / "before_predict.py"
         before.write_text(
@@ -100,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             f"'before' = preprocessing of {BEFORE}\n"
         )
         print(
-            "| input | file KB | ours wall ms | ours CPU ms | ours +RSS MB | before wall ms | before +RSS MB "
-            "| time ratio before/ours | RSS ratio before/ours |"
+            "| input | file KB | decoder | decode ms | ours wall ms | ours CPU ms | ours +RSS MB | before wall ms "
+            "| before +RSS MB | time ratio before/ours | RSS ratio before/ours | load avg |"
         )
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, data in inputs(args.side).items():
             path = Path(folder) / "input.bin"
             path.write_bytes(data)
@@ -116,14 +221,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if output.returncode != 0:
                     results[version] = {"wall_ms": float("nan"), "cpu_ms": float("nan"), "rss_mb": float("nan")}
+                    results[version].update(decode_ms=float("nan"), decoder="failed")
                     print(f"  ({version} failed: {output.stderr.strip().splitlines()[-1][:120]})", file=sys.stderr)
                 else:
                     results[version] = json.loads(output.stdout.strip().splitlines()[-1])
             ours, old = results["ours"], results["before"]
             print(
-                f"| {name} | {len(data) / 1024:,.0f} | {ours['wall_ms']:.0f} | {ours['cpu_ms']:.0f} | {ours['rss_mb']:.0f} "
-                f"| {old['wall_ms']:.0f} | {old['rss_mb']:.0f} | {old['wall_ms'] / ours['wall_ms']:.1f}x "
-                f"| {old['rss_mb'] / max(ours['rss_mb'], 1):.1f}x |",
+                f"| {name} | {len(data) / 1024:,.0f} | {ours['decoder']} | {ours['decode_ms']:.0f} | {ours['wall_ms']:.0f} "
+                f"| {ours['cpu_ms']:.0f} | {ours['rss_mb']:.0f} | {old['wall_ms']:.0f} | {old['rss_mb']:.0f} "
+                f"| {old['wall_ms'] / ours['wall_ms']:.1f}x | {old['rss_mb'] / max(ours['rss_mb'], 1):.1f}x "
+                f"| {os.getloadavg()[0]:.1f} |",
                 flush=True,
             )
     return 0

@@ -190,7 +190,7 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     does: an "L" image carrying the header's metadata (EXIF), or None where only Pillow can (16-bit,
     animated, metadata after the pixels, the decoders missing or failing).
 
-    Opaque 8-bit grey and RGB go to libspng (pyspng; _spng_grey), everything else to libpng
+    Opaque 8-bit grey goes to libspng (pyspng; _spng_grey), everything else to libpng
     (torchvision's decode_png), which converts colour to grey while it decodes, to 1 byte a pixel
     (2 with alpha). Measured for 4096x4096 (benchmarks/preprocess_cost.py; CPU ms, machine load ~7):
     Pillow holds RGB/RGBA/LA at 4 bytes a pixel (64 MB) and then needs strips of grey conversion:
@@ -216,7 +216,7 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
             idat.append(kept[-1])
         at += 12 + length
     header = data[16:29]
-    decoded = _spng_grey(header, idat) if not alpha and image.mode in ("L", "RGB") else None
+    decoded = _spng_grey(header, idat) if not alpha and image.mode == "L" else None
     if decoded is not None:
         grey, decoder = decoded
     else:
@@ -250,21 +250,22 @@ _ISAL_RATIO = 0.06
 
 
 def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
-    """uint8 (H, W) grey of an opaque 8-bit grey or RGB, non-interlaced PNG by libspng (pyspng) and
-    the decoder's name, or None where that does not apply or fails (the caller falls back to libpng,
+    """uint8 (H, W) grey of an opaque 8-bit grey, non-interlaced PNG by libspng (pyspng) and the
+    decoder's name, or None where that does not apply or fails (the caller falls back to libpng,
     then Pillow).
 
-    libspng inflates and unfilters a flat page faster than libpng: for 4096x4096 (decode alone, min
-    of 7, machine load ~3) L 16 vs 29 ms, RGB 42 vs 106 ms (libpng's grey). Poorly
-    compressed data (grain) is inflated by ISA-L (isal) instead and handed to libspng as stored
-    deflate blocks, which only unfilters it: 80 vs 130-200 ms. RGB comes as 3 bytes a pixel (48 MB
-    at 4096x4096) and is turned into Pillow's luminance in place, strip by strip, into the front of
-    that buffer, so no second full-size array is made. `header`: IHDR's 13 bytes; `idat`: the IDAT
-    chunks whole (length, type, data, CRC).
+    Poorly compressed data (paper grain, a photo) is inflated by ISA-L (isal) and handed to libspng
+    as stored deflate blocks, which it only copies and unfilters: for a grainy 4096x4096 page
+    (decode alone, min of 7, machine load ~6) 86 vs 171 ms for libpng, 159 ms for libspng alone.
+    A flat page goes to libspng whole: 10-17 vs 24 ms. Not RGB: libspng has no colour-to-grey
+    transformation, and its 3 bytes a pixel (48 MB at 4096x4096, held while converted) took the
+    whole preprocessing to +59 MB RSS (+79 MB for a grainy RGB page) against libpng's +24 MB, for
+    15-20% less decode time. `header`: IHDR's 13 bytes; `idat`: the IDAT chunks whole (length,
+    type, data, CRC).
     """
     width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
     depth, colour, interlace = header[8], header[9], header[12]
-    if depth != 8 or colour not in (0, 2) or interlace != 0 or not idat:
+    if depth != 8 or colour != 0 or interlace != 0 or not idat:
         return None
     try:
         import pyspng
@@ -274,12 +275,11 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
         import isal.isal_zlib as fast_zlib  # ISA-L inflate
     except Exception:
         fast_zlib = None
-    channels = 1 if colour == 0 else 3
-    inflated = height * (width * channels + 1)
+    inflated = height * (width + 1)
     compressed = sum(len(chunk) - 12 for chunk in idat)
     try:
         decoder = "libspng"
-        if fast_zlib is not None and channels == 1 and compressed > _ISAL_RATIO * inflated:
+        if fast_zlib is not None and compressed > _ISAL_RATIO * inflated:
             decoder = "ISA-L + libspng"
             if not _crcs_right(idat):
                 return None  # corrupt: Pillow says what is wrong (or reads it, as it always did)
@@ -299,25 +299,13 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
             if not _stream_sound(header, idat):
                 return None
             png = b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", bytes(header)), *idat, _PNG_END])
-        pixels = pyspng.load(png, "L" if channels == 1 else "RGB")
+        pixels = pyspng.load(png, "L")
     except Exception:
         return None
     del png
-    if pixels.shape[:2] != (height, width) or pixels.dtype != np.uint8:
+    if pixels.shape != (height, width) or pixels.dtype != np.uint8:
         return None
-    if channels == 1:
-        return pixels, decoder
-    # Luminance in place: strip k's grey goes to bytes [k0 * width, k1 * width) of the buffer, which
-    # hold only rows already read (row r's RGB starts at 3 * r * width); each strip is converted
-    # whole before it is written.
-    flat = pixels.reshape(-1)
-    grey = flat[: height * width].reshape(height, width)
-    rows = 256
-    for top in range(0, height, rows):
-        strip = pixels[top : top + rows]
-        luminance = np.asarray(Image.frombuffer("RGB", (width, strip.shape[0]), strip, "raw", "RGB", 0, 1).convert("L"))
-        grey[top : top + strip.shape[0]] = luminance
-    return grey, decoder
+    return pixels, decoder
 
 
 def _crcs_right(chunks: list) -> bool:
@@ -337,7 +325,7 @@ def _stream_sound(header: bytes, idat: list) -> bool:
     """Whether a decoder can read the pixels without an error. torchvision's decode_png (0.29) kills
     the process (SIGSEGV) on any libpng error while it reads the rows - an IDAT CRC error, a bad
     Adler-32, invalid deflate data, a bad filter type - where the one-line ImageError is due: so
-    the IDAT chunks' CRCs are checked, and their zlib stream is inflated here, in 4 MB pieces that
+    the IDAT chunks' CRCs are checked, and their zlib stream is inflated here, in 1 MB pieces that
     are thrown away (bounded memory), to its end and Adler-32, to exactly the bytes the header
     calls for, with a valid filter type (0-4) at the start of every row. Cost at 4096x4096: ~7 ms
     for a flat RGBA page with zlib-ng, whose inflate is ~12x zlib's on such long runs; ISA-L's
@@ -362,7 +350,7 @@ def _stream_sound(header: bytes, idat: list) -> bool:
         for chunk in idat:
             pending = chunk[8:-4]
             while pending:
-                piece = inflater.decompress(pending, 4 << 20)
+                piece = inflater.decompress(pending, 1 << 20)
                 pending = inflater.unconsumed_tail
                 if done + len(piece) > expected or (not piece and pending):
                     return False
@@ -419,23 +407,34 @@ def _flattened(pairs: np.ndarray) -> np.ndarray:
     mean of the visible pixels), in strips of rows so that no full-size wider copy is made.
     Compositing commutes with the box average that follows (both linear), so this equals
     grayscale() of the reduced image to a grey level."""
-    grey, alpha = pairs[..., 0], pairs[..., 1]
-    # Opaque after all (a canvas export saved as RGBA) when every alpha byte is 255, i.e. every pair
-    # read as a little-endian 16-bit word is >= 0xFF00: one contiguous min, 1.6 vs 11.7 ms CPU for
-    # the strided alpha's sum at 4096x4096.
-    if pairs.view("<u2").min() >= 0xFF00:
-        return grey
-    height, rows = grey.shape[0], 256
-    visible = int(alpha.sum(dtype=np.int64))
-    weighted = sum(
-        int((grey[top : top + rows].astype(np.uint32) * alpha[top : top + rows]).sum(dtype=np.int64))
-        for top in range(0, height, rows)
-    )
-    background = 255 if visible == 0 or weighted / (255 * visible) < 0.5 else 0
-    flat = np.empty(grey.shape, np.uint8)
+    # Each pair read as a little-endian 16-bit word is grey + 256 * alpha: contiguous, where the
+    # channels are strided (1.8x faster than uint32 channel copies for a 4096x4096 canvas). Opaque
+    # after all (a canvas export saved as RGBA) when every word is >= 0xFF00.
+    words = pairs.view("<u2")[..., 0]
+    if words.min() >= 0xFF00:
+        return pairs[..., 0]
+    height, rows = words.shape[0], 256
+    visible = weighted = 0
     for top in range(0, height, rows):
-        g, a = grey[top : top + rows].astype(np.uint32), alpha[top : top + rows].astype(np.uint32)
-        flat[top : top + rows] = (g * a + background * (255 - a) + 127) // 255
+        alpha = words[top : top + rows] >> 8
+        product = words[top : top + rows] & 0xFF
+        product *= alpha  # <= 255 * 255: fits 16 bits
+        weighted += int(product.sum(dtype=np.uint64))
+        visible += int(alpha.sum(dtype=np.uint64))
+    background = 255 if visible == 0 or weighted / (255 * visible) < 0.5 else 0
+    flat = np.empty(words.shape, np.uint8)
+    for top in range(0, height, rows):
+        alpha = words[top : top + rows] >> 8
+        value = words[top : top + rows] & 0xFF
+        value *= alpha
+        if background:
+            np.subtract(255, alpha, out=alpha)
+            alpha *= 255
+            value += alpha
+        value += 127  # (grey * alpha + background * (255 - alpha) + 127) // 255, at most 65152:
+        value += (value >> 8) + 1  # x // 255 = (x + 1 + (x >> 8)) >> 8 for x < 65535, no division
+        value >>= 8
+        flat[top : top + rows] = value
     return flat
 
 

@@ -413,7 +413,7 @@ def _flattened(pairs: np.ndarray) -> np.ndarray:
     words = pairs.view("<u2")[..., 0]
     if words.min() >= 0xFF00:
         return pairs[..., 0]
-    height, rows = words.shape[0], 256
+    height, rows = words.shape[0], 64  # (strips of 0.5 MB: their temporaries add ~2 MB, not ~8)
     visible = weighted = 0
     for top in range(0, height, rows):
         alpha = words[top : top + rows] >> 8

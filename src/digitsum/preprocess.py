@@ -190,7 +190,7 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     does: an "L" image carrying the header's metadata (EXIF), or None where only Pillow can (16-bit,
     animated, metadata after the pixels, the decoders missing or failing).
 
-    Opaque 8-bit grey, and well-compressed RGB, go to libspng (pyspng; _spng_grey), the rest to libpng
+    Opaque 8-bit grey goes to libspng (pyspng; _spng_grey), everything else to libpng
     (torchvision's decode_png), which converts colour to grey while it decodes, to 1 byte a pixel
     (2 with alpha). Measured for 4096x4096 (benchmarks/preprocess_cost.py; CPU ms, machine load ~7):
     Pillow holds RGB/RGBA/LA at 4 bytes a pixel (64 MB) and then needs strips of grey conversion:
@@ -216,7 +216,7 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
             idat.append(kept[-1])
         at += 12 + length
     header = data[16:29]
-    decoded = _spng_grey(header, idat) if not alpha and image.mode in ("L", "RGB") else None
+    decoded = _spng_grey(header, idat) if not alpha and image.mode == "L" else None
     if decoded is not None:
         grey, decoder = decoded
     else:
@@ -250,29 +250,23 @@ _ISAL_RATIO = 0.06
 
 
 def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
-    """uint8 (H, W) grey of an opaque 8-bit grey or well-compressed RGB, non-interlaced PNG by
-    libspng (pyspng) and the decoder's name, or None where that does not apply or fails (the
-    caller falls back to libpng, then Pillow).
+    """uint8 (H, W) grey of an opaque 8-bit grey, non-interlaced PNG by libspng (pyspng) and the
+    decoder's name, or None where that does not apply or fails (the caller falls back to libpng,
+    then Pillow).
 
-    4096x4096, decode alone (benchmarks/preprocess_cost.py --decoders, min of 7, load ~1.5): a flat
-    grey page 10-17 ms vs libpng's 24; a flat RGB page 36 ms + 25 ms for Pillow's grey conversion vs
-    libpng's 88-109. Poorly compressed grey (paper grain, a photo) is inflated by ISA-L (isal) and
-    handed to libspng as stored deflate blocks, which it only copies and unfilters: 75-86 vs
-    libpng's 171, libspng's own 159. libspng has no colour-to-grey transformation: RGB comes as 3
-    bytes a pixel (48 MB at 4096x4096, held through the preprocessing as the grey's buffer: +RSS 59
-    vs libpng's 25 MB), and is turned into Pillow's luminance in place, strip by strip, into the
-    front of that buffer. So poorly compressed RGB, whose stream adds its own size to that, stays
-    with libpng. `header`: IHDR's 13 bytes; `idat`: the IDAT chunks whole (length, type, data, CRC).
+    Poorly compressed data (paper grain, a photo) is inflated by ISA-L (isal) and handed to libspng
+    as stored deflate blocks, which it only copies and unfilters: for a grainy 4096x4096 page
+    (decode alone, min of 7, machine load ~6) 86 vs 171 ms for libpng, 159 ms for libspng alone.
+    A flat page goes to libspng whole: 10-17 vs 24 ms. Not RGB: libspng has no colour-to-grey
+    transformation, and its 3 bytes a pixel (48 MB at 4096x4096, held while converted) took the
+    whole preprocessing to +59 MB RSS (+79 MB for a grainy RGB page) against libpng's +24 MB, for
+    15-20% less decode time. `header`: IHDR's 13 bytes; `idat`: the IDAT chunks whole (length,
+    type, data, CRC).
     """
     width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
     depth, colour, interlace = header[8], header[9], header[12]
-    if depth != 8 or colour not in (0, 2) or interlace != 0 or not idat:
+    if depth != 8 or colour != 0 or interlace != 0 or not idat:
         return None
-    channels = 1 if colour == 0 else 3
-    inflated = height * (width * channels + 1)
-    compressed = sum(len(chunk) - 12 for chunk in idat)
-    if channels == 3 and compressed > _ISAL_RATIO * inflated:
-        return None  # grainy RGB: libspng's 48 MB would take +RSS over 64 MB; libpng's grey is 16 MB
     try:
         import pyspng
     except Exception:
@@ -281,6 +275,8 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
         import isal.isal_zlib as fast_zlib  # ISA-L inflate
     except Exception:
         fast_zlib = None
+    inflated = height * (width + 1)
+    compressed = sum(len(chunk) - 12 for chunk in idat)
     try:
         decoder = "libspng"
         if fast_zlib is not None and compressed > _ISAL_RATIO * inflated:
@@ -303,28 +299,13 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
             if not _stream_sound(header, idat):
                 return None
             png = b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", bytes(header)), *idat, _PNG_END])
-        pixels = pyspng.load(png, "L" if channels == 1 else "RGB")
+        pixels = pyspng.load(png, "L")
     except Exception:
         return None
     del png
-    if pixels.shape != ((height, width) if channels == 1 else (height, width, 3)) or pixels.dtype != np.uint8:
+    if pixels.shape != (height, width) or pixels.dtype != np.uint8:
         return None
-    if channels == 3:
-        _luminance_in_place(pixels)
-        pixels = pixels.reshape(-1)[: height * width].reshape(height, width)  # (the 48 MB buffer's front)
     return pixels, decoder
-
-
-def _luminance_in_place(pixels: np.ndarray) -> None:
-    """(H, W, 3) uint8 RGB -> Pillow's luminance ("L") in the buffer's first H * W bytes, strip by
-    strip: strip k's grey goes to bytes [k0 * W, k1 * W), which hold only rows already read (row r's
-    RGB starts at 3 * r * W), and each strip is converted whole before it is written."""
-    height, width = pixels.shape[:2]
-    grey = pixels.reshape(-1)[: height * width].reshape(height, width)
-    for top in range(0, height, 256):
-        strip = pixels[top : top + 256]
-        converted = Image.frombuffer("RGB", (width, strip.shape[0]), strip, "raw", "RGB", 0, 1).convert("L")
-        grey[top : top + strip.shape[0]] = np.asarray(converted)
 
 
 def _crcs_right(chunks: list) -> bool:

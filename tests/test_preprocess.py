@@ -448,6 +448,7 @@ def _large_pngs() -> dict[str, bytes]:
         "P transparent": encoded(palette, transparency=0),
         "L tRNS": encoded(grey, transparency=235),
         "L grain": encoded(Image.fromarray(_grainy_seven())),
+        "RGB grain": encoded(Image.fromarray(_grainy_seven()).convert("RGB")),
     }
 
 
@@ -513,6 +514,7 @@ DECODERS = {
     "L tRNS": "libspng",
     "RGB": "libpng",
     "RGB sRGB": "libpng",
+    "RGB grain": "libpng",
     "RGB interlaced": "libpng",
     "1": "libpng",
     "RGBA": "libpng",

@@ -254,14 +254,15 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
     decoder's name, or None where that does not apply or fails (the caller falls back to libpng,
     then Pillow).
 
-    Poorly compressed data (paper grain, a photo) is inflated by ISA-L (isal) and handed to libspng
-    as stored deflate blocks, which it only copies and unfilters: for a grainy 4096x4096 page
-    (decode alone, min of 7, machine load ~6) 86 vs 171 ms for libpng, 159 ms for libspng alone.
-    A flat page goes to libspng whole: 10-17 vs 24 ms. Not RGB: libspng has no colour-to-grey
-    transformation, and its 3 bytes a pixel (48 MB at 4096x4096, held while converted) took the
-    whole preprocessing to +59 MB RSS (+79 MB for a grainy RGB page) against libpng's +24 MB, for
-    15-20% less decode time. `header`: IHDR's 13 bytes; `idat`: the IDAT chunks whole (length,
-    type, data, CRC).
+    4096x4096, decode alone (benchmarks/preprocess_cost.py --decoders, min of 7, machine load ~3):
+    poorly compressed data (paper grain, a photo) is inflated by ISA-L (isal) and handed to libspng
+    as stored deflate blocks, which it only copies and unfilters: 72 ms vs libpng's 145, libspng's
+    own 132, Pillow's 139. A flat page goes to libspng whole: 14 vs 20 ms.
+    Not RGB: libspng has no colour-to-grey transformation, so a flat RGB page came out at 69 ms
+    (libspng 26, Pillow's grey conversion in strips ~30, the stream check 7) vs libpng's 72 to
+    grey, while its 3 bytes a pixel (48 MB, held as the grey's buffer) took +RSS from 25 to 57 MB
+    (79 MB for a grainy RGB page). `header`: IHDR's 13 bytes; `idat`: the IDAT chunks whole
+    (length, type, data, CRC).
     """
     width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
     depth, colour, interlace = header[8], header[9], header[12]

@@ -5,7 +5,7 @@ ratio, with antialiasing) and pasting that into a 28x28 field so the centre of m
 centre, white ink on black. `preprocess_view()` does the same to whatever a user has:
 
     read (Pillow, first frame; a large JPEG is decoded at 1/2, 1/4 or 1/8 scale, a large 8-bit PNG
-       straight to grey by torchvision's libpng decoder)
+       straight to grey by libspng (opaque grey) or torchvision's libpng decoder)
     -> reduce a large image by an integer factor to under 2 x WORK_SIDE px (box averaging), before any
        float conversion
     -> EXIF orientation (all 8 values)
@@ -192,7 +192,8 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
 
     Opaque 8-bit grey goes to libspng (pyspng; _spng_grey), everything else to libpng
     (torchvision's decode_png), which converts colour to grey while it decodes, to 1 byte a pixel
-    (2 with alpha). Measured for 4096x4096 (benchmarks/preprocess_cost.py; CPU ms, machine load ~7):
+    (2 with alpha), after _stream_sound has checked what libpng would choke on. Measured for
+    4096x4096 (benchmarks/preprocess_cost.py; CPU ms, machine load ~7):
     Pillow holds RGB/RGBA/LA at 4 bytes a pixel (64 MB) and then needs strips of grey conversion:
     libpng decode RGB 91 vs Pillow 152 ms, L 22 vs 34 ms, a grainy L page (9 MB of deflate) 153 vs
     152 ms; +RSS of the whole preprocessing RGB 85 -> 24 MB, RGBA 88 -> 51 MB. (torchvision 0.29

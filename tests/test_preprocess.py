@@ -607,7 +607,9 @@ def _read_both_ways(data: bytes, monkeypatch) -> tuple:
 
 
 @pytest.mark.parametrize("kind", ["L grain", "L", "RGB", "P"])  # ISA-L + libspng, libspng, libpng, libpng
-@pytest.mark.parametrize("damage", ["CRC", "deflate data", "Adler-32", "filter type", "truncated stream", "truncated file"])
+@pytest.mark.parametrize(
+    "damage", ["CRC", "deflate data", "Adler-32", "filter type", "data after the stream", "truncated stream", "truncated file"]
+)
 def test_a_damaged_large_png_reads_as_pillow_reads_it_and_never_crashes(kind, damage, monkeypatch):
     # torchvision's decode_png kills the process (SIGSEGV) on an IDAT CRC error, a bad Adler-32,
     # invalid deflate data or filter type: these must never reach it. Pillow decides instead:
@@ -626,6 +628,8 @@ def test_a_damaged_large_png_reads_as_pillow_reads_it_and_never_crashes(kind, da
     elif damage == "filter type":
         row = len(raw) // 1300  # every image here is 1300 rows high, not interlaced
         damaged = _with_stream(data, zlib.compress(raw[: 600 * row] + b"\x07" + raw[600 * row + 1 :]))
+    elif damage == "data after the stream":
+        damaged = _with_stream(data, stream + bytes(range(200)))
     elif damage == "truncated stream":
         damaged = _with_stream(data, stream[:middle])
     else:

@@ -246,7 +246,9 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
 
 # An IDAT stream larger than this fraction of its inflated size (paper grain, a photo: mostly
 # literals) is inflated by ISA-L first: 50 vs 158 ms for zlib on a grainy 4096x4096 page, while on
-# a flat page (long matches, ratio ~0.002) zlib inside libspng is the faster.
+# a flat page (long matches, ratio ~0.002) zlib inside libspng is the faster. Measured crossover for
+# a 4096x4096 grey page with more and more grain: between ratios 0.04 (ISA-L route 58 ms, libspng
+# alone 46) and 0.09 (59 vs 72).
 _ISAL_RATIO = 0.06
 
 
@@ -291,7 +293,7 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
             # stream, to its end, where the Adler-32 is checked.
             raw = inflater.decompress(stream, inflated + 1)
             del stream
-            if len(raw) != inflated or not inflater.eof:
+            if len(raw) != inflated or not inflater.eof or inflater.unused_data:
                 return None
             png = _stored_png(header, raw)
             del raw
@@ -329,9 +331,10 @@ def _stream_sound(header: bytes, idat: list) -> bool:
     Adler-32, invalid deflate data, a bad filter type - where the one-line ImageError is due: so
     the IDAT chunks' CRCs are checked, and their zlib stream is inflated here, in 1 MB pieces that
     are thrown away (bounded memory), to its end and Adler-32, to exactly the bytes the header
-    calls for, with a valid filter type (0-4) at the start of every row. Cost at 4096x4096: ~7 ms
-    for a flat RGBA page with zlib-ng, whose inflate is ~12x zlib's on such long runs; ISA-L's
-    for poorly compressed data (~3x zlib's)."""
+    calls for, with a valid filter type (0-4) at the start of every row, and nothing after it.
+    Cost at 4096x4096: ~7 ms for a flat RGBA page with zlib-ng, whose inflate is ~12x zlib's on
+    such long runs; 72-98 ms for a grainy RGB page (15 MB of deflate, 48 MB inflated) with ISA-L,
+    ~3x zlib's on mostly literals (libpng's decode of it takes ~300 ms)."""
     width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
     depth, colour, interlace = header[8], header[9], header[12]
     channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour)
@@ -364,7 +367,7 @@ def _stream_sound(header: bytes, idat: list) -> bool:
                     break
     except Exception:  # invalid deflate data or Adler-32
         return False
-    return inflater.eof and done == expected
+    return inflater.eof and done == expected and not inflater.unused_data  # (nothing after the stream's end)
 
 
 def _inflater(poorly_compressed: bool):

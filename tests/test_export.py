@@ -16,7 +16,6 @@ from digitsum.config import ModelConfig
 from digitsum.model import DigitSumNet
 from digitsum.onnx_backend import ONNX_INPUTS, ONNX_OUTPUTS, OnnxBackend, OnnxError, load_backend, load_onnx
 from digitsum.predict import classify, load_predictor, predict
-from model_files import trained_checkpoint
 
 onnx = pytest.importorskip("onnx", reason="the [onnx] extra (in [dev]) is not installed")
 
@@ -306,8 +305,8 @@ def test_a_graph_that_fails_parity_is_not_written_and_the_old_file_stays(exporte
 
 
 @pytest.mark.slow
-def test_full_parity_on_100000_real_pairs_with_a_trained_model(real_root, tmp_path, capsys):
-    model_pt = trained_checkpoint(tmp_path)
+def test_full_parity_on_100000_real_pairs_with_a_trained_model(real_root, trained_pt, tmp_path, capsys):
+    model_pt = trained_pt
     out = tmp_path / "model.onnx"
     assert cli.main(["export", str(model_pt), "--out", str(out), "--check", "--data-root", str(real_root)]) == 0
     stdout = capsys.readouterr().out

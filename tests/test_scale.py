@@ -37,6 +37,10 @@ from digitsum.errors import DigitsumError  # noqa: E402
 from digitsum.predict import load_predictor, predict  # noqa: E402
 from model_files import random_checkpoint  # noqa: E402
 
+# Under pytest-xdist the multi-process server tests go to one worker: one `workers` server, and no
+# two of these servers (each worker process importing torch) starting at once.
+WORKERS_WORKER = pytest.mark.xdist_group("serve-workers")
+
 
 def seven_png(size: int = 280) -> bytes:
     image = Image.new("L", (size, size), "white")
@@ -411,6 +415,7 @@ def test_workers_on_a_port_in_use_is_a_one_line_error(checkpoint, capsys):
 
 
 @pytest.mark.slow  # a real multi-process uvicorn server (each worker imports torch)
+@WORKERS_WORKER
 def test_a_worker_that_cannot_load_the_model_stops_the_server_with_one_line_errors(checkpoint, tmp_path):
     """The parent checked the checkpoint; it is gone before the workers (still importing torch) load it.
     They must not be restarted forever: each says why in one line and the parent exits 2."""
@@ -548,6 +553,7 @@ def serve_until_both_workers_answered(server: WorkerServer, at_least: int = 20) 
 
 
 @pytest.mark.slow  # a real multi-process uvicorn server (each worker imports torch)
+@WORKERS_WORKER
 def test_two_workers_start_answer_and_each_loads_the_model_once(workers):
     loaded = workers.loaded_pids()
     assert len(loaded) == 2 and len(set(loaded)) == 2
@@ -561,6 +567,7 @@ def test_two_workers_start_answer_and_each_loads_the_model_once(workers):
 
 
 @pytest.mark.slow  # a real multi-process uvicorn server (each worker imports torch)
+@WORKERS_WORKER
 def test_metrics_add_up_the_requests_both_workers_served(workers):
     def health_count() -> float:
         text = httpx.get(workers.url + "/metrics", timeout=30).text
@@ -577,6 +584,7 @@ def test_metrics_add_up_the_requests_both_workers_served(workers):
 
 
 @pytest.mark.slow  # a real multi-process uvicorn server (each worker imports torch)
+@WORKERS_WORKER
 def test_the_batch_route_and_head_deadline_work_under_workers(workers):
     response = httpx.post(
         workers.url + "/api/predict_batch",
@@ -594,6 +602,7 @@ def test_the_batch_route_and_head_deadline_work_under_workers(workers):
 
 
 @pytest.mark.slow  # a real multi-process uvicorn server (each worker imports torch)
+@WORKERS_WORKER
 def test_a_dead_worker_is_replaced_and_marked_dead_in_the_metrics(workers):
     """Last in the module: it kills a worker. Its counts stay in the totals; its live gauges go."""
     metrics_dir = dict(

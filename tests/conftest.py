@@ -187,8 +187,10 @@ def pytest_configure(config):
     the tests' tiny models on small batches train 2-3x faster so on a busy 2-core machine, and
     results compared bit for bit across tests do not depend on the machine's core count.
     """
+    if "not slow" in (config.option.markexpr or "") and not os.environ.get("DIGITSUM_TEST_EXAMPLES"):
+        os.environ["DIGITSUM_TEST_EXAMPLES"] = "quick"  # before the xdist workers start: they inherit it
+    if getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput"):
+        return  # the xdist controller runs no tests: no torch to import (seconds of CPU next to the workers')
     import torch
 
     torch.set_num_threads(int(os.environ.get("DIGITSUM_TEST_THREADS", "1")))
-    if "not slow" in (config.option.markexpr or "") and not os.environ.get("DIGITSUM_TEST_EXAMPLES"):
-        os.environ["DIGITSUM_TEST_EXAMPLES"] = "quick"

@@ -180,6 +180,23 @@ def real_root() -> Path:
     return root
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook has tagged the items
+def pytest_collection_modifyitems(config, items):
+    """Make `--dist loadgroup` group again on pytest >= 9.2 (pytest-xdist issue #1386).
+
+    On a worker, pytest-xdist tags each test with an xdist_group mark by setting `item._nodeid` to
+    "<node id>@<group>", from which the controller groups the tests; pytest 9.2 keeps node ids in a
+    structured `item._id` and no longer reads `_nodeid`, so the groups are silently ignored. Copy the
+    tag over (a no-op on older pytest, or once pytest-xdist sets the structured id itself).
+    """
+    for item in items:
+        tagged = item.__dict__.get("_nodeid")
+        if tagged and tagged != item.nodeid and hasattr(item, "_id"):
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(tagged)
+
+
 def pytest_configure(config):
     """The fast subset (a `-m` expression with "not slow") runs property tests with few examples.
 

@@ -164,6 +164,23 @@ def exported_random(tmp_path_factory) -> tuple[Path, Path, str]:
     return built_once(tmp_path_factory, "exported-random", build)
 
 
+# Under pytest-xdist, worker gw<i> builds PREBUILT[i] before its first test (when some test of the run
+# uses it), so that the costly shared fixtures are made side by side, not one after the other by one
+# worker while the other waits for it (the first tests on both workers need both).
+PREBUILT = ("tiny_run", "exported_random")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prebuilt(request):
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else len(PREBUILT)
+    if index < len(PREBUILT) and any(PREBUILT[index] in item.fixturenames for item in request.session.items):
+        try:
+            request.getfixturevalue(PREBUILT[index])
+        except pytest.skip.Exception:
+            pass  # e.g. no onnxruntime: the tests that use it skip themselves, the others run
+
+
 @pytest.fixture(scope="session")
 def trained_pt(tmp_path_factory) -> Path:
     """model_files.trained_checkpoint: a small model really trained on MNIST, once per test run: READ-ONLY."""

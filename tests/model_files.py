@@ -48,7 +48,8 @@ def random_checkpoint(path: Path) -> Path:
 
 
 def trained_checkpoint(folder: Path) -> Path:
-    """A small really-trained model.pt (trained on first use in this session, then reused).
+    """A small really-trained model.pt (trained on first use in this session, then reused; tests get
+    it through conftest.py's `trained_pt`, which trains it once for all pytest-xdist workers).
 
     Set DIGITSUM_TEST_CHECKPOINT to a model.pt to use that instead of training (e.g. runs/latest/model.pt).
     """

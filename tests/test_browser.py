@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from model_files import trained_checkpoint
-
 CHROMIUM = Path("/usr/bin/chromium")
 # The README's screenshot is refreshed only on request, so a test run leaves the work tree clean.
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web.png"
@@ -31,7 +29,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+# xdist_group: one worker runs the whole file (one Chromium and one server, started once).
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.xdist_group("browser")]
 
 
 def _require(condition: bool, reason: str) -> None:
@@ -63,9 +62,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(trained_pt):
     """http://127.0.0.1:PORT of `digitsum serve` running a trained checkpoint in its own process."""
-    model = trained_checkpoint(tmp_path_factory.getbasetemp())
+    model = trained_pt
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "digitsum.cli", "serve", "--checkpoint", str(model), "--port", str(port), "--no-access-log"],

@@ -87,6 +87,11 @@ def two_process_train(base: Path, name: str, args: list[str], **env) -> subproce
     return result
 
 
+# Under pytest-xdist the tests of the shared 2-process run go to one worker: one `two_process_runs`,
+# and no two torchrun launches (4 processes) at once on the machine.
+TORCHRUN_WORKER = pytest.mark.xdist_group("torchrun")
+
+
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
     """A 3-epoch 2-process run on the synthetic MNIST (shared by the tests below)."""
@@ -97,6 +102,7 @@ def two_process_runs(tmp_path_factory):
 
 
 @pytest.mark.slow  # torchrun launches of 2 processes
+@TORCHRUN_WORKER
 def test_two_processes_hold_identical_weights_and_write_one_complete_run_folder(two_process_runs):
     base, result = two_process_runs["base"], two_process_runs["straight"]
     run_dir = base / "runs" / "straight"
@@ -131,6 +137,7 @@ def test_two_processes_hold_identical_weights_and_write_one_complete_run_folder(
 
 
 @pytest.mark.slow  # two more 2-process launches (~30 s on 2 busy cores)
+@TORCHRUN_WORKER
 def test_a_stopped_two_process_run_resumes_to_the_same_weights(two_process_runs):
     base = two_process_runs["base"]
     two_process_train(base, "stopped", ["--out", str(base / "runs2" / "resumed"), *FLAGS], DIGITSUM_TEST_STOP_AFTER="1")
@@ -147,6 +154,7 @@ def test_a_stopped_two_process_run_resumes_to_the_same_weights(two_process_runs)
 
 
 @pytest.mark.slow  # torchrun launches of 2 processes
+@TORCHRUN_WORKER
 def test_a_two_process_last_pt_is_refused_by_one_process(two_process_runs):
     base = two_process_runs["base"]
     stopped_copy = base / "runs" / "stopped-copy"
@@ -159,6 +167,7 @@ def test_a_two_process_last_pt_is_refused_by_one_process(two_process_runs):
 
 
 @pytest.mark.slow  # torchrun launches of 2 processes
+@TORCHRUN_WORKER
 def test_a_refusal_is_one_line_on_every_rank_and_nothing_hangs(two_process_runs):
     base = two_process_runs["base"]
     run_dir = base / "runs" / "straight"

@@ -14,7 +14,7 @@ from digitsum import cli
 from digitsum.data import normalize
 from digitsum.errors import DigitsumError
 from digitsum.predict import ImageError, NotAnImageError, preprocess, predict
-from model_files import random_checkpoint, trained_checkpoint
+from model_files import random_checkpoint
 
 
 def drawn_seven(size: int = 280, ink: int = 0, paper: int = 255, width: int = 22, offset=(0, 0)) -> Image.Image:
@@ -311,10 +311,10 @@ def test_show_writes_the_28x28_view_next_to_the_image(model_path, tmp_path, caps
 
 
 @pytest.fixture(scope="module")
-def trained_model(tmp_path_factory):
+def trained_model(trained_pt):
     from digitsum.checkpoint import load_model
 
-    return load_model(trained_checkpoint(tmp_path_factory.getbasetemp()))[0]
+    return load_model(trained_pt)[0]
 
 
 @pytest.mark.slow

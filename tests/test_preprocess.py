@@ -3,6 +3,7 @@ every Pillow mode and pixel type - property-based (hypothesis) where the inputs 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import sys
@@ -313,14 +314,13 @@ def test_a_tall_thin_one_is_a_digit_not_a_ruled_line():
 
 
 @pytest.fixture(scope="module")
-def mnist_and_model(tmp_path_factory, real_root):
+def mnist_and_model(real_root, trained_pt):
     import torch
 
     from digitsum.checkpoint import load_model
     from digitsum.data import load_split, normalize
-    from model_files import trained_checkpoint
 
-    model = load_model(trained_checkpoint(tmp_path_factory.getbasetemp()))[0]
+    model = load_model(trained_pt)[0]
     test = load_split("test", real_root, limit=2000)
 
     def classes(views: np.ndarray) -> np.ndarray:
@@ -418,8 +418,9 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
 
 
+@functools.cache  # made once (about 1 s of PNG encoding), not once per parameter; bytes are immutable
 def _large_pngs() -> dict[str, bytes]:
-    """A '7' on a 1100x1300 page (over the 1024 px decode limit) in every 8-bit PNG colour type."""
+    """A '7' on a 1100x1300 page (over the 1024 px decode limit) in every 8-bit PNG colour type (READ-ONLY)."""
     grey = seven((1100, 1300), ink=40, paper=235, width=30)
     ink = np.asarray(grey) < 128
     rgb = np.full((1300, 1100, 3), (250, 240, 200), np.uint8)  # yellowish paper, blue ink

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from digitsum import __version__, cli  # noqa: E402
 from digitsum.checkpoint import CheckpointError  # noqa: E402
 from digitsum.serve import MAX_BODY_BYTES, create_app  # noqa: E402
-from model_files import random_checkpoint, trained_checkpoint  # noqa: E402
+from model_files import random_checkpoint  # noqa: E402
 
 
 def seven_png(ink: int = 0, paper: int = 255) -> bytes:
@@ -217,8 +217,8 @@ def test_serve_exits_2_for_a_missing_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_trained_model_reads_a_drawn_seven_and_adds_the_number(tmp_path_factory):
-    with TestClient(create_app(trained_checkpoint(tmp_path_factory.getbasetemp()))) as trained:
+def test_a_trained_model_reads_a_drawn_seven_and_adds_the_number(trained_pt):
+    with TestClient(create_app(trained_pt)) as trained:
         body = post_form(trained, image=seven_png(), number="6").json()
     assert (body["digit"], body["sum"]) == (7, 13)
 

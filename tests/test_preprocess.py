@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from budget import examples  # fewer examples in the fast subset
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
@@ -331,30 +331,35 @@ def mnist_and_model(real_root, trained_pt):
     return test.images.numpy(), classes
 
 
-@st.composite
-def pasted_digits(draw, count: int = 100):
-    """`count` placements: (test image index, digit height, canvas size, place, background, ink)."""
-    cases = []
-    for _ in range(count):
-        cases.append(
-            (
-                draw(st.integers(0, 1999)),
-                draw(st.integers(40, 220)),
-                draw(st.tuples(st.integers(240, 600), st.integers(240, 600))),
-                draw(st.tuples(st.floats(0, 1), st.floats(0, 1))),
-                draw(st.sampled_from(["uniform", "gradient"])),
-                draw(st.integers(150, 255)),
-                draw(st.floats(0.0, 0.5)),
-                draw(st.floats(0, 6.283)),
-                draw(st.integers(0, 60)),
-            )
+def pasted_digits(seed: int, count: int = 500) -> list:
+    """`count` placements drawn from `seed`: (test image index, digit height, canvas size, place,
+    background, paper, gradient depth, gradient angle, ink). Hypothesis draws the seed: 500
+    placements drawn one by one overflow its per-example data limit."""
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            int(rng.integers(0, 2000)),
+            int(rng.integers(40, 221)),
+            (int(rng.integers(240, 601)), int(rng.integers(240, 601))),
+            (float(rng.random()), float(rng.random())),
+            str(rng.choice(["uniform", "gradient"])),
+            int(rng.integers(150, 256)),
+            float(rng.uniform(0.0, 0.5)),
+            float(rng.uniform(0, 6.283)),
+            int(rng.integers(0, 61)),
         )
-    return cases
+        for _ in range(count)
+    ]
 
 
 @pytest.mark.slow
 @settings(
-    max_examples=3,
+    # 2 x 500 placements, the same ones every run: the fast test model agrees on ~99.6% (1,500
+    # placements measured), so with 100 a run failed now and then on two unlucky misses; 500 give the
+    # 99% a margin of ~3 misses. No shrinking (it spent minutes on a statistical assertion).
+    max_examples=2,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.generate],
     deadline=None,
     suppress_health_check=[
         HealthCheck.too_slow,
@@ -363,9 +368,10 @@ def pasted_digits(draw, count: int = 100):
         HealthCheck.function_scoped_fixture,
     ],
 )
-@given(pasted_digits())
-def test_an_mnist_digit_pasted_anywhere_on_a_uniform_or_gradient_background_keeps_its_class(mnist_and_model, cases):
+@given(st.integers(0, 2**32 - 1))
+def test_an_mnist_digit_pasted_anywhere_on_a_uniform_or_gradient_background_keeps_its_class(mnist_and_model, seed):
     images, classes = mnist_and_model
+    cases = pasted_digits(seed)
     views, originals = [], []
     for index, height, (width, canvas_height), (u, v), background, paper, depth, angle, ink in cases:
         digit = images[index]

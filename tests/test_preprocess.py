@@ -667,3 +667,30 @@ def test_halving_is_exactly_the_mean_of_each_2x2_block(shape, dtype):
     expected = values[:height, :width].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
     halved = preprocess._halved(values)
     assert halved.dtype == expected.dtype and np.array_equal(halved, expected)
+
+
+# ----------------------------------------------------------------------------- what a caller may hand over
+
+
+def test_bytes_like_and_binary_file_objects_read_as_the_bytes_do(tmp_path):
+    data = encoded(seven(), "PNG")
+    expected = preprocess_view(data)
+    path = tmp_path / "seven.png"
+    path.write_bytes(data)
+    with open(path, "rb") as file:
+        from_file = preprocess_view(file)
+    for source in (bytearray(data), memoryview(data), io.BytesIO(data)):
+        assert np.array_equal(preprocess_view(source), expected)
+    assert np.array_equal(from_file, expected)
+
+
+def test_what_is_not_an_image_source_is_a_one_line_image_error(tmp_path):
+    path = tmp_path / "seven.png"
+    path.write_bytes(b"not an image at all")
+    with open(path, "rb") as file, pytest.raises(ImageError, match=str(path)):  # an open file's errors name it
+        preprocess_view(file)
+    with open(path) as text, pytest.raises(ImageError, match="binary mode"):
+        preprocess_view(text)
+    with pytest.raises(ImageError, match="int is not an image") as caught:
+        preprocess_view(7)
+    assert "\n" not in str(caught.value)

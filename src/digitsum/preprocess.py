@@ -35,7 +35,7 @@ import os
 import stat
 import zlib
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageChops, UnidentifiedImageError
@@ -57,7 +57,9 @@ LINE_SPAN = 0.6  # a thin straight line from edge to edge covering this fraction
 FAINT_INK = 0.15  # ruled lines are looked for down to this (they are often fainter than the pen)
 LINE_BAND = 3  # px a ruled line may wander across its direction (a photo's tilt) and its gap in a stroke
 
-ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+# A path, the file's bytes (bytes/bytearray/memoryview), a binary file object (anything with
+# .read(): an open file, io.BytesIO, a web framework's upload) or a Pillow image.
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
 
 # EXIF Orientation -> the Pillow transpose that shows the image upright (as ImageOps.exif_transpose does)
 _ORIENTATION = {
@@ -83,7 +85,10 @@ class NotAnImageError(ImageError):
 
 
 def _name(source: ImageSource) -> str:
-    return str(source) if isinstance(source, (str, os.PathLike)) else "image"
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    name = getattr(source, "name", None)  # an open file knows its path
+    return name if isinstance(name, str) and name else "image"
 
 
 def _reason(error: BaseException) -> str:
@@ -123,8 +128,32 @@ def _read_file(path: Path, name: str) -> bytes:
     return data
 
 
+def _source_bytes(source: ImageSource, name: str) -> bytes:
+    """The encoded file behind a path, bytes-like object or binary file object (read to its end, at
+    most MAX_FILE_BYTES); anything else is an ImageError naming its type."""
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, (bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        return _read_file(Path(source), name)
+    if callable(getattr(source, "read", None)):
+        try:
+            data = source.read(MAX_FILE_BYTES + 1)
+        except Exception as error:
+            raise ImageError(f"{name}: cannot be read ({_reason(error)})") from None
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageError(f"{name}: is a text stream; open the file in binary mode ('rb')")
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageError(f"{name}: is over the {MAX_FILE_BYTES // 2**20} MB limit for an image file")
+        return bytes(data)
+    raise ImageError(
+        f"{name}: a {type(source).__name__} is not an image; give a path, bytes, a binary file object or a PIL image"
+    )
+
+
 def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Image.Image:
-    """A fully decoded Pillow image (first frame) from a path, raw bytes or an Image.
+    """A fully decoded Pillow image (first frame) from a path, raw bytes, a binary file object or an Image.
 
     `max_decoded_side`: a JPEG larger than this is decoded at a reduced scale (DCT scaling: faster
     and smaller, never below this size), a colour one as grey; a PNG larger than this (8-bit or
@@ -136,7 +165,7 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
     if isinstance(source, Image.Image):
         image = source
     else:
-        data = source if isinstance(source, bytes) else _read_file(Path(source), name)
+        data = _source_bytes(source, name)
         if not data:
             raise ImageError(f"{name}: is empty (0 bytes)")
         try:

@@ -159,7 +159,17 @@ def test_route_labels_are_bounded_and_body_limit_rejections_are_counted(client):
     assert value(text, "digitsum_http_requests_total", route="/api/predict", method="POST", status="413") == 1
 
 
-def test_in_flight_preprocessing_shows_a_large_image_being_decoded(checkpoint):
+def test_in_flight_preprocessing_shows_a_large_image_being_decoded(checkpoint, monkeypatch):
+    # The large image's preprocessing is held open until the gauge has been seen at 1: a 4096x4096
+    # page now decodes in ~30 ms, too short to catch reliably by polling.
+    release = threading.Event()
+    real_preprocess = serve.preprocess
+
+    def held_preprocess(data):
+        release.wait(30)
+        return real_preprocess(data)
+
+    monkeypatch.setattr(serve, "preprocess", held_preprocess)
     big = seven_png(4096)
     with TestClient(serve.create_app(checkpoint)) as client:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -167,9 +177,13 @@ def test_in_flight_preprocessing_shows_a_large_image_being_decoded(checkpoint):
                 client.post, "/api/predict", files={"image": ("big.png", big, "image/png")}, data={"number": "1"}
             )
             seen = []
-            while not upload.done():
+            deadline = time.monotonic() + 30
+            while not upload.done() and time.monotonic() < deadline:
                 seen.append(value(client.get("/metrics").text, "digitsum_preprocessing_in_flight"))
+                if seen[-1] == 1:
+                    break
                 time.sleep(0.02)
+            release.set()
             assert upload.result().status_code == 200
         assert 1 in seen, seen
         assert value(client.get("/metrics").text, "digitsum_preprocessing_in_flight") == 0
@@ -296,9 +310,12 @@ def test_the_batch_route_takes_bodies_up_to_8_mb_and_the_single_route_still_2_mb
     assert response.status_code == 413 and "8 MB" in response.json()["detail"][0]["msg"]
 
 
-def test_a_batch_that_finds_no_preprocessing_slot_in_time_is_503_as_a_whole(checkpoint):
+def test_a_batch_that_finds_no_preprocessing_slot_in_time_is_503_as_a_whole(checkpoint, monkeypatch):
+    from test_serve_faults import slow_down_preprocessing_of
+
     lanes = serve.PreprocessLanes(large_slots=1, wait_s=0.01)
     big = seven_png(4096)
+    slow_down_preprocessing_of(big, monkeypatch)
     with TestClient(serve.create_app(checkpoint, lanes=lanes)) as client:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             hog = pool.submit(client.post, "/api/predict", files={"image": ("big.png", big, "image/png")}, data={"number": "1"})

@@ -301,8 +301,22 @@ def test_health_answers_quickly_while_large_images_are_preprocessed(server, http
     assert max(health) < one_big / 2, (max(health), one_big)
 
 
-def test_a_request_that_waits_too_long_for_a_preprocessing_slot_gets_503(checkpoint):
+def slow_down_preprocessing_of(big: bytes, monkeypatch, seconds: float = 1.0) -> None:
+    """Make the server's preprocessing of `big` take at least `seconds`: a 4096x4096 page decodes in
+    ~30 ms now, too short for tests that need it to hold its slot while other requests arrive."""
+    real_preprocess = serve.preprocess
+
+    def slow_preprocess(data):
+        if data == big:
+            time.sleep(seconds)
+        return real_preprocess(data)
+
+    monkeypatch.setattr(serve, "preprocess", slow_preprocess)
+
+
+def test_a_request_that_waits_too_long_for_a_preprocessing_slot_gets_503(checkpoint, monkeypatch):
     big = seven_png(4096)
+    slow_down_preprocessing_of(big, monkeypatch)
     lanes = serve.PreprocessLanes(large_slots=1, wait_s=0.01)
     with TestClient(serve.create_app(checkpoint, lanes=lanes)) as client:
 

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from digitsum.data import Split  # noqa: E402
@@ -24,13 +25,29 @@ def _save(figure, path: Path) -> None:
 
 
 def _image_grid(images, titles, path: Path, columns: int = 10, title: str | None = None) -> None:
-    rows = max(1, (len(images) + columns - 1) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, image, text in zip(axes.flat, images, titles):
-        axis.imshow(image.numpy(), cmap="gray", vmin=0, vmax=255 if image.dtype == torch.uint8 else 1)
-        axis.set_title(text, fontsize=8)
+    """Images (N, H, W) - uint8 0..255 or float 0..1 - in a grid, each with its title above it.
+
+    Drawn as one image in one axes with the titles as text: one matplotlib axes per image made the
+    60-image mistakes figure cost ~1.3 s to draw, this ~0.3 s (the same grid and labels).
+    """
+    count = len(images)
+    rows = max(1, (count + columns - 1) // columns)
+    height, width = (int(images.shape[-2]), int(images.shape[-1])) if count else (28, 28)
+    gap, label = max(1, width // 5), height // 2  # white space between tiles, and above each for its title
+    cell_height, cell_width = height + label, width + gap
+    canvas = np.ones((rows * cell_height, columns * cell_width), np.float32)  # white, like the figure
+    for index in range(count):
+        image = images[index].float().numpy()
+        image = image / 255 if images.dtype == torch.uint8 else image.clip(0, 1)
+        top, left = (index // columns) * cell_height + label, (index % columns) * cell_width
+        canvas[top : top + height, left : left + width] = image
+    figure, axis = plt.subplots(figsize=(columns * 1.1, rows * 1.3))
+    axis.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axis.axis("off")
+    for index, text in enumerate(titles[:count]):
+        if text:
+            row, column = divmod(index, columns)
+            axis.text(column * cell_width + width / 2, row * cell_height + label - 1, text, ha="center", va="bottom", fontsize=8)
     if title:
         figure.suptitle(title, fontsize=10)
     _save(figure, path)

@@ -49,7 +49,15 @@ def test_ctrl_c_during_training_exits_cleanly_with_a_resumable_last_pt(real_root
         "--val-size",
         "500",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The child starts with Ctrl-C's default action, as from a terminal: an ignored SIGINT survives exec,
+    # and in one whole-suite run under pytest-xdist the worker had it ignored - the child trained on.
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     # Interrupt once last.pt holds epoch 1, i.e. during epoch 2's training. metrics.csv is written just
     # before last.pt: a Ctrl-C sent when it appears can land before epoch 1's last.pt (seen on a busy machine).
     deadline = time.monotonic() + 300  # epoch 1 takes seconds on an idle machine, minutes on a loaded one

@@ -49,8 +49,9 @@ def test_ctrl_c_during_training_exits_cleanly_with_a_resumable_last_pt(real_root
         "--val-size",
         "500",
     ]
-    # The child starts with Ctrl-C's default action, as from a terminal: an ignored SIGINT survives exec,
-    # and in one whole-suite run under pytest-xdist the worker had it ignored - the child trained on.
+    # The child starts with Ctrl-C's default action, as from a terminal (an ignored SIGINT would survive
+    # exec). In one whole-suite run under pytest-xdist the child did not stop on SIGINT and trained on;
+    # suspected an inherited SIG_IGN, not confirmed (no test leaves SIGINT changed at its teardown).
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,

@@ -291,15 +291,7 @@ def test_a_v1_shaped_last_pt_with_or_without_ema_resumes_exactly(synthetic_root,
     v2 = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
     assert ("model_train" in v2["resume"]) == bool(ema)  # trained weights stored apart only with an average
     torch.save(_as_v1(v2, ema), tmp_path / "stopped" / "last.pt")
-    train(
-        None,
-        resume=tmp_path / "stopped" / "last.pt",
-        data_root=synthetic_root,
-        log=lambda *a: None,
-        progress=False,
-        figures=False,
-        evaluate_test=False,
-    )
+    quiet_train(None, root=synthetic_root, resume=tmp_path / "stopped" / "last.pt")
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
     for weights in (checkpoint.train_weights, lambda payload: payload["model"]):
@@ -355,15 +347,7 @@ def test_a_cuda_run_with_dropout_resumes_with_the_same_weights(synthetic_root, t
     quiet_train(config, tmp_path / "straight", synthetic_root)
     quiet_train(config, tmp_path / "stopped", synthetic_root, stop_after=1)
     assert "cuda_rng" in torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["resume"]
-    train(
-        None,
-        resume=tmp_path / "stopped" / "last.pt",
-        data_root=synthetic_root,
-        log=lambda *a: None,
-        progress=False,
-        figures=False,
-        evaluate_test=False,
-    )
+    quiet_train(None, root=synthetic_root, resume=tmp_path / "stopped" / "last.pt")
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
     resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["model"]
     assert all(torch.allclose(straight[k], resumed[k]) for k in straight)

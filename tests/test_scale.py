@@ -448,26 +448,7 @@ def test_a_worker_that_cannot_load_the_model_stops_the_server_with_one_line_erro
     They must not be restarted forever: each says why in one line and the parent exits 2."""
     doomed = tmp_path / "doomed.pt"
     doomed.write_bytes(checkpoint.read_bytes())
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "digitsum.cli",
-            "serve",
-            "--workers",
-            "2",
-            "--port",
-            "0",
-            "--checkpoint",
-            str(doomed),
-            "--no-access-log",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=worker_env(),
-        start_new_session=True,
-    )
+    process = serve_process(doomed)
     try:
         assert "serving" in process.stdout.readline()
         doomed.unlink()
@@ -480,6 +461,19 @@ def test_a_worker_that_cannot_load_the_model_stops_the_server_with_one_line_erro
     assert worker_errors and all("does not exist" in line for line in worker_errors)
     assert "Traceback" not in errors
     assert errors.strip().splitlines()[-1].startswith("digitsum serve: error: a worker process failed to start")
+
+
+def serve_process(checkpoint: Path, workers: int = 2) -> subprocess.Popen:
+    """`digitsum serve --workers N --port 0` started in its own process group, output piped as text."""
+    command = [sys.executable, "-m", "digitsum.cli", "serve", "--workers", str(workers), "--port", "0"]
+    return subprocess.Popen(
+        [*command, "--checkpoint", str(checkpoint), "--no-access-log"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=worker_env(),
+        start_new_session=True,
+    )
 
 
 def worker_env() -> dict:
@@ -497,26 +491,7 @@ class WorkerServer:
     """`digitsum serve --workers 2 --port 0` in its own process group; stdout collected line by line."""
 
     def __init__(self, checkpoint: Path, workers: int = 2):
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "digitsum.cli",
-                "serve",
-                "--workers",
-                str(workers),
-                "--port",
-                "0",
-                "--checkpoint",
-                str(checkpoint),
-                "--no-access-log",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=worker_env(),
-            start_new_session=True,
-        )
+        self.process = serve_process(checkpoint, workers)
         self.lines: list[str] = []
         self.errors: list[str] = []
         threading.Thread(target=self._collect, args=(self.process.stdout, self.lines), daemon=True).start()

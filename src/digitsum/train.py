@@ -126,27 +126,19 @@ def train_one_epoch(
     model.train()
     device = train_split.images.device
     totals = torch.zeros(3, device=device)  # loss * B, digit hits, sum hits: summed on device, no sync
-    if world is None:
-        steps = len(train_split) // config.batch_size
-        epoch_batches = batches(
-            train_split,
-            config.batch_size,
-            shuffle=True,
-            generator=generator,
-            drop_last=True,
-            augment=augmenter(config, generator),
-        )
-    else:
-        shard = rank_shard(train_split, world, generator)
-        steps = len(shard) // config.batch_size
-        epoch_batches = batches(
-            shard,
-            config.batch_size,
-            shuffle=False,
-            generator=augment_generator,
-            drop_last=True,
-            augment=augmenter(config, augment_generator),
-        )
+    if world is None:  # the whole split, shuffled by `generator`
+        split, shuffle, augment_generator = train_split, True, generator
+    else:  # this rank's slice of the shared permutation, augmented from its own generator
+        split, shuffle = rank_shard(train_split, world, generator), False
+    steps = len(split) // config.batch_size
+    epoch_batches = batches(
+        split,
+        config.batch_size,
+        shuffle=shuffle,
+        generator=augment_generator,
+        drop_last=True,
+        augment=augmenter(config, augment_generator),
+    )
     network = getattr(model, "module", model)  # the DigitSumNet itself (under DDP, model.module)
     bar = tqdm(total=steps, disable=not progress, leave=False, unit="batch", dynamic_ncols=True)
     seen = 0

@@ -2,7 +2,7 @@
 
     python benchmarks/recipe.py [--preset default] [--seeds 0] [--only TEXT,...]
 
-Each variant trains the preset (a full run, about 45 s of training for `default` on a 2-core AMX CPU) with one
+Each variant trains the preset (a full run, 40-60 s of training for `default` on a 2-core AMX CPU) with one
 change and reports the last epoch's validation digit and sum accuracy, which is what the recipe
 is chosen on; the test set is not looked at. The `default` preset stands in for `best` here
 (same code, 7 instead of 20 epochs, a cheaper CNN) so that every change can be measured.

@@ -11,6 +11,8 @@ from digitsum.checkpoint import CheckpointError
 from digitsum.config import ModelConfig
 from digitsum.model import (
     DigitSumNet,
+    Dropout,
+    Flatten,
     MaxPool2x2,
     fold_batchnorm,
     inference_model,
@@ -280,3 +282,43 @@ def test_addition_table_finds_the_one_wrong_entry_and_the_grid_counts_its_images
     table = addition_table(model)
     assert int(table.sum()) == 99 and not table[3, 4]
     assert grid_metrics(model, logits, digits)["addition_errors"] == 2  # the two right 3s, with number 4
+
+
+@pytest.mark.parametrize("p", [0.25, 0.5, 0.1])
+def test_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales_it(p):
+    """The CPU mask from random bytes: same distribution as nn.Dropout, exact values, seeded."""
+    layer = Dropout(p).train()
+    x = torch.ones(400, 1000, requires_grad=True)
+    torch.manual_seed(3)
+    y = layer(x)
+    kept = y != 0
+    # 400,000 Bernoulli(1 - p) draws: the kept fraction is within 5 standard deviations of 1 - p.
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / x.numel()) ** 0.5
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    # Masks are independent across columns and rows: no lane pattern from the 64-bit draws.
+    per_lane = kept.view(-1, 4).float().mean(0)
+    assert (per_lane - (1 - p)).abs().max() < 5 * (p * (1 - p) / (x.numel() / 4)) ** 0.5
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / (1 - p))  # the gradient passes where the value was kept
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), y)  # the global generator decides the mask: seeded runs repeat
+    assert torch.equal(layer.eval()(x), x)
+
+
+def test_dropout_of_zero_and_in_eval_is_the_identity_and_bf16_stays_bf16():
+    x = torch.randn(8, 50).bfloat16()
+    assert torch.equal(Dropout(0.0).train()(x), x) and torch.equal(Dropout(0.5).eval()(x), x)
+    y = Dropout(0.5).train()(x)
+    assert y.dtype == torch.bfloat16 and set(torch.unique(y[y != 0] / x[y != 0]).tolist()) == {2.0}
+
+
+def test_flatten_gives_nn_flattens_values_and_hands_back_a_channels_last_gradient():
+    x = torch.randn(4, 6, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(54, 5)
+    ours = Flatten()(x)
+    assert torch.equal(ours, torch.nn.Flatten()(x))
+    (ours @ weight).sum().backward()
+    ours_grad, x.grad = x.grad, None
+    (torch.nn.Flatten()(x) @ weight).sum().backward()
+    assert torch.equal(ours_grad, x.grad)
+    assert ours_grad.is_contiguous(memory_format=torch.channels_last)

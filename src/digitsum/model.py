@@ -28,6 +28,56 @@ def conv_block(in_channels: int, out_channels: int, stride: int = 1, pool: bool 
     return nn.Sequential(conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose CPU mask comes from random bytes: the same distribution, ~3x cheaper.
+
+    On a CPU, torch's bernoulli_ draws one random number per element: 2.5 ms of a ~35 ms training
+    step for the default net's (256, 864) features, 8% of the step (torch.profiler, docs/RESULTS.md
+    2.7). Here every 64-bit draw gives four 16-bit lanes, each kept when it is at or above
+    round(p * 65536): 0.8 ms for mask and multiply. p is rounded to a multiple of 1/65536 (0.25 is
+    exact). The draws come from torch's global generator, so seeding and exact resume work as with
+    nn.Dropout. Other devices use the library's fused kernel. No parameters: checkpoints are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        count = x.numel()
+        draws = torch.randint(-(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64)
+        lanes = draws.view(torch.int16)[:count].view(x.shape)
+        keep = lanes >= round(self.p * 65536) - 32768
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+
+class _FlattenGradChannelsLast(torch.autograd.Function):
+    """x.flatten(1) whose backward hands back a channels-last gradient, the layout of x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        return x.flatten(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.reshape(ctx.shape).contiguous(memory_format=torch.channels_last)
+
+
+class Flatten(nn.Flatten):
+    """nn.Flatten that keeps the backward pass in the trunk's channels-last layout.
+
+    Flattening a channels-last (B, C, H, W) activation copies it into (B, C*H*W) in C, H, W order, as
+    nn.Flatten does; its gradient then comes back in that order (plain contiguous), while the ReLU,
+    BatchNorm and max-pool before it saved channels-last tensors, and their backward kernels take a
+    slow path on mixed layouts (~1.5 ms of a ~35 ms CPU training step). Copying the gradient back to
+    channels-last (221k values, ~0.05 ms) avoids it. Same numbers; no parameters.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.dim() == 4 and x.requires_grad and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return _FlattenGradChannelsLast.apply(x)
+        return super().forward(x)
+
+
 def predicted_digit_onehot(digit_logits: torch.Tensor) -> torch.Tensor:
     """The predicted digit as a one-hot vector (B,10) that passes the softmax's gradient.
 
@@ -60,8 +110,8 @@ class DigitSumNet(nn.Module):
             size //= 2
         self.trunk = nn.Sequential(*layers)
         self.digit_head = nn.Sequential(
-            nn.Flatten(),
-            nn.Dropout(config.dropout),
+            Flatten(),
+            Dropout(config.dropout),
             nn.Linear(in_channels * size * size, NUM_DIGITS),  # derived, never a magic number
         )
         self.sum_block = nn.Sequential(

@@ -10,6 +10,7 @@ from digitsum import checkpoint
 from digitsum.checkpoint import CheckpointError
 from digitsum.config import ModelConfig
 from digitsum.model import (
+    Conv2dBeforePool,
     DigitSumNet,
     Dropout,
     Flatten,
@@ -119,11 +120,11 @@ def test_first_stride_2_replaces_the_first_pool_and_counts_its_flops():
 def test_norm_after_pool_puts_batchnorm_and_relu_after_each_pool():
     model = DigitSumNet(ModelConfig(channels=(4, 8), convs_per_stage=2, norm_after_pool=True))
     kinds = [[type(m).__name__ for m in block] for block in model.trunk]
-    assert kinds == [["Conv2d", "BatchNorm2d", "ReLU"], ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]] * 2
+    assert kinds == [["Conv2d", "BatchNorm2d", "ReLU"], ["Conv2dBeforePool", "MaxPool2d", "BatchNorm2d", "ReLU"]] * 2
     # With a stride-2 first conv the first stage has no pool, so its BatchNorm follows the conv.
     model = DigitSumNet(ModelConfig(channels=(4, 8), first_stride=2, norm_after_pool=True))
     kinds = [[type(m).__name__ for m in block] for block in model.trunk]
-    assert kinds == [["Conv2d", "BatchNorm2d", "ReLU"], ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]]
+    assert kinds == [["Conv2d", "BatchNorm2d", "ReLU"], ["Conv2dBeforePool", "MaxPool2d", "BatchNorm2d", "ReLU"]]
     assert model.digit_head[-1].in_features == 8 * 7 * 7
     # The layout does not change the FLOPs (BatchNorm and pools are not counted).
     assert training_flops_per_image(model.config) == training_flops_per_image(ModelConfig(channels=(4, 8), first_stride=2))
@@ -322,3 +323,34 @@ def test_flatten_gives_nn_flattens_values_and_hands_back_a_channels_last_gradien
     (torch.nn.Flatten()(x) @ weight).sum().backward()
     assert torch.equal(ours_grad, x.grad)
     assert ours_grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("size", [(7, 7), (8, 8), (3, 5), (6, 7), (3, 3)])
+def test_a_conv_before_a_pool_gives_the_plain_convs_pooled_values_and_gradients(size):
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(5, 6, 3, padding=1, bias=True)
+    cropped = Conv2dBeforePool(5, 6, 3, padding=1, bias=True)
+    cropped.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 5, *size, requires_grad=True)
+    upstream = torch.randn(3, 6, size[0] // 2, size[1] // 2)
+    outputs, grads = [], []
+    for conv in (plain, cropped):
+        x.grad = None
+        conv.zero_grad()
+        pooled = F.max_pool2d(conv(x), 2)
+        (pooled * upstream).sum().backward()
+        outputs.append(pooled)
+        grads.append((x.grad, conv.weight.grad, conv.bias.grad))
+    assert outputs[0].shape == outputs[1].shape
+    torch.testing.assert_close(outputs[1], outputs[0])
+    for ours, reference in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, reference)
+
+
+def test_the_default_nets_7x7_conv_computes_only_what_its_pool_reads():
+    model = DigitSumNet(ModelConfig(channels=(32, 48, 96), first_stride=2, norm_after_pool=True))
+    convs = [block[0] for block in model.trunk]
+    assert [type(conv) for conv in convs] == [torch.nn.Conv2d, Conv2dBeforePool, Conv2dBeforePool]
+    activation = model.trunk[1](model.trunk[0](torch.randn(2, 1, 28, 28)))  # 48 x 7 x 7
+    assert convs[2](activation).shape[-2:] == (6, 6)
+    assert type(inference_model(model).trunk[2][0]) is Conv2dBeforePool

@@ -21,10 +21,39 @@ NUM_DIGITS, NUM_NUMBERS, NUM_SUMS = 10, 10, 19
 IMAGE_SIZE = 28
 
 
+class Conv2dBeforePool(nn.Conv2d):
+    """A 3x3, stride-1, padding-1 conv whose output goes straight into a 2x2 max-pool: computes only
+    the rows and columns the pool reads.
+
+    On an odd size the pool floors (7x7 -> 3x3) and never reads the conv's last row and column:
+    at 7x7 that is 13 of 49 outputs, 27% of the conv's work forward and backward. Padding only the
+    top and left side gives exactly the outputs the pool reads (output (i, j) sees input rows i-1..i+1
+    and columns j-1..j+1 either way), so the pooled values, and every gradient, are the plain conv's
+    (up to float rounding). Same parameters and checkpoint as nn.Conv2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if height % 2 == 0 and width % 2 == 0:
+            return super().forward(x)
+        return F.conv2d(F.pad(x, (1, 1 - width % 2, 1, 1 - height % 2)), self.weight, self.bias)
+
+
+def before_pool(conv: nn.Conv2d) -> nn.Conv2d:
+    """`conv` as a Conv2dBeforePool (same weights) if it is a 3x3 stride-1 padding-1 conv, else itself."""
+    if type(conv) is not nn.Conv2d or conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1):
+        return conv
+    cropped = Conv2dBeforePool(conv.in_channels, conv.out_channels, 3, padding=1, bias=conv.bias is not None)
+    cropped.load_state_dict(conv.state_dict())
+    return cropped.to(conv.weight.device, conv.weight.dtype)
+
+
 def conv_block(in_channels: int, out_channels: int, stride: int = 1, pool: bool = False) -> nn.Sequential:
     """3x3 conv -> BN -> ReLU, or with `pool` conv -> 2x2 max-pool -> BN -> ReLU."""
     # bias=False with BatchNorm: its shift makes a conv bias redundant.
     conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+    if pool:
+        conv = before_pool(conv)
     return nn.Sequential(conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
@@ -73,7 +102,13 @@ class Flatten(nn.Flatten):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.dim() == 4 and x.requires_grad and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if (
+            self.training
+            and x.dim() == 4
+            and x.requires_grad
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()
+        ):
             return _FlattenGradChannelsLast.apply(x)
         return super().forward(x)
 
@@ -170,13 +205,14 @@ def inference_model(model: DigitSumNet) -> DigitSumNet:
     A BatchNorm after a pool (norm_after_pool) is, in eval mode, a per-channel affine map; where
     every channel's scale is positive it is increasing, so it commutes with the max and is folded
     into the conv before the pool like the others (one pass over memory fewer). Otherwise it stays.
+    Every 3x3 conv followed by a pool computes only the rows and columns the pool reads (Conv2dBeforePool).
     """
     folded = fold_batchnorm(model)
     layers = []
     for layer in folded.trunk:
         if isinstance(layer, nn.MaxPool2d):
             relu = layers[-1][2]  # the preceding conv block's ReLU
-            layers[-1] = nn.Sequential(*layers[-1][:2])
+            layers[-1] = nn.Sequential(before_pool(layers[-1][0]), layers[-1][1])  # the pool now follows the conv
             layers += [MaxPool2x2(), relu]
         elif isinstance(layer[1], nn.MaxPool2d):  # norm_after_pool: conv -> pool -> BN -> ReLU
             conv, norm = layer[0], layer[2]
@@ -205,7 +241,14 @@ def training_flops_per_image(config: ModelConfig) -> int:
         for conv in range(config.convs_per_stage):
             if stage == conv == 0 and config.first_stride == 2:
                 size //= 2  # the strided conv computes the 14x14 outputs only
-            flops += 2 * size * size * out_channels * in_channels * 9
+            # A stage's last conv feeds its pool directly under norm_after_pool: on an odd size it
+            # computes only the rows and columns the pool reads (Conv2dBeforePool).
+            computed = (
+                size // 2 * 2
+                if config.norm_after_pool and conv == config.convs_per_stage - 1 and not (stage == 0 and config.first_stride == 2)
+                else size
+            )
+            flops += 2 * computed * computed * out_channels * in_channels * 9
             in_channels = out_channels
         if not (stage == 0 and config.first_stride == 2):
             size //= 2

@@ -246,7 +246,11 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
             idat.append(kept[-1])
         at += 12 + length
     header = data[16:29]
-    decoded = _spng_grey(header, idat) if not alpha and image.mode == "L" else None
+    decoded = None
+    if not alpha and image.mode == "L":
+        decoded = _spng_grey(header, idat)
+    elif image.mode in ("RGB", "RGBA", "LA"):
+        decoded = _strips_grey(header, idat)
     if decoded is not None:
         grey, decoder = decoded
     else:
@@ -267,7 +271,7 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
         del encoded, kept
         pairs = decoded.permute(1, 2, 0).numpy()  # (H, W, channels), as libpng wrote it
         grey, decoder = (pairs[..., 0] if not alpha else _flattened(pairs)), "libpng"
-    result = Image.fromarray(np.ascontiguousarray(grey), mode="L")
+    result = grey if isinstance(grey, Image.Image) else Image.fromarray(np.ascontiguousarray(grey), mode="L")
     result.info = dict(image.info)  # EXIF / XMP orientation (getexif reads info)
     result.info[DECODER_KEY] = decoder
     return result
@@ -304,41 +308,23 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
         import pyspng
     except Exception:
         return None
-    try:
-        import isal.isal_zlib as fast_zlib  # ISA-L inflate
-    except Exception:
-        fast_zlib = None
     inflated = height * (width + 1)
     compressed = sum(len(chunk) - 12 for chunk in idat)
+    if compressed > _ISAL_RATIO * inflated and _inflater(True).__name__ == "isal.isal_zlib":
+        return _strips_grey(header, idat)
     try:
-        decoder = "libspng"
-        if fast_zlib is not None and compressed > _ISAL_RATIO * inflated:
-            decoder = "ISA-L + libspng"
-            if not _crcs_right(idat):
-                return None  # corrupt: Pillow says what is wrong (or reads it, as it always did)
-            stream = b"".join(chunk[8:-4] for chunk in idat)
-            inflater = fast_zlib.decompressobj()
-            # At most one byte more than the image holds (a deflate bomb stops there); the whole
-            # stream, to its end, where the Adler-32 is checked.
-            raw = inflater.decompress(stream, inflated + 1)
-            del stream
-            if len(raw) != inflated or not inflater.eof or inflater.unused_data:
-                return None
-            png = _stored_png(header, raw)
-            del raw
-        else:
-            # libspng is built to ignore CRCs and the Adler-32 (pyspng's SPNG_CRC_USE): checked
-            # here, so that damage Pillow would refuse is refused (~5 ms for a flat page).
-            if not _stream_sound(header, idat):
-                return None
-            png = b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", bytes(header)), *idat, _PNG_END])
+        # libspng is built to ignore CRCs and the Adler-32 (pyspng's SPNG_CRC_USE): checked
+        # here, so that damage Pillow would refuse is refused (~5 ms for a flat page).
+        if not _stream_sound(header, idat):
+            return None
+        png = b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", bytes(header)), *idat, _PNG_END])
         pixels = pyspng.load(png, "L")
     except Exception:
         return None
     del png
     if pixels.shape != (height, width) or pixels.dtype != np.uint8:
         return None
-    return pixels, decoder
+    return pixels, "libspng"
 
 
 def _crcs_right(chunks: list) -> bool:
@@ -434,6 +420,172 @@ def _stored_png(header: bytes, raw: bytes) -> bytes:
     pieces += [bytes(8), _PNG_END]  # Adler-32 and CRC (unchecked), IEND
     return b"".join(pieces)
 
+
+# A large colour, grey+alpha or poorly compressed grey PNG is decoded in strips of this many rows
+# (see _spng_strips): each strip's buffers stay in the CPU caches and small (64 rows of 4096 RGBA
+# pixels: 1 MB), instead of one 48-64 MB buffer of inflated rows and another of decoded pixels.
+_STRIP_ROWS = 64
+
+
+def _stored_blocks(pieces: list) -> list:
+    """Deflate stored blocks (a header of 5 bytes, then the bytes) of `pieces` (each <= 65535 bytes),
+    the last one marked final."""
+    blocks = []
+    for index, piece in enumerate(pieces):
+        size = len(piece)
+        last = 1 if index == len(pieces) - 1 else 0
+        blocks += [bytes((last, size & 0xFF, size >> 8, ~size & 0xFF, (~size >> 8) & 0xFF)), piece]
+    return blocks
+
+
+def _spng_strips(header: bytes, idat: list):
+    """Yield (first row, pixels) for each strip of _STRIP_ROWS rows of an 8-bit, non-interlaced
+    grey, grey+alpha, RGB or RGBA PNG: uint8 (rows, W, channels), the PNG's own channels (grey +
+    alpha as RGBA, the grey repeated: libspng has no 8-bit grey + alpha output).
+
+    The IDAT stream is inflated here (ISA-L for poorly compressed data, zlib-ng for long runs, see
+    _inflater) in pieces of at most one strip, and each strip is handed to libspng (pyspng) as a
+    small PNG of stored deflate blocks, which it only copies and unfilters. A strip's rows may be
+    filtered against the row above it (Up, Average, Paeth): the previous strip's last row, already
+    unfiltered, goes first in the next strip with filter type None, and is dropped from the output.
+    libspng skips CRCs and the Adler-32 (pyspng's SPNG_CRC_USE), so both are checked here, as
+    Pillow and libpng would: any damage (a CRC, invalid deflate data, the Adler-32, a bad filter
+    type, a stream shorter or longer than the image, data after its end) raises ValueError (or
+    pyspng's RuntimeError) before the last strip is yielded, never anything that can crash.
+    """
+    import pyspng
+
+    width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
+    depth, colour, interlace = header[8], header[9], header[12]
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(colour)
+    if depth != 8 or channels is None or interlace != 0 or not idat:
+        raise ValueError("not an 8-bit non-interlaced grey/RGB PNG with or without alpha")
+    if not _crcs_right(idat):
+        raise ValueError("IDAT CRC")
+    stride = width * channels + 1  # (a row's filter-type byte, then its pixels)
+    inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * stride * height).decompressobj()
+    streams = iter([chunk[8:-4] for chunk in idat])
+    pending, exhausted = b"", False
+
+    def inflate(limit: int) -> bytes:
+        """Up to `limit` more bytes of the stream; b"" only where it ends (or stalls) first. (zlib can
+        hold output back after taking all its input - a match longer than the limit - which the
+        next call gives, with or without new input.)"""
+        nonlocal pending, exhausted
+        while True:
+            if not pending and not exhausted:
+                following = next(streams, None)
+                exhausted = following is None
+                pending = following if following is not None else b""
+                continue
+            piece = inflater.decompress(pending, limit)
+            stalled = len(inflater.unconsumed_tail) == len(pending)
+            pending = inflater.unconsumed_tail
+            if piece or inflater.eof or (exhausted and not pending) or stalled:
+                return piece
+
+    previous = None  # the last row of the previous strip, unfiltered
+    for top in range(0, height, _STRIP_ROWS):
+        rows = min(_STRIP_ROWS, height - top)
+        pieces = [b"\x00" + previous.tobytes()] if previous is not None else []
+        needed = rows * stride
+        while needed:
+            piece = inflate(min(needed, 65535))
+            if not piece:
+                raise ValueError("the stream ends before the image")
+            pieces.append(piece)
+            needed -= len(piece)
+        if top + rows == height:  # the stream must end here: its Adler-32 checked, nothing after it
+            while not inflater.eof:
+                if inflate(1):
+                    raise ValueError("the stream holds more than the image")
+                if not inflater.eof:
+                    raise ValueError("truncated stream")
+            if pending or inflater.unused_data or any(len(rest) for rest in streams):
+                raise ValueError("data after the stream's end")
+        count = rows + (previous is not None)
+        body = 2 + sum(len(piece) + 5 for piece in pieces) + 4
+        png = b"".join(
+            [
+                _PNG_SIGNATURE,
+                _png_chunk(b"IHDR", width.to_bytes(4, "big") + count.to_bytes(4, "big") + bytes(header[8:13])),
+                body.to_bytes(4, "big"),
+                b"IDAT\x78\x01",
+                *_stored_blocks(pieces),
+                bytes(8),  # Adler-32 and CRC: pyspng checks neither (the real ones were checked above)
+                _PNG_END,
+            ]
+        )
+        del pieces
+        # (libspng has no output format for grey + alpha in 8 bits: as RGBA, grey repeated)
+        pixels = pyspng.load(png, "RGBA" if colour == 4 else None)
+        if pixels.shape[:2] != (count, width) or pixels.dtype != np.uint8:
+            raise ValueError("libspng decoded another shape")
+        pixels = pixels.reshape(count, width, -1)
+        previous = pixels[-1] if colour != 4 else pixels[-1, :, 2:]  # (grey and alpha of grey, grey, grey, alpha)
+        yield top, pixels[count - rows :]
+
+
+def _strips_grey(header: bytes, idat: list) -> tuple[Image.Image, str] | None:
+    """An "L" image of an 8-bit, non-interlaced grey, grey+alpha, RGB or RGBA PNG decoded in strips
+    (_spng_strips), each turned to grey as Pillow's convert("L") does (the same integer weights,
+    so exactly Pillow's grey) and pasted into the result; transparency flattened as _composited
+    says. And the decoders' names. None where pyspng is missing or the data is damaged (the
+    caller leaves the file to Pillow, which reads it or says what is wrong).
+
+    Extra memory: the grey result (1 byte a pixel) and the transparency (1 more), plus a few strips.
+    """
+    try:
+        import pyspng  # noqa: F401  (the strips' decoder)
+    except Exception:
+        return None
+    width, height, colour = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big"), header[9]
+    mode = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}.get(colour)
+    if mode is None:
+        return None
+    grey = Image.new("L", (width, height))
+    transparency = Image.new("L", (width, height)) if mode in ("LA", "RGBA") else None
+    try:
+        for top, pixels in _spng_strips(header, idat):
+            layout = "RGBA" if mode == "LA" else mode  # (see _spng_strips)
+            strip = Image.frombuffer(layout, (width, pixels.shape[0]), pixels, "raw", layout, 0, 1)
+            grey.paste(strip.convert("L") if mode in ("RGB", "RGBA") else strip.getchannel(0), (0, top))
+            if transparency is not None:
+                transparency.paste(ImageChops.invert(strip.getchannel("A")), (0, top))
+    except Exception:  # damage (see _spng_strips), or libspng refusing a strip
+        return None
+    inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * height * (width * len(mode) + 1))
+    decoder = {"isal.isal_zlib": "ISA-L", "zlib_ng.zlib_ng": "zlib-ng"}.get(inflater.__name__, "zlib") + " + libspng"
+    return (_composited(grey, transparency) if transparency is not None else grey), decoder
+
+
+def _composited(grey: Image.Image, transparency: Image.Image) -> Image.Image:
+    """`grey` with its transparency (255 - alpha) flattened, in place, onto the background
+    grayscale() would choose (white under dark ink, black under light ink, by the alpha-weighted
+    mean of the visible pixels): round((grey * alpha + background * (255 - alpha)) / 255), the
+    same integers as _flattened, by one paste of the background through the transparency as mask
+    (Pillow rounds exactly so). The mean needs no pass over the pixels where the grey's extrema
+    decide it (all dark or all light: every canvas of one ink colour); else it is summed in
+    strips (float32 products, exact to ~1e-6 of the mean)."""
+    clear, hidden = transparency.getextrema()
+    if hidden == 0:
+        return grey  # opaque after all (a canvas export saved as RGBA)
+    darkest, lightest = grey.getextrema()
+    if clear == 255 or lightest < 128:
+        background = 255  # nothing visible, or a visible mean below mid-grey whatever the alpha
+    elif darkest >= 128:
+        background = 0
+    else:
+        width, height = grey.size
+        weighted = visible = 0.0
+        for top in range(0, height, _STRIP_ROWS):
+            box = (0, top, width, min(height, top + _STRIP_ROWS))
+            alpha = 255.0 - np.asarray(transparency.crop(box), np.float32).ravel()
+            weighted += float(np.dot(np.asarray(grey.crop(box), np.float32).ravel(), alpha))
+            visible += float(alpha.sum(dtype=np.float64))
+        background = 255 if visible == 0 or weighted / (255 * visible) < 0.5 else 0
+    grey.paste(background, mask=transparency)
+    return grey
 
 def _flattened(pairs: np.ndarray) -> np.ndarray:
     """uint8 grey from (H, W, 2) uint8 (grey, alpha) pairs, composited onto the background

@@ -645,7 +645,9 @@ def test_compositing_whole_images_equals_flattening_every_pair(case):
     else:
         alpha[:] = 0
     pairs = np.stack([grey, alpha], axis=-1).astype(np.uint8)
-    composited = preprocess._composited(Image.fromarray(pairs[..., 0]), Image.fromarray(255 - pairs[..., 1]))
+    visible = pairs[..., 0][pairs[..., 1] > 0]
+    greys = (int(visible.min()), int(visible.max())) if visible.size else (255, 0)
+    composited = preprocess._composited(Image.fromarray(pairs[..., 0]), Image.fromarray(255 - pairs[..., 1]), greys)
     assert np.array_equal(np.asarray(composited), preprocess._flattened(pairs))
 
 

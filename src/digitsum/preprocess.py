@@ -463,46 +463,14 @@ def _spng_strips(header: bytes, idat: list):
     if not _crcs_right(idat):
         raise ValueError("IDAT CRC")
     stride = width * channels + 1  # (a row's filter-type byte, then its pixels)
-    inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * stride * height).decompressobj()
-    streams = iter([chunk[8:-4] for chunk in idat])
-    pending, exhausted = b"", False
-
-    def inflate(limit: int) -> bytes:
-        """Up to `limit` more bytes of the stream; b"" only where it ends (or stalls) first. (zlib can
-        hold output back after taking all its input - a match longer than the limit - which the
-        next call gives, with or without new input.)"""
-        nonlocal pending, exhausted
-        while True:
-            if not pending and not exhausted:
-                following = next(streams, None)
-                exhausted = following is None
-                pending = following if following is not None else b""
-                continue
-            piece = inflater.decompress(pending, limit)
-            stalled = len(inflater.unconsumed_tail) == len(pending)
-            pending = inflater.unconsumed_tail
-            if piece or inflater.eof or (exhausted and not pending) or stalled:
-                return piece
-
+    strips = _inflated_strips(idat, stride, height)
     previous = None  # the last row of the previous strip, unfiltered
     for top in range(0, height, _STRIP_ROWS):
         rows = min(_STRIP_ROWS, height - top)
         pieces = [b"\x00" + previous.tobytes()] if previous is not None else []
-        needed = rows * stride
-        while needed:
-            piece = inflate(min(needed, 65535))
-            if not piece:
-                raise ValueError("the stream ends before the image")
-            pieces.append(piece)
-            needed -= len(piece)
-        if top + rows == height:  # the stream must end here: its Adler-32 checked, nothing after it
-            while not inflater.eof:
-                if inflate(1):
-                    raise ValueError("the stream holds more than the image")
-                if not inflater.eof:
-                    raise ValueError("truncated stream")
-            if pending or inflater.unused_data or any(len(rest) for rest in streams):
-                raise ValueError("data after the stream's end")
+        for piece in next(strips):  # stored blocks hold at most 65535 bytes each
+            view = memoryview(piece)
+            pieces += [view[at : at + 65535] for at in range(0, len(view), 65535)]
         count = rows + (previous is not None)
         body = 2 + sum(len(piece) + 5 for piece in pieces) + 4
         png = b"".join(
@@ -526,6 +494,52 @@ def _spng_strips(header: bytes, idat: list):
         yield top, pixels[count - rows :]
 
 
+def _inflated_strips(idat: list, stride: int, height: int):
+    """Yield, for each strip of _STRIP_ROWS rows, a list of bytes objects that together are its
+    rows (filter-type byte and pixels, `stride` bytes a row) as inflated from the IDAT chunks'
+    zlib stream; ValueError (or the module's zlib error) where the stream is invalid, fails its
+    Adler-32, ends before the image or runs past it, or data follows its end (checked before the
+    last strip is given)."""
+    inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * stride * height).decompressobj()
+    streams = iter([chunk[8:-4] for chunk in idat])
+    pending, exhausted = b"", False
+
+    def inflate(limit: int) -> bytes:
+        """Up to `limit` more bytes of the stream; b"" only where it ends (or stalls) first. (zlib can
+        hold output back after taking all its input - a match longer than the limit - which the
+        next call gives, with or without new input.)"""
+        nonlocal pending, exhausted
+        while True:
+            if not pending and not exhausted:
+                following = next(streams, None)
+                exhausted = following is None
+                pending = following if following is not None else b""
+                continue
+            piece = inflater.decompress(pending, limit)
+            stalled = len(inflater.unconsumed_tail) == len(pending)
+            pending = inflater.unconsumed_tail
+            if piece or inflater.eof or (exhausted and not pending) or stalled:
+                return piece
+
+    for top in range(0, height, _STRIP_ROWS):
+        pieces, needed = [], min(_STRIP_ROWS, height - top) * stride
+        while needed:
+            piece = inflate(needed)
+            if not piece:
+                raise ValueError("the stream ends before the image")
+            pieces.append(piece)
+            needed -= len(piece)
+        if top + _STRIP_ROWS >= height:  # the stream must end here: its Adler-32 checked, nothing after it
+            while not inflater.eof:
+                if inflate(1):
+                    raise ValueError("the stream holds more than the image")
+                if not inflater.eof:
+                    raise ValueError("truncated stream")
+            if pending or inflater.unused_data or any(len(rest) for rest in streams):
+                raise ValueError("data after the stream's end")
+        yield pieces
+
+
 def _strips_grey(header: bytes, idat: list) -> tuple[Image.Image, str] | None:
     """An "L" image of an 8-bit, non-interlaced grey, grey+alpha, RGB or RGBA PNG decoded in strips
     (_spng_strips), each turned to grey as Pillow's convert("L") does (the same integer weights,
@@ -533,7 +547,8 @@ def _strips_grey(header: bytes, idat: list) -> tuple[Image.Image, str] | None:
     says. And the decoders' names. None where pyspng is missing or the data is damaged (the
     caller leaves the file to Pillow, which reads it or says what is wrong).
 
-    Extra memory: the grey result (1 byte a pixel) and the transparency (1 more), plus a few strips.
+    Extra memory: the grey result (1 byte a pixel) and, where some pixel is not opaque, the
+    transparency (1 more), plus a few strips.
     """
     try:
         import pyspng  # noqa: F401  (the strips' decoder)
@@ -543,36 +558,53 @@ def _strips_grey(header: bytes, idat: list) -> tuple[Image.Image, str] | None:
     mode = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}.get(colour)
     if mode is None:
         return None
-    grey = Image.new("L", (width, height))
-    transparency = Image.new("L", (width, height)) if mode in ("LA", "RGBA") else None
+    grey = Image.new("L", (width, height), None)  # (not zero-filled first: every row is pasted)
+    transparency = None  # made at the first strip that is not opaque (all 0 = opaque, as the ones before)
+    layout = "RGBA" if mode == "LA" else mode  # (see _spng_strips)
+    strip = None
+    greys = (255, 0)  # the (darkest, lightest) grey of the strips with a visible pixel; none yet
     try:
         for top, pixels in _spng_strips(header, idat):
-            layout = "RGBA" if mode == "LA" else mode  # (see _spng_strips)
-            strip = Image.frombuffer(layout, (width, pixels.shape[0]), pixels, "raw", layout, 0, 1)
-            grey.paste(strip.convert("L") if mode in ("RGB", "RGBA") else strip.getchannel(0), (0, top))
-            if transparency is not None:
-                transparency.paste(ImageChops.invert(strip.getchannel("A")), (0, top))
+            if mode == "L":
+                grey.paste(Image.frombuffer("L", (width, pixels.shape[0]), pixels, "raw", "L", 0, 1), (0, top))
+                continue
+            if strip is None or strip.height != pixels.shape[0]:
+                strip = Image.new(layout, (width, pixels.shape[0]), None)
+            strip.frombytes(pixels, "raw", layout)  # (into the same image each time: no new zero-filled one)
+            strip_grey = strip.convert("L") if mode in ("RGB", "RGBA") else strip.getchannel(0)
+            grey.paste(strip_grey, (0, top))
+            if mode != "RGB":
+                # Each RGBA pixel read as a little-endian 32-bit word is alpha * 2**24 + ...: the
+                # words' extrema are the alphas' (numpy's, several times faster than getextrema).
+                words = pixels.view("<u4")
+                if words.min() < 0xFF000000:  # not opaque
+                    if transparency is None:
+                        transparency = Image.new("L", (width, height))
+                    transparency.paste(ImageChops.invert(strip.getchannel("A")), (0, top))
+                if words.max() >= 0x01000000:  # something visible: the grey's extrema (see _composited)
+                    values = np.asarray(strip_grey)
+                    greys = (min(int(values.min()), greys[0]), max(int(values.max()), greys[1]))
     except Exception:  # damage (see _spng_strips), or libspng refusing a strip
         return None
     inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * height * (width * len(mode) + 1))
     decoder = {"isal.isal_zlib": "ISA-L", "zlib_ng.zlib_ng": "zlib-ng"}.get(inflater.__name__, "zlib") + " + libspng"
-    return (_composited(grey, transparency) if transparency is not None else grey), decoder
+    return (_composited(grey, transparency, greys) if transparency is not None else grey), decoder
 
 
-def _composited(grey: Image.Image, transparency: Image.Image) -> Image.Image:
+def _composited(grey: Image.Image, transparency: Image.Image, greys: tuple) -> Image.Image:
     """`grey` with its transparency (255 - alpha) flattened, in place, onto the background
     grayscale() would choose (white under dark ink, black under light ink, by the alpha-weighted
     mean of the visible pixels): round((grey * alpha + background * (255 - alpha)) / 255), the
     same integers as _flattened, by one paste of the background through the transparency as mask
-    (Pillow rounds exactly so). The mean needs no pass over the pixels where the grey's extrema
-    decide it (all dark or all light: every canvas of one ink colour); else it is summed in
-    strips (float32 products, exact to ~1e-6 of the mean)."""
-    clear, hidden = transparency.getextrema()
-    if hidden == 0:
-        return grey  # opaque after all (a canvas export saved as RGBA)
-    darkest, lightest = grey.getextrema()
-    if clear == 255 or lightest < 128:
-        background = 255  # nothing visible, or a visible mean below mid-grey whatever the alpha
+    (Pillow rounds exactly so). `greys`: the darkest and lightest grey of (at least) every
+    visible pixel, (255, 0) where none is. The mean needs no pass over the pixels where these decide it (nothing visible; all dark or all
+    light: every canvas of one ink colour); else it is summed in strips (float32 products, exact
+    to ~1e-6 of the mean)."""
+    darkest, lightest = greys
+    if darkest > lightest:
+        background = 255  # nothing visible
+    elif lightest < 128:
+        background = 255  # a visible mean below mid-grey whatever the alpha
     elif darkest >= 128:
         background = 0
     else:
@@ -586,6 +618,7 @@ def _composited(grey: Image.Image, transparency: Image.Image) -> Image.Image:
         background = 255 if visible == 0 or weighted / (255 * visible) < 0.5 else 0
     grey.paste(background, mask=transparency)
     return grey
+
 
 def _flattened(pairs: np.ndarray) -> np.ndarray:
     """uint8 grey from (H, W, 2) uint8 (grey, alpha) pairs, composited onto the background

@@ -629,6 +629,30 @@ def test_a_stream_split_into_many_idat_chunks_reads_as_pillow(kind, sizes):
     assert np.array_equal(np.asarray(decoded), _pillows_grey(data))
 
 
+@pytest.mark.parametrize("layout", ["light ink under transparent strips", "dark ink, then light", "opaque top", "mean decides"])
+def test_a_transparent_png_is_flattened_onto_the_background_the_whole_image_decides(layout):
+    # Strips are flattened as they come onto the background the visible grey so far decides;
+    # these make later strips contradict that guess (or only the mean decide): the result must
+    # still be _flattened's of the whole image.
+    rgba = np.zeros((1300, 1100, 4), np.uint8)
+    ink = np.asarray(seven((1100, 1300), width=30)) < 128
+    if layout == "light ink under transparent strips":  # chalk: nothing visible in the top strips
+        rgba[ink] = (240, 240, 240, 255)
+    elif layout == "dark ink, then light":  # white wins: most of the visible grey is dark
+        rgba[ink] = (250, 250, 250, 200)
+        rgba[100:700, 100:1000] = (10, 10, 10, 255)
+    elif layout == "opaque top":  # an opaque light band, then dark ink on transparency
+        rgba[ink] = (20, 20, 20, 180)
+        rgba[:200] = (230, 230, 230, 255)
+    else:  # visible greys on both sides of mid-grey, every alpha
+        rgba[..., :3] = np.random.default_rng(0).integers(0, 256, (1300, 1100, 1))
+        rgba[..., 3] = np.random.default_rng(1).integers(0, 256, (1300, 1100))
+    data = encoded(Image.fromarray(rgba, "RGBA"))
+    decoded = preprocess.open_image(data, max_decoded_side=1024)
+    assert decoded.info[preprocess.DECODER_KEY].endswith("libspng")
+    assert np.array_equal(np.asarray(decoded), _pillows_grey(data))
+
+
 @pytest.mark.parametrize("case", ["dark ink", "light ink", "mixed", "opaque", "invisible"])
 def test_compositing_whole_images_equals_flattening_every_pair(case):
     # every (grey, alpha) pair, plus a block that decides the background

@@ -540,15 +540,20 @@ def _inflated_strips(idat: list, stride: int, height: int):
         yield pieces
 
 
-def _strips_grey(header: bytes, idat: list) -> tuple[Image.Image, str] | None:
+def _strips_grey(header: bytes, idat: list, speculate: bool = True) -> tuple[Image.Image, str] | None:
     """An "L" image of an 8-bit, non-interlaced grey, grey+alpha, RGB or RGBA PNG decoded in strips
     (_spng_strips), each turned to grey as Pillow's convert("L") does (the same integer weights,
-    so exactly Pillow's grey) and pasted into the result; transparency flattened as _composited
-    says. And the decoders' names. None where pyspng is missing or the data is damaged (the
+    so exactly Pillow's grey) and pasted into the result; transparency flattened as _flattened
+    does. And the decoders' names. None where pyspng is missing or the data is damaged (the
     caller leaves the file to Pillow, which reads it or says what is wrong).
 
-    Extra memory: the grey result (1 byte a pixel) and, where some pixel is not opaque, the
-    transparency (1 more), plus a few strips.
+    Transparency: the background (white under dark ink, black under light ink) depends on every
+    visible pixel, but it is the same for all the strips of almost every image, and the visible
+    grey's extrema so far decide it (see _composited): while they do (`speculate`), each strip is
+    flattened at once, in the CPU caches, onto that background. Should a later strip contradict
+    it (or the extrema not decide), the image is decoded again keeping its transparency, to be
+    flattened when the whole is known (_composited). Extra memory: the grey result (1 byte a
+    pixel), plus a few strips; in that second decode, the transparency (1 more).
     """
     try:
         import pyspng  # noqa: F401  (the strips' decoder)
@@ -563,6 +568,8 @@ def _strips_grey(header: bytes, idat: list) -> tuple[Image.Image, str] | None:
     layout = "RGBA" if mode == "LA" else mode  # (see _spng_strips)
     strip = None
     greys = (255, 0)  # the (darkest, lightest) grey of the strips with a visible pixel; none yet
+    background = None  # (speculating) what the strips so far were flattened onto
+    invisible = []  # (speculating) the strips without a visible pixel: (first row, rows)
     try:
         for top, pixels in _spng_strips(header, idat):
             if mode == "L":
@@ -572,23 +579,43 @@ def _strips_grey(header: bytes, idat: list) -> tuple[Image.Image, str] | None:
                 strip = Image.new(layout, (width, pixels.shape[0]), None)
             strip.frombytes(pixels, "raw", layout)  # (into the same image each time: no new zero-filled one)
             strip_grey = strip.convert("L") if mode in ("RGB", "RGBA") else strip.getchannel(0)
-            grey.paste(strip_grey, (0, top))
             if mode != "RGB":
                 # Each RGBA pixel read as a little-endian 32-bit word is alpha * 2**24 + ...: the
                 # words' extrema are the alphas' (numpy's, several times faster than getextrema).
                 words = pixels.view("<u4")
-                if words.min() < 0xFF000000:  # not opaque
-                    if transparency is None:
-                        transparency = Image.new("L", (width, height))
-                    transparency.paste(ImageChops.invert(strip.getchannel("A")), (0, top))
-                if words.max() >= 0x01000000:  # something visible: the grey's extrema (see _composited)
+                visible, opaque = words.max() >= 0x01000000, words.min() >= 0xFF000000
+                if visible:  # the grey's extrema where something is visible (see _composited)
                     values = np.asarray(strip_grey)
-                    greys = (min(int(values.min()), greys[0]), max(int(values.max()), greys[1]))
+                    darkest, lightest = int(values.min()), int(values.max())
+                    if not opaque and _decided_background((min(darkest, greys[0]), max(lightest, greys[1]))) is None:
+                        # only the visible pixels count (light ink on a canvas that is black under alpha 0)
+                        shown = (words >= 0x01000000).reshape(values.shape)
+                        darkest, lightest = int(np.where(shown, values, 255).min()), int(np.multiply(values, shown).max())
+                    greys = (min(darkest, greys[0]), max(lightest, greys[1]))
+                elif speculate:  # nothing visible: all background, whichever it turns out to be
+                    invisible.append((top, pixels.shape[0]))
+                    continue
+                if speculate and (background is not None or not opaque):
+                    decided = _decided_background(greys)
+                    background = decided if background is None else background
+                    if decided is None or decided != background:
+                        return _strips_grey(header, idat, speculate=False)
+                    if not opaque:
+                        strip_grey.paste(background, mask=ImageChops.invert(strip.getchannel("A")))
+                elif not opaque:
+                    if transparency is None:
+                        transparency = Image.new("L", (width, height), 0 if top else None)
+                    transparency.paste(ImageChops.invert(strip.getchannel("A")), (0, top))
+            grey.paste(strip_grey, (0, top))
     except Exception:  # damage (see _spng_strips), or libspng refusing a strip
         return None
     inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * height * (width * len(mode) + 1))
     decoder = {"isal.isal_zlib": "ISA-L", "zlib_ng.zlib_ng": "zlib-ng"}.get(inflater.__name__, "zlib") + " + libspng"
-    return (_composited(grey, transparency, greys) if transparency is not None else grey), decoder
+    if transparency is not None:
+        grey = _composited(grey, transparency, greys)
+    for top, rows in invisible:
+        grey.paste(255 if background is None else background, (0, top, width, top + rows))
+    return grey, decoder
 
 
 def _composited(grey: Image.Image, transparency: Image.Image, greys: tuple) -> Image.Image:
@@ -597,17 +624,11 @@ def _composited(grey: Image.Image, transparency: Image.Image, greys: tuple) -> I
     mean of the visible pixels): round((grey * alpha + background * (255 - alpha)) / 255), the
     same integers as _flattened, by one paste of the background through the transparency as mask
     (Pillow rounds exactly so). `greys`: the darkest and lightest grey of (at least) every
-    visible pixel, (255, 0) where none is. The mean needs no pass over the pixels where these decide it (nothing visible; all dark or all
-    light: every canvas of one ink colour); else it is summed in strips (float32 products, exact
-    to ~1e-6 of the mean)."""
-    darkest, lightest = greys
-    if darkest > lightest:
-        background = 255  # nothing visible
-    elif lightest < 128:
-        background = 255  # a visible mean below mid-grey whatever the alpha
-    elif darkest >= 128:
-        background = 0
-    else:
+    visible pixel, (255, 0) where none is. The mean needs no pass over the pixels where these
+    decide it (_decided_background); else it is summed in strips (float32 products, exact to
+    ~1e-6 of the mean)."""
+    background = _decided_background(greys)
+    if background is None:
         width, height = grey.size
         weighted = visible = 0.0
         for top in range(0, height, _STRIP_ROWS):
@@ -618,6 +639,16 @@ def _composited(grey: Image.Image, transparency: Image.Image, greys: tuple) -> I
         background = 255 if visible == 0 or weighted / (255 * visible) < 0.5 else 0
     grey.paste(background, mask=transparency)
     return grey
+
+
+def _decided_background(greys: tuple) -> int | None:
+    """The background _flattened chooses, where the (darkest, lightest) grey of the visible pixels
+    decide it: white where nothing is visible or all of it is below mid-grey (its alpha-weighted
+    mean then is), black where all of it is above; None where only the mean can tell."""
+    darkest, lightest = greys
+    if darkest > lightest or lightest < 128:
+        return 255
+    return 0 if darkest >= 128 else None
 
 
 def _flattened(pairs: np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@ ratio, with antialiasing) and pasting that into a 28x28 field so the centre of m
 centre, white ink on black. `preprocess_view()` does the same to whatever a user has:
 
     read (Pillow, first frame; a large JPEG is decoded at 1/2, 1/4 or 1/8 scale, a large 8-bit PNG
-       straight to grey by libspng (opaque grey) or torchvision's libpng decoder)
+       straight to grey by libspng (whole, or in strips after ISA-L / zlib-ng inflate) or, for a
+       palette, < 8 bits or interlacing, torchvision's libpng decoder)
     -> reduce a large image by an integer factor to under 2 x WORK_SIDE px (box averaging), before any
        float conversion
     -> EXIF orientation (all 8 values)
@@ -204,8 +205,9 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
     return image
 
 
-# The key in a large PNG's Image.info naming the decoder that read it: "libspng", "ISA-L + libspng" or
-# "libpng" (benchmarks/preprocess_cost.py reports it; absent where Pillow decoded).
+# The key in a large PNG's Image.info naming the decoder that read it: "libspng" (whole), "ISA-L +
+# libspng" / "zlib-ng + libspng" / "zlib + libspng" (our inflate, then libspng in strips) or "libpng"
+# (benchmarks/preprocess_cost.py reports it; absent where Pillow decoded).
 DECODER_KEY = "digitsum.decoder"
 # Ancillary PNG chunks that make libpng convert colour to grey in linear light (Pillow, and so the
 # rest of this module, converts the stored values): dropped before torchvision decodes.
@@ -219,15 +221,17 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     does: an "L" image carrying the header's metadata (EXIF), or None where only Pillow can (16-bit,
     animated, metadata after the pixels, the decoders missing or failing).
 
-    Opaque 8-bit grey goes to libspng (pyspng; _spng_grey), everything else to libpng
-    (torchvision's decode_png), which converts colour to grey while it decodes, to 1 byte a pixel
-    (2 with alpha), after _stream_sound has checked what libpng would choke on. Measured for
-    4096x4096 (benchmarks/preprocess_cost.py; CPU ms, machine load ~7):
-    Pillow holds RGB/RGBA/LA at 4 bytes a pixel (64 MB) and then needs strips of grey conversion:
-    libpng decode RGB 91 vs Pillow 152 ms, L 22 vs 34 ms, a grainy L page (9 MB of deflate) 153 vs
-    152 ms; +RSS of the whole preprocessing RGB 85 -> 24 MB, RGBA 88 -> 51 MB. (torchvision 0.29
+    Non-interlaced 8-bit grey, grey + alpha, RGB and RGBA go to libspng (pyspng): a flat opaque
+    grey page whole (_spng_grey), the rest in strips of _STRIP_ROWS rows after our own inflate
+    (_strips_grey), each strip turned to Pillow's grey and flattened at once, so that no buffer
+    of the whole image wider than its grey is made. A palette, < 8 bits or interlacing go to
+    libpng (torchvision's decode_png), which converts to grey while it decodes, after
+    _stream_sound has checked what would make it crash. 4096x4096, whole preprocessing, wall ms
+    / +RSS MB, before (libpng for colour and alpha) -> after, one core under load (see the commit
+    that brought strips): RGB flat page 97/25 -> 57/25, RGBA 143/54 -> 77/27, a transparent canvas
+    172/54 -> ~100/27, grainy RGB 360/34 -> 152/28, grainy grey 131/49 -> 110/28. (torchvision 0.29
     marks its image decoders deprecated in favour of TorchCodec; should they go, the import fails
-    and Pillow decodes as before.)
+    and Pillow decodes those as before.)
     """
     if data is None or len(data) < 33 or data[24] > 8 or getattr(image, "is_animated", False):
         return None  # data[24]: IHDR's bit depth
@@ -290,15 +294,11 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
     decoder's name, or None where that does not apply or fails (the caller falls back to libpng,
     then Pillow).
 
-    4096x4096, decode alone (benchmarks/preprocess_cost.py --decoders, min of 7, machine load ~3):
-    poorly compressed data (paper grain, a photo) is inflated by ISA-L (isal) and handed to libspng
-    as stored deflate blocks, which it only copies and unfilters: 72 ms vs libpng's 145, libspng's
-    own 132, Pillow's 139. A flat page goes to libspng whole: 14 vs 20 ms.
-    Not RGB: libspng has no colour-to-grey transformation, so a flat RGB page came out at 69 ms
-    (libspng 26, Pillow's grey conversion in strips ~30, the stream check 7) vs libpng's 72 to
-    grey, while its 3 bytes a pixel (48 MB, held as the grey's buffer) took +RSS from 25 to 57 MB
-    (79 MB for a grainy RGB page). `header`: IHDR's 13 bytes; `idat`: the IDAT chunks whole
-    (length, type, data, CRC).
+    Poorly compressed data (paper grain, a photo) where ISA-L is installed goes to _strips_grey
+    instead (ISA-L inflates, libspng only copies and unfilters stored blocks, strip by strip):
+    4096x4096 decode ~70 ms vs libspng's own 132 and, before strips, 102 for ISA-L + libspng on
+    one whole stored PNG (which pyspng copies whole again). A flat page goes to libspng whole:
+    14 vs 20 ms. `header`: IHDR's 13 bytes; `idat`: the IDAT chunks whole (length, type, data, CRC).
     """
     width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
     depth, colour, interlace = header[8], header[9], header[12]
@@ -402,23 +402,6 @@ _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
-
-
-def _stored_png(header: bytes, raw: bytes) -> bytes:
-    """A PNG whose one IDAT holds `raw` (inflated, still filtered scanlines) as stored deflate blocks
-    (no compression): libspng then only copies and unfilters. The zlib trailer's Adler-32 and the
-    IDAT's CRC are left 0: the stream was checked when it was inflated, and pyspng checks neither."""
-    block = 65535
-    view = memoryview(raw)
-    count = max(1, -(-len(raw) // block))
-    size = 2 + len(raw) + 5 * count + 4
-    pieces = [_PNG_SIGNATURE, _png_chunk(b"IHDR", bytes(header)), size.to_bytes(4, "big"), b"IDAT\x78\x01"]
-    for index in range(count):
-        piece = view[index * block : (index + 1) * block]
-        last = 1 if index == count - 1 else 0
-        pieces += [bytes((last,)) + len(piece).to_bytes(2, "little") + (len(piece) ^ 0xFFFF).to_bytes(2, "little"), piece]
-    pieces += [bytes(8), _PNG_END]  # Adler-32 and CRC (unchecked), IEND
-    return b"".join(pieces)
 
 
 # A large colour, grey+alpha or poorly compressed grey PNG is decoded in strips of this many rows

@@ -619,6 +619,29 @@ def test_libspng_in_strips_reads_every_filter_type_across_strip_edges_as_pillow(
     assert np.array_equal(np.asarray(decoded), _pillows_grey(data))
 
 
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    channels=st.sampled_from([1, 2, 3, 4]),
+    shape=st.tuples(st.integers(17, 90), st.integers(17, 90)),
+    levels=st.integers(1, 256),  # few levels: long runs (flat, zlib-ng); many: literals (ISA-L)
+    strip_rows=st.integers(1, 9),
+    level=st.integers(0, 9),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_8_bit_png_decoded_in_strips_is_pillows_grey(channels, shape, levels, strip_rows, level, seed):
+    # any size, strip height, compression and pixels (every alpha), small enough to be quick:
+    # open_image decodes a PNG over max_decoded_side through the fast path
+    pixels = np.random.default_rng(seed).integers(0, levels, (*shape, channels)) * (255 // max(1, levels - 1))
+    pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels])
+    data = encoded(image, compress_level=level)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(preprocess, "_STRIP_ROWS", strip_rows)
+        decoded = preprocess.open_image(data, max_decoded_side=16)
+    assert decoded.info[preprocess.DECODER_KEY].endswith("libspng")
+    assert np.array_equal(np.asarray(decoded), _pillows_grey(data))
+
+
 @pytest.mark.parametrize("kind, sizes", [("RGB", [1]), ("RGB grain", [0, 7, 1, 4096]), ("RGB grain", [65535, 3])])
 def test_a_stream_split_into_many_idat_chunks_reads_as_pillow(kind, sizes):
     # chunks of one byte, empty ones, a strip's worth: zlib may hold output back across them

@@ -652,7 +652,9 @@ def test_a_stream_split_into_many_idat_chunks_reads_as_pillow(kind, sizes):
     assert np.array_equal(np.asarray(decoded), _pillows_grey(data))
 
 
-@pytest.mark.parametrize("layout", ["light ink under transparent strips", "dark ink, then light", "opaque top", "mean decides"])
+@pytest.mark.parametrize(
+    "layout", ["light ink under transparent strips", "dark ink, then light", "opaque top", "mean decides", "opaque bottom"]
+)
 def test_a_transparent_png_is_flattened_onto_the_background_the_whole_image_decides(layout):
     # Strips are flattened as they come onto the background the visible grey so far decides;
     # these make later strips contradict that guess (or only the mean decide): the result must
@@ -667,9 +669,11 @@ def test_a_transparent_png_is_flattened_onto_the_background_the_whole_image_deci
     elif layout == "opaque top":  # an opaque light band, then dark ink on transparency
         rgba[ink] = (20, 20, 20, 180)
         rgba[:200] = (230, 230, 230, 255)
-    else:  # visible greys on both sides of mid-grey, every alpha
+    else:  # visible greys on both sides of mid-grey, every alpha (over the top strips only: "opaque bottom")
         rgba[..., :3] = np.random.default_rng(0).integers(0, 256, (1300, 1100, 1))
         rgba[..., 3] = np.random.default_rng(1).integers(0, 256, (1300, 1100))
+        if layout == "opaque bottom":
+            rgba[300:, 3] = 255
     data = encoded(Image.fromarray(rgba, "RGBA"))
     decoded = preprocess.open_image(data, max_decoded_side=1024)
     assert decoded.info[preprocess.DECODER_KEY].endswith("libspng")

@@ -547,7 +547,7 @@ def _strips_grey(header: bytes, idat: list, speculate: bool = True) -> tuple[Ima
     if mode is None:
         return None
     grey = Image.new("L", (width, height), None)  # (not zero-filled first: every row is pasted)
-    transparency = None  # made at the first strip that is not opaque (all 0 = opaque, as the ones before)
+    transparency = None  # (not speculating) made at the first strip that is not opaque
     layout = "RGBA" if mode == "LA" else mode  # (see _spng_strips)
     strip = None
     greys = (255, 0)  # the (darkest, lightest) grey of the strips with a visible pixel; none yet
@@ -586,13 +586,14 @@ def _strips_grey(header: bytes, idat: list, speculate: bool = True) -> tuple[Ima
                     if not opaque:
                         strip_grey.paste(background, mask=ImageChops.invert(strip.getchannel("A")))
                 elif not opaque:
-                    if transparency is None:
-                        transparency = Image.new("L", (width, height), 0 if top else None)
+                    if transparency is None:  # (0 = opaque: the strips never pasted into it)
+                        transparency = Image.new("L", (width, height), 0)
                     transparency.paste(ImageChops.invert(strip.getchannel("A")), (0, top))
             grey.paste(strip_grey, (0, top))
     except Exception:  # damage (see _spng_strips), or libspng refusing a strip
         return None
-    inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * height * (width * len(mode) + 1))
+    channels = {"L": 1, "RGB": 3, "LA": 2, "RGBA": 4}[mode]
+    inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * height * (width * channels + 1))
     decoder = {"isal.isal_zlib": "ISA-L", "zlib_ng.zlib_ng": "zlib-ng"}.get(inflater.__name__, "zlib") + " + libspng"
     if transparency is not None:
         grey = _composited(grey, transparency, greys)

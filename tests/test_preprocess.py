@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from budget import examples  # fewer examples in the fast subset
 from hypothesis import strategies as st
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 from PIL.PngImagePlugin import PngInfo
 
 from digitsum import cli, preprocess
@@ -653,7 +653,16 @@ def test_a_stream_split_into_many_idat_chunks_reads_as_pillow(kind, sizes):
 
 
 @pytest.mark.parametrize(
-    "layout", ["light ink under transparent strips", "dark ink, then light", "opaque top", "mean decides", "opaque bottom"]
+    "layout",
+    [
+        "light ink under transparent strips",
+        "dark ink, then light",
+        "opaque top",
+        "mean decides",
+        "opaque bottom",
+        "one dark colour, only alpha drawn",
+        "one light colour, only alpha drawn",
+    ],
 )
 def test_a_transparent_png_is_flattened_onto_the_background_the_whole_image_decides(layout):
     # Strips are flattened as they come onto the background the visible grey so far decides;
@@ -661,7 +670,10 @@ def test_a_transparent_png_is_flattened_onto_the_background_the_whole_image_deci
     # still be _flattened's of the whole image.
     rgba = np.zeros((1300, 1100, 4), np.uint8)
     ink = np.asarray(seven((1100, 1300), width=30)) < 128
-    if layout == "light ink under transparent strips":  # chalk: nothing visible in the top strips
+    if layout.startswith("one"):  # a drawing app's canvas: the colour everywhere, antialiased strokes in alpha
+        rgba[..., :3] = (30, 60, 160) if "dark" in layout else (250, 240, 200)
+        rgba[..., 3] = np.asarray(seven((1100, 1300), width=30).filter(ImageFilter.GaussianBlur(3))) ^ 0xFF
+    elif layout == "light ink under transparent strips":  # chalk: nothing visible in the top strips
         rgba[ink] = (240, 240, 240, 255)
     elif layout == "dark ink, then light":  # white wins: most of the visible grey is dark
         rgba[ink] = (250, 250, 250, 200)

@@ -561,34 +561,53 @@ def _strips_grey(header: bytes, idat: list, speculate: bool = True) -> tuple[Ima
             if strip is None or strip.height != pixels.shape[0]:
                 strip = Image.new(layout, (width, pixels.shape[0]), None)
             strip.frombytes(pixels, "raw", layout)  # (into the same image each time: no new zero-filled one)
-            strip_grey = strip.convert("L") if mode in ("RGB", "RGBA") else strip.getchannel(0)
-            if mode != "RGB":
-                # Each RGBA pixel read as a little-endian 32-bit word is alpha * 2**24 + ...: the
-                # words' extrema are the alphas' (numpy's, several times faster than getextrema).
-                words = pixels.view("<u4")
-                visible, opaque = words.max() >= 0x01000000, words.min() >= 0xFF000000
-                if visible:  # the grey's extrema where something is visible (see _composited)
-                    values = np.asarray(strip_grey)
-                    darkest, lightest = int(values.min()), int(values.max())
-                    if not opaque and _decided_background((min(darkest, greys[0]), max(lightest, greys[1]))) is None:
-                        # only the visible pixels count (light ink on a canvas that is black under alpha 0)
-                        shown = (words >= 0x01000000).reshape(values.shape)
-                        darkest, lightest = int(np.where(shown, values, 255).min()), int(np.multiply(values, shown).max())
-                    greys = (min(darkest, greys[0]), max(lightest, greys[1]))
-                elif speculate:  # nothing visible: all background, whichever it turns out to be
-                    invisible.append((top, pixels.shape[0]))
-                    continue
-                if speculate and (background is not None or not opaque):
-                    decided = _decided_background(greys)
-                    background = decided if background is None else background
-                    if decided is None or decided != background:
-                        return _strips_grey(header, idat, speculate=False)
-                    if not opaque:
-                        strip_grey.paste(background, mask=ImageChops.invert(strip.getchannel("A")))
+            if mode == "RGB":
+                grey.paste(strip.convert("L"), (0, top))
+                continue
+            # Each RGBA pixel read as a little-endian 32-bit word is alpha * 2**24 + colour: the
+            # words' extrema are the alphas' (numpy's, several times faster than getextrema).
+            words = pixels.view("<u4")
+            visible, opaque = words.max() >= 0x01000000, words.min() >= 0xFF000000
+            colour = None  # a drawing app's canvas: one colour in every pixel of a strip, only alpha varies
+            if speculate and not opaque:
+                colours = words & 0x00FFFFFF
+                colour = int(colours.min()) if colours.min() == colours.max() else None
+            if colour is not None:  # its grey as Pillow's convert("L") computes it (a 1-pixel conversion)
+                shade = (
+                    Image.new("RGB", (1, 1), (colour & 0xFF, (colour >> 8) & 0xFF, colour >> 16)).convert("L").getpixel((0, 0))
+                )
+                strip_grey, darkest, lightest = None, shade, shade
+            else:
+                strip_grey = strip.convert("L") if mode == "RGBA" else strip.getchannel(0)
+                values = np.asarray(strip_grey)
+                darkest, lightest = int(values.min()), int(values.max())
+            if visible:  # the grey's extrema where something is visible (see _composited)
+                if (
+                    colour is None
+                    and not opaque
+                    and _decided_background((min(darkest, greys[0]), max(lightest, greys[1]))) is None
+                ):
+                    # only the visible pixels count (light ink on a canvas that is black under alpha 0)
+                    shown = (words >= 0x01000000).reshape(values.shape)
+                    darkest, lightest = int(np.where(shown, values, 255).min()), int(np.multiply(values, shown).max())
+                greys = (min(darkest, greys[0]), max(lightest, greys[1]))
+            elif speculate:  # nothing visible: all background, whichever it turns out to be
+                invisible.append((top, pixels.shape[0]))
+                continue
+            if speculate and (background is not None or not opaque):
+                decided = _decided_background(greys)
+                background = decided if background is None else background
+                if decided is None or decided != background:
+                    return _strips_grey(header, idat, speculate=False)
+                if colour is not None:  # one shade: flattening it is a table on alpha
+                    table = [(shade * alpha + background * (255 - alpha) + 127) // 255 for alpha in range(256)]
+                    strip_grey = strip.getchannel("A").point(table)
                 elif not opaque:
-                    if transparency is None:  # (0 = opaque: the strips never pasted into it)
-                        transparency = Image.new("L", (width, height), 0)
-                    transparency.paste(ImageChops.invert(strip.getchannel("A")), (0, top))
+                    strip_grey.paste(background, mask=ImageChops.invert(strip.getchannel("A")))
+            elif not opaque:
+                if transparency is None:  # (0 = opaque: the strips never pasted into it)
+                    transparency = Image.new("L", (width, height), 0)
+                transparency.paste(ImageChops.invert(strip.getchannel("A")), (0, top))
             grey.paste(strip_grey, (0, top))
     except Exception:  # damage (see _spng_strips), or libspng refusing a strip
         return None

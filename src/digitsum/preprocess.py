@@ -226,10 +226,11 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     (_strips_grey), each strip turned to Pillow's grey and flattened at once, so that no buffer
     of the whole image wider than its grey is made. A palette, < 8 bits or interlacing go to
     libpng (torchvision's decode_png), which converts to grey while it decodes, after
-    _stream_sound has checked what would make it crash. 4096x4096, whole preprocessing, wall ms
-    / +RSS MB, before (libpng for colour and alpha) -> after, one core under load (see the commit
-    that brought strips): RGB flat page 97/25 -> 57/25, RGBA 143/54 -> 77/27, a transparent canvas
-    172/54 -> ~100/27, grainy RGB 360/34 -> 152/28, grainy grey 131/49 -> 110/28. (torchvision 0.29
+    _stream_sound has checked what would make it crash. 4096x4096, whole preprocessing, median
+    wall ms / +RSS MB, libpng for colour and alpha -> strips (benchmarks/preprocess_cost.py's
+    inputs and child process, pinned to one core, machine load 1.3-2.1): RGB flat page 111/25 ->
+    69/25, RGBA 155/54 -> 85/26, a transparent canvas (ink only in alpha) 197/54 -> 87/30, grainy
+    RGB 408/34 -> 167/29; grainy grey (ISA-L + libspng whole before) 147/50 -> 124/28. (torchvision 0.29
     marks its image decoders deprecated in favour of TorchCodec; should they go, the import fails
     and Pillow decodes those as before.)
     """

@@ -5,13 +5,13 @@ preprocess of one file, median wall and CPU time of --repeats runs after one war
 peak RSS increase over the process's RSS just before (/proc/self/status VmHWM after clear_refs;
 torch and torchvision are imported before that, as in `digitsum predict`/`serve`). "before" is
 the preprocessing of commit 442c91f (predict.py before preprocess.py existed), loaded from git.
-"decode ms" is open_image() alone (median wall), "decoder" what read a large PNG (libspng,
-ISA-L + libspng, libpng; Pillow otherwise).
+"decode ms" is open_image() alone (median wall), "decoder" what read a large PNG (libspng whole;
+ISA-L / zlib-ng + libspng in strips; libpng; Pillow otherwise).
 
 --decoders prints, instead, the decode alone of each PNG input by each candidate decoder side by
 side (one process, min and median wall ms of --repeats runs after a warm-up): Pillow, libpng
 (torchvision's decode_png, to grey or grey+alpha as our fallback asks), libspng (pyspng, to the
-PNG's own channels), ISA-L inflate + libspng unfilter, imagecodecs' libpng/libspng where
+PNG's own channels), ISA-L inflate + libspng unfilter of one whole stored PNG, imagecodecs' libpng/libspng where
 installed, and ours (open_image). Other processes on the machine disturb both tables: the load
 average is printed with each row.
 
@@ -131,6 +131,27 @@ def decoders(side: int, repeats: int) -> None:
         mode = ImageReadMode.GRAY_ALPHA if alpha else ImageReadMode.GRAY
         return decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode)
 
+    def stored_png(header: bytes, raw: bytes) -> bytes:
+        """A PNG whose one IDAT holds `raw` (inflated, still filtered scanlines) as stored deflate blocks
+        (no compression): libspng then only copies and unfilters. The zlib trailer's Adler-32 and the
+        IDAT's CRC are left 0: the stream was checked when it was inflated, and pyspng checks neither."""
+        block = 65535
+        view = memoryview(raw)
+        count = max(1, -(-len(raw) // block))
+        size = 2 + len(raw) + 5 * count + 4
+        pieces = [
+            preprocess._PNG_SIGNATURE,
+            preprocess._png_chunk(b"IHDR", bytes(header)),
+            size.to_bytes(4, "big"),
+            b"IDAT\x78\x01",
+        ]
+        for index in range(count):
+            piece = view[index * block : (index + 1) * block]
+            last = 1 if index == count - 1 else 0
+            pieces += [bytes((last,)) + len(piece).to_bytes(2, "little") + (len(piece) ^ 0xFFFF).to_bytes(2, "little"), piece]
+        pieces += [bytes(8), preprocess._PNG_END]  # Adler-32 and CRC (unchecked), IEND
+        return b"".join(pieces)
+
     def isal_libspng(data):
         import isal.isal_zlib
         import pyspng
@@ -141,7 +162,7 @@ def decoders(side: int, repeats: int) -> None:
             if data[at + 4 : at + 8] == b"IDAT":
                 stream.append(data[at + 8 : at + 8 + length])
             at += 12 + length
-        return pyspng.load(preprocess._stored_png(data[16:29], isal.isal_zlib.decompress(b"".join(stream))))
+        return pyspng.load(stored_png(data[16:29], isal.isal_zlib.decompress(b"".join(stream))))
 
     candidates = {
         "Pillow": pillow,

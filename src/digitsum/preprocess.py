@@ -5,7 +5,8 @@ ratio, with antialiasing) and pasting that into a 28x28 field so the centre of m
 centre, white ink on black. `preprocess_view()` does the same to whatever a user has:
 
     read (Pillow, first frame; a large JPEG is decoded at 1/2, 1/4 or 1/8 scale, a large 8-bit PNG
-       straight to grey by libspng (opaque grey) or torchvision's libpng decoder)
+       straight to grey by libspng (whole, or in strips after ISA-L / zlib-ng inflate) or, for a
+       palette, < 8 bits or interlacing, torchvision's libpng decoder)
     -> reduce a large image by an integer factor to under 2 x WORK_SIDE px (box averaging), before any
        float conversion
     -> EXIF orientation (all 8 values)
@@ -204,8 +205,9 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
     return image
 
 
-# The key in a large PNG's Image.info naming the decoder that read it: "libspng", "ISA-L + libspng" or
-# "libpng" (benchmarks/preprocess_cost.py reports it; absent where Pillow decoded).
+# The key in a large PNG's Image.info naming the decoder that read it: "libspng" (whole), "ISA-L +
+# libspng" / "zlib-ng + libspng" / "zlib + libspng" (our inflate, then libspng in strips) or "libpng"
+# (benchmarks/preprocess_cost.py reports it; absent where Pillow decoded).
 DECODER_KEY = "digitsum.decoder"
 # Ancillary PNG chunks that make libpng convert colour to grey in linear light (Pillow, and so the
 # rest of this module, converts the stored values): dropped before torchvision decodes.
@@ -219,15 +221,18 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     does: an "L" image carrying the header's metadata (EXIF), or None where only Pillow can (16-bit,
     animated, metadata after the pixels, the decoders missing or failing).
 
-    Opaque 8-bit grey goes to libspng (pyspng; _spng_grey), everything else to libpng
-    (torchvision's decode_png), which converts colour to grey while it decodes, to 1 byte a pixel
-    (2 with alpha), after _stream_sound has checked what libpng would choke on. Measured for
-    4096x4096 (benchmarks/preprocess_cost.py; CPU ms, machine load ~7):
-    Pillow holds RGB/RGBA/LA at 4 bytes a pixel (64 MB) and then needs strips of grey conversion:
-    libpng decode RGB 91 vs Pillow 152 ms, L 22 vs 34 ms, a grainy L page (9 MB of deflate) 153 vs
-    152 ms; +RSS of the whole preprocessing RGB 85 -> 24 MB, RGBA 88 -> 51 MB. (torchvision 0.29
+    Non-interlaced 8-bit grey, grey + alpha, RGB and RGBA go to libspng (pyspng): a flat opaque
+    grey page whole (_spng_grey), the rest in strips of _STRIP_ROWS rows after our own inflate
+    (_strips_grey), each strip turned to Pillow's grey and flattened at once, so that no buffer
+    of the whole image wider than its grey is made. A palette, < 8 bits or interlacing go to
+    libpng (torchvision's decode_png), which converts to grey while it decodes, after
+    _stream_sound has checked what would make it crash. 4096x4096, whole preprocessing, median
+    wall ms / +RSS MB, libpng for colour and alpha -> strips (benchmarks/preprocess_cost.py's
+    inputs and child process, pinned to one core, machine load 1.3-2.1): RGB flat page 111/25 ->
+    69/25, RGBA 155/54 -> 85/26, a transparent canvas (ink only in alpha) 197/54 -> 87/30, grainy
+    RGB 408/34 -> 167/29; grainy grey (ISA-L + libspng whole before) 147/50 -> 124/28. (torchvision 0.29
     marks its image decoders deprecated in favour of TorchCodec; should they go, the import fails
-    and Pillow decodes as before.)
+    and Pillow decodes those as before.)
     """
     if data is None or len(data) < 33 or data[24] > 8 or getattr(image, "is_animated", False):
         return None  # data[24]: IHDR's bit depth
@@ -246,7 +251,11 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
             idat.append(kept[-1])
         at += 12 + length
     header = data[16:29]
-    decoded = _spng_grey(header, idat) if not alpha and image.mode == "L" else None
+    decoded = None
+    if not alpha and image.mode == "L":
+        decoded = _spng_grey(header, idat)
+    elif image.mode in ("RGB", "RGBA", "LA"):
+        decoded = _strips_grey(header, idat)
     if decoded is not None:
         grey, decoder = decoded
     else:
@@ -267,7 +276,7 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
         del encoded, kept
         pairs = decoded.permute(1, 2, 0).numpy()  # (H, W, channels), as libpng wrote it
         grey, decoder = (pairs[..., 0] if not alpha else _flattened(pairs)), "libpng"
-    result = Image.fromarray(np.ascontiguousarray(grey), mode="L")
+    result = grey if isinstance(grey, Image.Image) else Image.fromarray(np.ascontiguousarray(grey), mode="L")
     result.info = dict(image.info)  # EXIF / XMP orientation (getexif reads info)
     result.info[DECODER_KEY] = decoder
     return result
@@ -286,15 +295,11 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
     decoder's name, or None where that does not apply or fails (the caller falls back to libpng,
     then Pillow).
 
-    4096x4096, decode alone (benchmarks/preprocess_cost.py --decoders, min of 7, machine load ~3):
-    poorly compressed data (paper grain, a photo) is inflated by ISA-L (isal) and handed to libspng
-    as stored deflate blocks, which it only copies and unfilters: 72 ms vs libpng's 145, libspng's
-    own 132, Pillow's 139. A flat page goes to libspng whole: 14 vs 20 ms.
-    Not RGB: libspng has no colour-to-grey transformation, so a flat RGB page came out at 69 ms
-    (libspng 26, Pillow's grey conversion in strips ~30, the stream check 7) vs libpng's 72 to
-    grey, while its 3 bytes a pixel (48 MB, held as the grey's buffer) took +RSS from 25 to 57 MB
-    (79 MB for a grainy RGB page). `header`: IHDR's 13 bytes; `idat`: the IDAT chunks whole
-    (length, type, data, CRC).
+    Poorly compressed data (paper grain, a photo) where ISA-L is installed goes to _strips_grey
+    instead (ISA-L inflates, libspng only copies and unfilters stored blocks, strip by strip):
+    4096x4096 decode ~70 ms vs libspng's own 132 and, before strips, 102 for ISA-L + libspng on
+    one whole stored PNG (which pyspng copies whole again). A flat page goes to libspng whole:
+    14 vs 20 ms. `header`: IHDR's 13 bytes; `idat`: the IDAT chunks whole (length, type, data, CRC).
     """
     width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
     depth, colour, interlace = header[8], header[9], header[12]
@@ -304,41 +309,23 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
         import pyspng
     except Exception:
         return None
-    try:
-        import isal.isal_zlib as fast_zlib  # ISA-L inflate
-    except Exception:
-        fast_zlib = None
     inflated = height * (width + 1)
     compressed = sum(len(chunk) - 12 for chunk in idat)
+    if compressed > _ISAL_RATIO * inflated and _inflater(True).__name__ == "isal.isal_zlib":
+        return _strips_grey(header, idat)
     try:
-        decoder = "libspng"
-        if fast_zlib is not None and compressed > _ISAL_RATIO * inflated:
-            decoder = "ISA-L + libspng"
-            if not _crcs_right(idat):
-                return None  # corrupt: Pillow says what is wrong (or reads it, as it always did)
-            stream = b"".join(chunk[8:-4] for chunk in idat)
-            inflater = fast_zlib.decompressobj()
-            # At most one byte more than the image holds (a deflate bomb stops there); the whole
-            # stream, to its end, where the Adler-32 is checked.
-            raw = inflater.decompress(stream, inflated + 1)
-            del stream
-            if len(raw) != inflated or not inflater.eof or inflater.unused_data:
-                return None
-            png = _stored_png(header, raw)
-            del raw
-        else:
-            # libspng is built to ignore CRCs and the Adler-32 (pyspng's SPNG_CRC_USE): checked
-            # here, so that damage Pillow would refuse is refused (~5 ms for a flat page).
-            if not _stream_sound(header, idat):
-                return None
-            png = b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", bytes(header)), *idat, _PNG_END])
+        # libspng is built to ignore CRCs and the Adler-32 (pyspng's SPNG_CRC_USE): checked
+        # here, so that damage Pillow would refuse is refused (~5 ms for a flat page).
+        if not _stream_sound(header, idat):
+            return None
+        png = b"".join([_PNG_SIGNATURE, _png_chunk(b"IHDR", bytes(header)), *idat, _PNG_END])
         pixels = pyspng.load(png, "L")
     except Exception:
         return None
     del png
     if pixels.shape != (height, width) or pixels.dtype != np.uint8:
         return None
-    return pixels, decoder
+    return pixels, "libspng"
 
 
 def _crcs_right(chunks: list) -> bool:
@@ -418,21 +405,254 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
 
 
-def _stored_png(header: bytes, raw: bytes) -> bytes:
-    """A PNG whose one IDAT holds `raw` (inflated, still filtered scanlines) as stored deflate blocks
-    (no compression): libspng then only copies and unfilters. The zlib trailer's Adler-32 and the
-    IDAT's CRC are left 0: the stream was checked when it was inflated, and pyspng checks neither."""
-    block = 65535
-    view = memoryview(raw)
-    count = max(1, -(-len(raw) // block))
-    size = 2 + len(raw) + 5 * count + 4
-    pieces = [_PNG_SIGNATURE, _png_chunk(b"IHDR", bytes(header)), size.to_bytes(4, "big"), b"IDAT\x78\x01"]
-    for index in range(count):
-        piece = view[index * block : (index + 1) * block]
-        last = 1 if index == count - 1 else 0
-        pieces += [bytes((last,)) + len(piece).to_bytes(2, "little") + (len(piece) ^ 0xFFFF).to_bytes(2, "little"), piece]
-    pieces += [bytes(8), _PNG_END]  # Adler-32 and CRC (unchecked), IEND
-    return b"".join(pieces)
+# A large colour, grey+alpha or poorly compressed grey PNG is decoded in strips of this many rows
+# (see _spng_strips): each strip's buffers stay in the CPU caches and small (64 rows of 4096 RGBA
+# pixels: 1 MB), instead of one 48-64 MB buffer of inflated rows and another of decoded pixels.
+_STRIP_ROWS = 64
+
+
+def _stored_blocks(pieces: list) -> list:
+    """Deflate stored blocks (a header of 5 bytes, then the bytes) of `pieces` (each <= 65535 bytes),
+    the last one marked final."""
+    blocks = []
+    for index, piece in enumerate(pieces):
+        size = len(piece)
+        last = 1 if index == len(pieces) - 1 else 0
+        blocks += [bytes((last, size & 0xFF, size >> 8, ~size & 0xFF, (~size >> 8) & 0xFF)), piece]
+    return blocks
+
+
+def _spng_strips(header: bytes, idat: list):
+    """Yield (first row, pixels) for each strip of _STRIP_ROWS rows of an 8-bit, non-interlaced
+    grey, grey+alpha, RGB or RGBA PNG: uint8 (rows, W, channels), the PNG's own channels (grey +
+    alpha as RGBA, the grey repeated: libspng has no 8-bit grey + alpha output).
+
+    The IDAT stream is inflated here (ISA-L for poorly compressed data, zlib-ng for long runs, see
+    _inflater) in pieces of at most one strip, and each strip is handed to libspng (pyspng) as a
+    small PNG of stored deflate blocks, which it only copies and unfilters. A strip's rows may be
+    filtered against the row above it (Up, Average, Paeth): the previous strip's last row, already
+    unfiltered, goes first in the next strip with filter type None, and is dropped from the output.
+    libspng skips CRCs and the Adler-32 (pyspng's SPNG_CRC_USE), so both are checked here, as
+    Pillow and libpng would: any damage (a CRC, invalid deflate data, the Adler-32, a bad filter
+    type, a stream shorter or longer than the image, data after its end) raises ValueError (or
+    pyspng's RuntimeError) before the last strip is yielded, never anything that can crash.
+    """
+    import pyspng
+
+    width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
+    depth, colour, interlace = header[8], header[9], header[12]
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(colour)
+    if depth != 8 or channels is None or interlace != 0 or not idat:
+        raise ValueError("not an 8-bit non-interlaced grey/RGB PNG with or without alpha")
+    if not _crcs_right(idat):
+        raise ValueError("IDAT CRC")
+    stride = width * channels + 1  # (a row's filter-type byte, then its pixels)
+    strips = _inflated_strips(idat, stride, height)
+    previous = None  # the last row of the previous strip, unfiltered
+    for top in range(0, height, _STRIP_ROWS):
+        rows = min(_STRIP_ROWS, height - top)
+        pieces = [b"\x00" + previous.tobytes()] if previous is not None else []
+        for piece in next(strips):  # stored blocks hold at most 65535 bytes each
+            view = memoryview(piece)
+            pieces += [view[at : at + 65535] for at in range(0, len(view), 65535)]
+        count = rows + (previous is not None)
+        body = 2 + sum(len(piece) + 5 for piece in pieces) + 4
+        png = b"".join(
+            [
+                _PNG_SIGNATURE,
+                _png_chunk(b"IHDR", width.to_bytes(4, "big") + count.to_bytes(4, "big") + bytes(header[8:13])),
+                body.to_bytes(4, "big"),
+                b"IDAT\x78\x01",
+                *_stored_blocks(pieces),
+                bytes(8),  # Adler-32 and CRC: pyspng checks neither (the real ones were checked above)
+                _PNG_END,
+            ]
+        )
+        del pieces
+        # (libspng has no output format for grey + alpha in 8 bits: as RGBA, grey repeated)
+        pixels = pyspng.load(png, "RGBA" if colour == 4 else None)
+        if pixels.shape[:2] != (count, width) or pixels.dtype != np.uint8:
+            raise ValueError("libspng decoded another shape")
+        pixels = pixels.reshape(count, width, -1)
+        previous = pixels[-1] if colour != 4 else pixels[-1, :, 2:]  # (grey and alpha of grey, grey, grey, alpha)
+        yield top, pixels[count - rows :]
+
+
+def _inflated_strips(idat: list, stride: int, height: int):
+    """Yield, for each strip of _STRIP_ROWS rows, a list of bytes objects that together are its
+    rows (filter-type byte and pixels, `stride` bytes a row) as inflated from the IDAT chunks'
+    zlib stream; ValueError (or the module's zlib error) where the stream is invalid, fails its
+    Adler-32, ends before the image or runs past it, or data follows its end (checked before the
+    last strip is given)."""
+    inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * stride * height).decompressobj()
+    streams = iter([chunk[8:-4] for chunk in idat])
+    pending, exhausted = b"", False
+
+    def inflate(limit: int) -> bytes:
+        """Up to `limit` more bytes of the stream; b"" only where it ends (or stalls) first. (zlib can
+        hold output back after taking all its input - a match longer than the limit - which the
+        next call gives, with or without new input.)"""
+        nonlocal pending, exhausted
+        while True:
+            if not pending and not exhausted:
+                following = next(streams, None)
+                exhausted = following is None
+                pending = following if following is not None else b""
+                continue
+            piece = inflater.decompress(pending, limit)
+            stalled = len(inflater.unconsumed_tail) == len(pending)
+            pending = inflater.unconsumed_tail
+            if piece or inflater.eof or (exhausted and not pending) or stalled:
+                return piece
+
+    for top in range(0, height, _STRIP_ROWS):
+        pieces, needed = [], min(_STRIP_ROWS, height - top) * stride
+        while needed:
+            piece = inflate(needed)
+            if not piece:
+                raise ValueError("the stream ends before the image")
+            pieces.append(piece)
+            needed -= len(piece)
+        if top + _STRIP_ROWS >= height:  # the stream must end here: its Adler-32 checked, nothing after it
+            while not inflater.eof:
+                if inflate(1):
+                    raise ValueError("the stream holds more than the image")
+                if not inflater.eof:
+                    raise ValueError("truncated stream")
+            if pending or inflater.unused_data or any(len(rest) for rest in streams):
+                raise ValueError("data after the stream's end")
+        yield pieces
+
+
+def _strips_grey(header: bytes, idat: list, speculate: bool = True) -> tuple[Image.Image, str] | None:
+    """An "L" image of an 8-bit, non-interlaced grey, grey+alpha, RGB or RGBA PNG decoded in strips
+    (_spng_strips), each turned to grey as Pillow's convert("L") does (the same integer weights,
+    so exactly Pillow's grey) and pasted into the result; transparency flattened as _flattened
+    does. And the decoders' names. None where pyspng is missing or the data is damaged (the
+    caller leaves the file to Pillow, which reads it or says what is wrong).
+
+    Transparency: the background (white under dark ink, black under light ink) depends on every
+    visible pixel, but it is the same for all the strips of almost every image, and the visible
+    grey's extrema so far decide it (see _composited): while they do (`speculate`), each strip is
+    flattened at once, in the CPU caches, onto that background. Should a later strip contradict
+    it (or the extrema not decide), the image is decoded again keeping its transparency, to be
+    flattened when the whole is known (_composited). Extra memory: the grey result (1 byte a
+    pixel), plus a few strips; in that second decode, the transparency (1 more).
+    """
+    try:
+        import pyspng  # noqa: F401  (the strips' decoder)
+    except Exception:
+        return None
+    width, height, colour = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big"), header[9]
+    mode = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}.get(colour)
+    if mode is None:
+        return None
+    grey = Image.new("L", (width, height), None)  # (not zero-filled first: every row is pasted)
+    transparency = None  # (not speculating) made at the first strip that is not opaque
+    layout = "RGBA" if mode == "LA" else mode  # (see _spng_strips)
+    strip = None
+    greys = (255, 0)  # the (darkest, lightest) grey of the strips with a visible pixel; none yet
+    background = None  # (speculating) what the strips so far were flattened onto
+    invisible = []  # (speculating) the strips without a visible pixel: (first row, rows)
+    try:
+        for top, pixels in _spng_strips(header, idat):
+            if mode == "L":
+                grey.paste(Image.frombuffer("L", (width, pixels.shape[0]), pixels, "raw", "L", 0, 1), (0, top))
+                continue
+            if strip is None or strip.height != pixels.shape[0]:
+                strip = Image.new(layout, (width, pixels.shape[0]), None)
+            strip.frombytes(pixels, "raw", layout)  # (into the same image each time: no new zero-filled one)
+            if mode == "RGB":
+                grey.paste(strip.convert("L"), (0, top))
+                continue
+            # Each RGBA pixel read as a little-endian 32-bit word is alpha * 2**24 + colour: the
+            # words' extrema are the alphas' (numpy's, several times faster than getextrema).
+            words = pixels.view("<u4")
+            visible, opaque = words.max() >= 0x01000000, words.min() >= 0xFF000000
+            colour = None  # a drawing app's canvas: one colour in every pixel of a strip, only alpha varies
+            if speculate and not opaque:
+                colours = words & 0x00FFFFFF
+                colour = int(colours.min()) if colours.min() == colours.max() else None
+            if colour is not None:  # its grey as Pillow's convert("L") computes it (a 1-pixel conversion)
+                shade = (
+                    Image.new("RGB", (1, 1), (colour & 0xFF, (colour >> 8) & 0xFF, colour >> 16)).convert("L").getpixel((0, 0))
+                )
+                strip_grey, darkest, lightest = None, shade, shade
+            else:
+                strip_grey = strip.convert("L") if mode == "RGBA" else strip.getchannel(0)
+                values = np.asarray(strip_grey)
+                darkest, lightest = int(values.min()), int(values.max())
+            if visible:  # the grey's extrema where something is visible (see _composited)
+                if (
+                    colour is None
+                    and not opaque
+                    and _decided_background((min(darkest, greys[0]), max(lightest, greys[1]))) is None
+                ):
+                    # only the visible pixels count (light ink on a canvas that is black under alpha 0)
+                    shown = (words >= 0x01000000).reshape(values.shape)
+                    darkest, lightest = int(np.where(shown, values, 255).min()), int(np.multiply(values, shown).max())
+                greys = (min(darkest, greys[0]), max(lightest, greys[1]))
+            elif speculate:  # nothing visible: all background, whichever it turns out to be
+                invisible.append((top, pixels.shape[0]))
+                continue
+            if speculate and (background is not None or not opaque):
+                decided = _decided_background(greys)
+                background = decided if background is None else background
+                if decided is None or decided != background:
+                    return _strips_grey(header, idat, speculate=False)
+                if colour is not None:  # one shade: flattening it is a table on alpha
+                    table = [(shade * alpha + background * (255 - alpha) + 127) // 255 for alpha in range(256)]
+                    strip_grey = strip.getchannel("A").point(table)
+                elif not opaque:
+                    strip_grey.paste(background, mask=ImageChops.invert(strip.getchannel("A")))
+            elif not opaque:
+                if transparency is None:  # (0 = opaque: the strips never pasted into it)
+                    transparency = Image.new("L", (width, height), 0)
+                transparency.paste(ImageChops.invert(strip.getchannel("A")), (0, top))
+            grey.paste(strip_grey, (0, top))
+    except Exception:  # damage (see _spng_strips), or libspng refusing a strip
+        return None
+    channels = {"L": 1, "RGB": 3, "LA": 2, "RGBA": 4}[mode]
+    inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * height * (width * channels + 1))
+    decoder = {"isal.isal_zlib": "ISA-L", "zlib_ng.zlib_ng": "zlib-ng"}.get(inflater.__name__, "zlib") + " + libspng"
+    if transparency is not None:
+        grey = _composited(grey, transparency, greys)
+    for top, rows in invisible:
+        grey.paste(255 if background is None else background, (0, top, width, top + rows))
+    return grey, decoder
+
+
+def _composited(grey: Image.Image, transparency: Image.Image, greys: tuple) -> Image.Image:
+    """`grey` with its transparency (255 - alpha) flattened, in place, onto the background
+    grayscale() would choose (white under dark ink, black under light ink, by the alpha-weighted
+    mean of the visible pixels): round((grey * alpha + background * (255 - alpha)) / 255), the
+    same integers as _flattened, by one paste of the background through the transparency as mask
+    (Pillow rounds exactly so). `greys`: the darkest and lightest grey of (at least) every
+    visible pixel, (255, 0) where none is. The mean needs no pass over the pixels where these
+    decide it (_decided_background); else it is summed in strips (float32 products, exact to
+    ~1e-6 of the mean)."""
+    background = _decided_background(greys)
+    if background is None:
+        width, height = grey.size
+        weighted = visible = 0.0
+        for top in range(0, height, _STRIP_ROWS):
+            box = (0, top, width, min(height, top + _STRIP_ROWS))
+            alpha = 255.0 - np.asarray(transparency.crop(box), np.float32).ravel()
+            weighted += float(np.dot(np.asarray(grey.crop(box), np.float32).ravel(), alpha))
+            visible += float(alpha.sum(dtype=np.float64))
+        background = 255 if visible == 0 or weighted / (255 * visible) < 0.5 else 0
+    grey.paste(background, mask=transparency)
+    return grey
+
+
+def _decided_background(greys: tuple) -> int | None:
+    """The background _flattened chooses, where the (darkest, lightest) grey of the visible pixels
+    decide it: white where nothing is visible or all of it is below mid-grey (its alpha-weighted
+    mean then is), black where all of it is above; None where only the mean can tell."""
+    darkest, lightest = greys
+    if darkest > lightest or lightest < 128:
+        return 255
+    return 0 if darkest >= 128 else None
 
 
 def _flattened(pairs: np.ndarray) -> np.ndarray:

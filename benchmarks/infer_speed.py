@@ -7,7 +7,7 @@ Throughput: images/s for a batch of 1,024 images + numbers (the whole forward: d
 heads), two ways: "plain" = one `model(images, numbers)` call of the model as trained (eval mode,
 channels-last), and "predict path" = what `digitsum predict`/`serve` run (`load_predictor` ->
 `model.inference_model`: BatchNorm folded into the convs, ReLU after the max-pool, a faster
-max-pool; `predict.classify`: the batch in chunks of 256 so activations stay in cache).
+max-pool; `predict.classify`: the batch in chunks of 512 (INFERENCE_CHUNK)).
 Latency: one image + one number through the predict path's model, median and p99.
 Both in fp32 and, where the CPU has bf16 kernels, bf16 autocast; the line under the table says which
 of the two `classify` picks by default on this machine (device.bf16_pays_off measures it).

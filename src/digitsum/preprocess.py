@@ -309,9 +309,7 @@ def _spng_grey(header: bytes, idat: list) -> tuple[np.ndarray, str] | None:
         import pyspng
     except Exception:
         return None
-    inflated = height * (width + 1)
-    compressed = sum(len(chunk) - 12 for chunk in idat)
-    if compressed > _ISAL_RATIO * inflated and _inflater(True).__name__ == "isal.isal_zlib":
+    if _poorly_compressed(idat, height * (width + 1)) and _inflater(True).__name__ == "isal.isal_zlib":
         return _strips_grey(header, idat)
     try:
         # libspng is built to ignore CRCs and the Adler-32 (pyspng's SPNG_CRC_USE): checked
@@ -365,7 +363,7 @@ def _stream_sound(header: bytes, idat: list) -> bool:
     starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
     expected = int(starts[-1])
     starts = starts[:-1]
-    inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * expected).decompressobj()
+    inflater = _inflater(_poorly_compressed(idat, expected)).decompressobj()
     done = 0
     try:
         for chunk in idat:
@@ -384,6 +382,12 @@ def _stream_sound(header: bytes, idat: list) -> bool:
     except Exception:  # invalid deflate data or Adler-32
         return False
     return inflater.eof and done == expected and not inflater.unused_data  # (nothing after the stream's end)
+
+
+def _poorly_compressed(idat: list, inflated: int) -> bool:
+    """Whether the IDAT chunks' deflate data is over _ISAL_RATIO of the `inflated` bytes it holds
+    (mostly literals: grain, a photo), where ISA-L inflates fastest."""
+    return sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * inflated
 
 
 def _inflater(poorly_compressed: bool):
@@ -484,7 +488,7 @@ def _inflated_strips(idat: list, stride: int, height: int):
     zlib stream; ValueError (or the module's zlib error) where the stream is invalid, fails its
     Adler-32, ends before the image or runs past it, or data follows its end (checked before the
     last strip is given)."""
-    inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * stride * height).decompressobj()
+    inflater = _inflater(_poorly_compressed(idat, stride * height)).decompressobj()
     streams = iter([chunk[8:-4] for chunk in idat])
     pending, exhausted = b"", False
 
@@ -613,7 +617,7 @@ def _strips_grey(header: bytes, idat: list, speculate: bool = True) -> tuple[Ima
     except Exception:  # damage (see _spng_strips), or libspng refusing a strip
         return None
     channels = {"L": 1, "RGB": 3, "LA": 2, "RGBA": 4}[mode]
-    inflater = _inflater(sum(len(chunk) - 12 for chunk in idat) > _ISAL_RATIO * height * (width * channels + 1))
+    inflater = _inflater(_poorly_compressed(idat, height * (width * channels + 1)))
     decoder = {"isal.isal_zlib": "ISA-L", "zlib_ng.zlib_ng": "zlib-ng"}.get(inflater.__name__, "zlib") + " + libspng"
     if transparency is not None:
         grey = _composited(grey, transparency, greys)

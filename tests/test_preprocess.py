@@ -17,6 +17,7 @@ from budget import examples  # fewer examples in the fast subset
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFilter
 from PIL.PngImagePlugin import PngInfo
+from scipy import ndimage
 
 from digitsum import cli, preprocess
 from digitsum.preprocess import ImageError, preprocess_view
@@ -827,6 +828,44 @@ def test_halving_is_exactly_the_mean_of_each_2x2_block(shape, dtype):
     expected = values[:height, :width].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
     halved = preprocess._halved(values)
     assert halved.dtype == expected.dtype and np.array_equal(halved, expected)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    size=st.tuples(st.integers(1, 45), st.integers(1, 45)),
+    dtype=st.sampled_from([np.uint8, np.float32]),
+    mode=st.sampled_from(["nearest", "reflect", "constant"]),
+    maximum=st.booleans(),
+    reflected=st.booleans(),
+    levels=st.sampled_from([2, 5, 256]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_fast_min_and_max_filters_are_scipys_bit_for_bit(shape, size, dtype, mode, maximum, reflected, levels, seed):
+    # OpenCV computes them (where installed); scipy's are the definition: maximum_filter / minimum_filter
+    # at origin 0, or with grey_dilation's reflected window (origin -1 on an even side). Few levels: ties.
+    values = (np.random.default_rng(seed).integers(0, levels, shape) * (255 // (levels - 1))).astype(dtype)
+    if dtype == np.float32:
+        values /= 255
+    origin = [-1 if reflected and not side % 2 else 0 for side in size]
+    library = ndimage.maximum_filter if maximum else ndimage.minimum_filter
+    expected = library(values, size=size, mode=mode, origin=origin)
+    got = preprocess._extreme_filter(values, size, maximum, mode, reflected)
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(shape=st.tuples(st.integers(1, 60), st.integers(1, 60)), window=st.integers(1, 70), seed=st.integers(0, 2**32 - 1))
+def test_the_paper_lighting_closing_and_opening_are_scipys_bit_for_bit(shape, window, seed):
+    values = np.random.default_rng(seed).random(shape, dtype=np.float32)
+    for closing, library in ((True, ndimage.grey_closing), (False, ndimage.grey_opening)):
+        expected = library(values, size=(window, window), mode="nearest")
+        assert np.array_equal(preprocess._grey_morphology(values, window, closing), expected)
+
+
+def test_opencv_computes_the_filters_here():
+    # A dependency (pyproject.toml): without it the filters fall back to scipy's, several times slower.
+    assert preprocess._cv2 is not None
 
 
 # ----------------------------------------------------------------------------- what a caller may hand over

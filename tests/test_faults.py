@@ -452,6 +452,7 @@ def test_a_full_disk_while_fetching_data_is_one_line_and_leaves_no_partial_files
         ("--channels", "8,x", "channels"),
         ("--channels", "8,8,8,8,8", "channels"),
         ("--first-stride", "3", "first_stride"),
+        ("--crop", "7", "crop"),
         ("--dropout", "1", "dropout"),
         ("--config", "missing.json", "config"),
     ],

@@ -41,6 +41,8 @@ def batch(size=8, seed=0):
         ModelConfig(channels=(8,), convs_per_stage=2, sum_hidden=1),
         ModelConfig(first_stride=2, norm_after_pool=True),
         ModelConfig(channels=(4, 8), convs_per_stage=2, norm_after_pool=True),
+        ModelConfig(channels=(4, 8, 8), first_stride=2, norm_after_pool=True, crop=1),
+        ModelConfig(channels=(4, 8), crop=3),
     ],
 )
 def test_forward_gives_10_digit_and_19_sum_logits(config):
@@ -354,3 +356,35 @@ def test_the_default_nets_7x7_conv_computes_only_what_its_pool_reads():
     activation = model.trunk[1](model.trunk[0](torch.randn(2, 1, 28, 28)))  # 48 x 7 x 7
     assert convs[2](activation).shape[-2:] == (6, 6)
     assert type(inference_model(model).trunk[2][0]) is Conv2dBeforePool
+
+
+@pytest.mark.parametrize("crop", [1, 2])
+def test_a_cropped_net_never_sees_the_border_and_counts_only_the_inner_image(crop):
+    config = ModelConfig(channels=(8, 16, 32), first_stride=2, norm_after_pool=True, crop=crop)
+    model = DigitSumNet(config).eval()
+    image, numbers = torch.rand(3, 1, 28, 28), torch.tensor([1, 2, 3])
+    changed = image.clone()
+    changed[..., :crop, :] = changed[..., -crop:, :] = changed[..., :, :crop] = changed[..., :, -crop:] = 5.0
+    changed[..., crop, crop] += 1.0  # the first pixel inside does count
+    with torch.no_grad():
+        border_only = image.clone()
+        border_only[..., :crop, :] = border_only[..., -crop:, :] = 5.0
+        border_only[..., :, :crop] = border_only[..., :, -crop:] = 5.0
+        torch.testing.assert_close(model(border_only, numbers)[0], model(image, numbers)[0], rtol=0, atol=0)
+        assert not torch.equal(model(changed, numbers)[0], model(image, numbers)[0])
+        torch.testing.assert_close(inference_model(model)(image, numbers)[0], model(image, numbers)[0])
+    # 28 - 2 * crop pixels a side: the stride-2 conv gives 13x13 (crop 1) or 12x12 (crop 2), of which the
+    # next conv computes the 12x12 its floor pool reads; then 6x6 -> 3x3 either way.
+    side = 28 - 2 * crop
+    first = side // 2
+    expected = 2 * (first * first * 8 * 9 + 12 * 12 * 16 * 8 * 9 + 6 * 6 * 32 * 16 * 9 + 32 * 3 * 3 * 10)
+    expected += 2 * (20 * 128 + 128 * 19)
+    assert training_flops_per_image(config) == 3 * expected
+
+
+def test_a_crop_that_leaves_no_image_for_the_stages_is_refused():
+    with pytest.raises(ValueError, match="crop"):
+        ModelConfig(channels=(8, 8, 8, 8), crop=7).validate()
+    with pytest.raises(ValueError, match="crop"):
+        ModelConfig(channels=(8, 8, 8, 8), crop=-1).validate()
+    ModelConfig(channels=(8, 8, 8, 8), crop=6).validate()  # 16 px: 8, 4, 2, 1

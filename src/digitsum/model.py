@@ -132,7 +132,7 @@ class DigitSumNet(nn.Module):
         self.config = config
         if config.first_stride not in (1, 2):
             raise ValueError(f"first_stride must be 1 or 2, got {config.first_stride}")
-        layers, in_channels, size = [], 1, IMAGE_SIZE
+        layers, in_channels, size = [], 1, IMAGE_SIZE - 2 * config.crop
         for stage, out_channels in enumerate(config.channels):
             pooled = not (stage == 0 and config.first_stride == 2)  # a stride-2 first conv is the pool
             for conv in range(config.convs_per_stage):
@@ -163,6 +163,8 @@ class DigitSumNet(nn.Module):
 
     def forward(self, image: torch.Tensor, number: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image (B,1,28,28) normalised, number (B,) int64 -> (digit_logits (B,10), sum_logits (B,19))."""
+        if self.config.crop:  # the empty border (ModelConfig.crop); a view, no copy
+            image = image[..., self.config.crop : -self.config.crop, self.config.crop : -self.config.crop]
         digit_logits = self.digit_head(self.trunk(image))  # (B,10)
         return digit_logits, self.add(digit_logits, number)
 
@@ -236,7 +238,7 @@ def training_flops_per_image(config: ModelConfig) -> int:
 
     Backward costs about twice the forward (gradients w.r.t. inputs and weights), so x3.
     """
-    flops, in_channels, size = 0, 1, IMAGE_SIZE
+    flops, in_channels, size = 0, 1, IMAGE_SIZE - 2 * config.crop
     for stage, out_channels in enumerate(config.channels):
         for conv in range(config.convs_per_stage):
             if stage == conv == 0 and config.first_stride == 2:

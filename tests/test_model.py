@@ -195,9 +195,30 @@ def test_checkpoint_of_a_different_architecture_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("size", [28, 14, 7, 3])
-def test_maxpool2x2_equals_maxpool2d_exactly(size):
-    x = torch.randn(3, 8, size, size).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("count", [3, 40])  # a small batch takes the library's pool, a large one the strided views
+def test_maxpool2x2_equals_maxpool2d_exactly(size, count):
+    x = torch.randn(count, 8, size, size).contiguous(memory_format=torch.channels_last)
     assert torch.equal(MaxPool2x2()(x), torch.nn.MaxPool2d(2)(x))
+
+
+@pytest.mark.parametrize("count", [1, 15, 16, 70])
+def test_small_and_large_inference_batches_give_the_same_numbers(count):
+    # Under SMALL_BATCH images the inference model takes its fewest-ops path (the library's pool, the
+    # plain conv before it, no straight-through arithmetic); the results are the same either way.
+    torch.manual_seed(5)
+    model = DigitSumNet(ModelConfig(channels=(8, 16, 16), first_stride=2, norm_after_pool=True, crop=1))
+    model.train()
+    model(*batch(32, seed=1)[:2])
+    model.eval()
+    fast = inference_model(model)
+    images, numbers, _ = batch(count, seed=2)
+    with torch.inference_mode():
+        for a, b in zip(model(images, numbers), fast(images, numbers)):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        alone = [fast(images[i : i + 1], numbers[i : i + 1])[0] for i in range(min(count, 4))]
+        torch.testing.assert_close(torch.cat(alone), fast(images, numbers)[0][: len(alone)], atol=1e-5, rtol=1e-5)
+        hard = predicted_digit_onehot(fast(images, numbers)[0])
+    assert set(hard.sum(1).tolist()) == {1.0} and set(hard.flatten().tolist()) <= {0.0, 1.0}
 
 
 @pytest.mark.parametrize(

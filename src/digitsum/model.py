@@ -32,7 +32,8 @@ class Conv2dBeforePool(nn.Conv2d):
     at 7x7 that is 13 of 49 outputs, 27% of the conv's work forward and backward. Padding only the
     top and left side gives exactly the outputs the pool reads (output (i, j) sees input rows i-1..i+1
     and columns j-1..j+1 either way), so the pooled values, and every gradient, are the plain conv's
-    (up to float rounding). Same parameters and checkpoint as nn.Conv2d.
+    (up to float rounding). Same parameters and checkpoint as nn.Conv2d. In inference on fewer than
+    SMALL_BATCH images it runs as the plain conv: the floor pool drops the extra row and column anyway.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from scipy import ndimage
 
 from digitsum.errors import DigitsumError
 
-try:  # the paper's lighting (_grey_morphology); scipy computes the same where OpenCV is missing
+try:  # the min/max filters (_extreme_filter); scipy computes the same where OpenCV is missing
     import cv2 as _cv2
 except ImportError:  # pragma: no cover - a dependency; kept optional like pyspng and ISA-L
     _cv2 = None
@@ -1070,7 +1070,7 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """`mask` grown by `radius` px in every direction (a square), by separable O(N) max filters."""
+    """`mask` grown by `radius` px in every direction (a square max filter, _extreme_filter)."""
     return _extreme_filter(mask.astype(np.uint8), (2 * radius + 1,) * 2, maximum=True, mode="constant") > 0
 
 
@@ -1079,7 +1079,7 @@ def _straight_lines(mask: np.ndarray) -> np.ndarray:
     vertically across the image - ruled and squared paper, page borders.
 
     Thin: what survives an opening with a small square is a stroke, not a line. A directional
-    opening (erosion then dilation with a 1 x L line, L a third of the image, by O(N) min/max
+    opening (erosion then dilation with a 1 x L line, L a third of the image, by _extreme_filter's min/max
     filters) finds runs of at least L pixels after the thin mask is thickened across the run by
     LINE_BAND px each way, so a line tilted by a degree or two in a photo still forms runs. A digit
     crossing a line cuts it into pieces: collinear pieces that together cover LINE_SPAN of the

@@ -149,6 +149,68 @@ def test_dark_specks_and_stray_marks_away_from_the_digit_are_ignored():
     assert similar(preprocess_view(page), preprocess_view(seven((400, 400)))) > 0.97
 
 
+def bold_eight(paper: float = 255, inside: float | None = None) -> Image.Image:
+    """An '8' drawn with a felt marker so wide that its loops closed: two overlapping discs of ink
+    (the lower one 250 px across, wider than any closing window a third of the image allows), or,
+    with `inside`, the same two rings drawn with a normal pen whose insides have that grey. A photo:
+    sensor noise on every pixel (a drawing app's exact-colour canvas is read without lighting)."""
+    image = Image.new("L", (400, 400), int(paper))
+    draw = ImageDraw.Draw(image)
+    for box in ([110, 20, 290, 170], [75, 140, 325, 390]):
+        if inside is None:
+            draw.ellipse(box, fill=30)
+        else:
+            draw.ellipse(box, fill=int(inside), outline=30, width=12)
+    noise = np.random.default_rng(0).normal(0, 3, (400, 400))
+    return Image.fromarray(np.clip(np.asarray(image, np.float64) + noise, 0, 255).round().astype(np.uint8))
+
+
+def test_a_marker_blob_wider_than_the_lighting_window_is_ink_not_paper():
+    view = preprocess_view(encoded(bold_eight()))
+    assert view[15:19, 12:16].min() > 200  # the lower blob's middle is ink, not a hollow outline's paper
+    assert (view > 128).mean() > 0.15
+
+
+@pytest.mark.parametrize("shade", [0.5, 0.7])
+def test_a_wide_loop_whose_inside_is_in_shade_keeps_the_inside_as_paper(shade):
+    # The lower ring's inside, wider than the lighting window, shaded to half the paper's
+    # brightness: not as dark as the pen, so not a marker's blob (_filled_blobs leaves it).
+    view = preprocess_view(encoded(bold_eight(inside=255 * shade)))
+    assert view[16:20, 12:16].max() < 60 and view[17:19].max() > 100  # paper inside, ink around
+
+
+def test_a_marker_stroke_is_thinned_to_an_mnist_pen_width():
+    bold, plain = seven((400, 400), width=48), seven((400, 400), width=24)
+    widths = {}
+    for name, image in (("bold", bold), ("plain", plain)):
+        gray = np.asarray(image, np.float32) / 255
+        ink = preprocess.ink_map(gray)
+        rows, cols = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
+        extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+        width = preprocess._stroke_width(ink >= 0.5)[0] * preprocess.DIGIT_BOX / extent
+        thinned = preprocess._thinned(ink)
+        t_rows, t_cols = np.nonzero(thinned.any(axis=1))[0], np.nonzero(thinned.any(axis=0))[0]
+        t_extent = max(t_rows[-1] - t_rows[0], t_cols[-1] - t_cols[0]) + 1
+        widths[name] = (width, preprocess._stroke_width(thinned >= 0.5)[0] * preprocess.DIGIT_BOX / t_extent, thinned is ink)
+    width, after, unchanged = widths["bold"]
+    assert width > preprocess.BOLD_STROKE and not unchanged
+    assert abs(after - preprocess.THIN_TO) < 0.5  # about an MNIST pen's width in the 20 px box
+    width, after, unchanged = widths["plain"]
+    assert width <= preprocess.BOLD_STROKE and unchanged  # an ordinary pen is left alone
+    assert similar(preprocess_view(bold), preprocess_view(plain)) > 0.9  # the marker's 7 reads like the pen's
+
+
+def test_a_digit_whose_thin_stroke_would_vanish_is_not_thinned():
+    # A '7' with a bold bar and a hairline diagonal (a brush): eroding the bar to a pen's width
+    # would erase the diagonal, so nothing is thinned.
+    page = Image.new("L", (400, 400), 255)
+    draw = ImageDraw.Draw(page)
+    draw.line([(90, 80), (310, 80)], fill=0, width=70)
+    draw.line([(300, 110), (170, 360)], fill=0, width=6)
+    ink = preprocess.ink_map(np.asarray(page, np.float32) / 255)
+    assert preprocess._thinned(ink) is ink
+
+
 def test_a_small_digit_off_centre_on_a_large_canvas_is_found():
     canvas = Image.new("L", (1800, 1400), 255)
     canvas.paste(seven((60, 60), width=22), (1500, 200))

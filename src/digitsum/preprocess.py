@@ -18,11 +18,14 @@ centre, white ink on black. `preprocess_view()` does the same to whatever a user
     -> flat-field correction: the paper's brightness is estimated locally by a grey-scale
        morphological closing (the "black top-hat" method of document imaging: the closing removes
        every dark feature narrower than its window - the strokes - and keeps the lighting, even a
-       sharp shadow edge), and the image is divided by it, so uneven light and shadows are not ink
+       sharp shadow edge), and the image is divided by it, so uneven light and shadows are not ink;
+       a background estimate as dark as the pen is a bold marker's filled loop, not paper: ink again
     -> ink mask (strong ink only) -> connected components: thin straight lines spanning most of
        the image (ruled or squared paper, page borders) are dropped, the digit is the component
        with the most ink plus the pieces close to it; specks and dust elsewhere are ignored
     -> a small digit in a large image is cut out again from the full-resolution pixels
+    -> stroke-width normalisation: a marker's strokes, wider than 93% of MNIST's, are eroded to
+       about an MNIST pen's width
     -> crop the digit's bounding box -> longer side 20 px -> paste into 28x28 with the centre of
        mass at the centre -> uint8 view -> normalise
 """
@@ -62,6 +65,11 @@ STRONG_INK = 0.4  # ink at >= this fraction of the strongest ink is a stroke; fa
 LINE_SPAN = 0.6  # a thin straight line from edge to edge covering this fraction of the image is ruled paper
 FAINT_INK = 0.15  # ruled lines are looked for down to this (they are often fainter than the pen)
 LINE_BAND = 3  # px a ruled line may wander across its direction (a photo's tilt) and its gap in a stroke
+# Stroke width in the 20 px digit box (_stroke_width of the ink >= 0.5, x DIGIT_BOX / the box's longer
+# side). MNIST's training digits, drawn 224 px tall: median 2.07, 80th percentile 2.41, 90th 2.86,
+# 95th 3.23 (7% over 3.0). A wider pen (a marker) is thinned to THIN_TO before the layout (_thinned).
+BOLD_STROKE = 3.0
+THIN_TO = 2.5
 
 # A path, the file's bytes (bytes/bytearray/memoryview), a binary file object (anything with
 # .read(): an open file, io.BytesIO, a web framework's upload) or a Pillow image.
@@ -886,18 +894,61 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
     scale = 2 if min(height, width) >= 4 * SMALL_SIDE else 1
     coarse = _halved(gray) if scale == 2 else gray
     coarse_smooth = _halved(smooth) if scale == 2 else smooth
-    ink = _ink_against_background(coarse, coarse_smooth, max(3, window // scale), dark_ink)
+    ink, background = _ink_against_background(coarse, coarse_smooth, max(3, window // scale), dark_ink)
     level = _strong_level(ink)
     if level < MIN_CONTRAST:
         raise ImageError(f"{name}: is blank (no ink stands out from the background); draw or photograph a digit")
     strokes = digit_mask(np.clip(ink / level, 0.0, 1.0)) & (ink >= STRONG_INK * level)
-    narrower = min(window, max(7, round(3 * scale * _stroke_width(strokes)) + 3))
+    stroke, widest = _stroke_width(strokes)
+    # Three stroke widths, and wider than the widest ink: a bold marker's filled loop (a blob
+    # wider than three average strokes) would otherwise be taken for paper and come out hollow.
+    narrower = min(window, max(7, round(3 * scale * stroke) + 3, round(scale * widest) + 3))
     if narrower < window or scale == 2:
-        ink = _ink_against_background(gray, smooth, narrower, dark_ink)
+        ink, background = _ink_against_background(gray, smooth, narrower, dark_ink)
         level = _strong_level(ink)
     if level < MIN_CONTRAST:
         raise ImageError(f"{name}: is blank (no ink stands out from the background); draw or photograph a digit")
-    return np.clip(ink / level, 0.0, 1.0).astype(np.float32)
+    return np.clip(_filled_blobs(gray, ink, background, level, dark_ink) / level, 0.0, 1.0).astype(np.float32)
+
+
+def _filled_blobs(gray: np.ndarray, ink: np.ndarray, background: np.ndarray, level: float, dark_ink: bool) -> np.ndarray:
+    """`ink` with the insides of ink blobs wider than the closing window put back.
+
+    A bold marker fills a digit's loops: the strokes merge into a blob, and where that blob is
+    wider than the closing window the closing returns the blob's own grey as the "paper" there, so
+    the digit comes out as a hollow outline. Real paper, lit unevenly or in shadow, stays much
+    brighter than ink; a background estimate as dark as the strokes is no paper. Where the
+    estimate, measured against the paper just outside the ink, is at least 3/4 as dark as the
+    strokes' median, in a region that touches the strokes and not the image's edge (a shadow comes
+    in from an edge), the pixels are read against that outside paper instead.
+    """
+    strong = ink >= STRONG_INK * level
+    # The paper just outside the ink: 4-6 px from it, in the part of the image that reaches the
+    # edge (a hollow blob's inside, even one with a crack, is closed off by the 3 px margin).
+    near = _dilate(strong, 3)
+    labels, count = ndimage.label(~near)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    around = _dilate(strong, 6) & np.isin(labels, edge[edge > 0])
+    if not around.any():
+        return ink
+    paper = float(np.median(background[around]))
+    if dark_ink:
+        relative, blob = 1.0 - gray / max(paper, 0.05), 1.0 - background / max(paper, 0.05)
+    else:
+        relative, blob = gray - paper, background - paper
+    stroke = float(np.median(relative[ink >= 0.8 * level]))  # the pen's own ink, not its fainter edges
+    dark = blob >= 0.75 * stroke
+    if stroke <= 0 or not dark.any():
+        return ink
+    labels, count = ndimage.label(dark)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    touching = np.unique(labels[_dilate(strong, 1) & dark])
+    inside = np.isin(labels, np.setdiff1d(touching, np.append(edge, 0)))
+    if not inside.any():
+        return ink
+    ink = ink.copy()
+    ink[inside] = np.maximum(ink[inside], relative[inside])
+    return ink
 
 
 def _ink_is_dark(gray: np.ndarray) -> bool:
@@ -947,7 +998,8 @@ def _separable_median(values: np.ndarray, size: int) -> np.ndarray:
     return ndimage.median_filter(rows, size=(size, 1), mode="reflect")
 
 
-def _ink_against_background(gray, smooth, window: int, dark_ink: bool) -> np.ndarray:
+def _ink_against_background(gray, smooth, window: int, dark_ink: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Ink (relative to the background) and the background: a grey closing (dark ink) or opening."""
     # The image is padded by repeating its edge first, so that beyond the border it goes on as at
     # the border: a shadow band along an edge is wide along the edge and stays background, while a
     # stroke crossing the edge is still thin. (ndimage's own mode="nearest" pads each stage of the
@@ -956,8 +1008,9 @@ def _ink_against_background(gray, smooth, window: int, dark_ink: bool) -> np.nda
     padded = np.pad(smooth, pad, mode="edge")
     if dark_ink:
         lighting = _grey_morphology(padded, window, closing=True)[pad:-pad, pad:-pad]
-        return 1.0 - gray / np.maximum(lighting, 0.05)
-    return gray - _grey_morphology(padded, window, closing=False)[pad:-pad, pad:-pad]
+        return 1.0 - gray / np.maximum(lighting, 0.05), lighting
+    ground = _grey_morphology(padded, window, closing=False)[pad:-pad, pad:-pad]
+    return gray - ground, ground
 
 
 def _grey_morphology(values: np.ndarray, window: int, closing: bool) -> np.ndarray:
@@ -993,14 +1046,17 @@ def _extreme_filter(values: np.ndarray, size: tuple, maximum: bool, mode: str = 
     return operation(np.ascontiguousarray(values), np.ones(size, np.uint8), anchor=anchor, borderType=border, borderValue=0)
 
 
-def _stroke_width(mask: np.ndarray) -> float:
-    """Typical stroke width (px) of a mask: across a stroke of width w the distances to the
-    background run evenly from 1 to w/2, so w is about four times their mean over the mask (an
-    area-weighted measure: the rough edge and thin stubs of a stroke barely move it)."""
+def _stroke_width(mask: np.ndarray) -> tuple[float, float]:
+    """Typical stroke width (px) of a mask, and the width of its widest part.
+
+    Across a stroke of width w the distances to the background run evenly from 1 to w/2, so w is
+    about four times their mean over the mask (an area-weighted measure: the rough edge and thin
+    stubs of a stroke barely move it). The widest part is twice the largest distance: the side of
+    the largest square that fits inside the ink (a filled loop's blob, where strokes merged)."""
     if not mask.any():
-        return 1.0
+        return 1.0, 1.0
     distance = ndimage.distance_transform_cdt(mask, metric="chessboard")
-    return max(1.0, 4.0 * float(distance[mask].mean()) - 1.0)
+    return max(1.0, 4.0 * float(distance[mask].mean()) - 1.0), max(1.0, 2.0 * float(distance.max()))
 
 
 def _strong_level(ink: np.ndarray) -> float:
@@ -1142,6 +1198,46 @@ def _straight_lines(mask: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- MNIST layout
 
 
+def _thinned(ink: np.ndarray) -> np.ndarray:
+    """`ink` with a marker's bold strokes thinned to an MNIST pen's width (stroke-width normalisation).
+
+    The digit's stroke width is measured as it will be laid out (in the 20 px box); above
+    BOLD_STROKE (wider than 93% of MNIST's digits) a grey-scale erosion by a disk narrows every
+    stroke to about THIN_TO. A bold digit reads like the MNIST digits the model learned from:
+    on benchmarks/real_world.py's thick-marker digits (widths 2.6-4.5, median 3.45) it turned 97.0%
+    into 98.3% (docs/RESULTS.md 5.4). Returns `ink` itself when nothing is thinned, or when the
+    erosion would break the strokes into more pieces (or leave none).
+    """
+    rows, cols = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
+    extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+    width = _stroke_width(ink >= 0.5)[0] * DIGIT_BOX / extent
+    # Eroding by r takes 2r off every stroke and off the box's longer side, which the layout then
+    # scales to DIGIT_BOX: (w - 2r) / (extent - 2r) = THIN_TO / DIGIT_BOX for w = width x extent / DIGIT_BOX.
+    radius = round((width - THIN_TO) / 2 * extent / (DIGIT_BOX - THIN_TO))
+    if width <= BOLD_STROKE or radius < 1:
+        return ink
+    disk = np.hypot(*np.ogrid[-radius : radius + 1, -radius : radius + 1]) <= radius
+    if _cv2 is not None:
+        thinned = _cv2.erode(
+            np.ascontiguousarray(ink, np.float32), disk.astype(np.uint8), borderType=_cv2.BORDER_CONSTANT, borderValue=0
+        )
+    else:  # pragma: no cover - OpenCV is a dependency
+        thinned = ndimage.grey_erosion(ink.astype(np.float32), footprint=disk, mode="constant", cval=0.0)
+    # A pen of uneven width (a brush, a nib) would lose its thin parts: then the strokes fall apart
+    # into more pieces, or a whole stroke goes and the box shrinks by more than the erosion's 2r
+    # (up to 4r where a slanted stroke's square end meets the disk); such a digit stays as drawn.
+    eight = np.ones((3, 3), bool)
+    strong, kept = ink >= STRONG_INK, thinned >= STRONG_INK
+    pieces = ndimage.label(kept, structure=eight)[1]
+    if not 0 < pieces <= ndimage.label(strong, structure=eight)[1]:
+        return ink
+    for axis in (0, 1):
+        before, after = np.nonzero(strong.any(axis=axis))[0], np.nonzero(kept.any(axis=axis))[0]
+        if after[-1] - after[0] < before[-1] - before[0] - 4 * radius - 2:
+            return ink
+    return thinned
+
+
 def _fit_box(crop: np.ndarray) -> np.ndarray:
     """The crop scaled so that its longer side is DIGIT_BOX px, as float in [0, 1] (Lanczos, antialiased)."""
     height, width = crop.shape
@@ -1269,4 +1365,6 @@ def preprocess_view(source: ImageSource) -> np.ndarray:
     ink = ink_map(gray, name)
     if ink.any():
         ink = _detail(image, orientation, ink, name)
+        if min(gray.shape) >= SMALL_SIDE:  # (a smaller image is at MNIST's scale: it stays as it is)
+            ink = _thinned(ink)
     return mnist_layout(ink, name)

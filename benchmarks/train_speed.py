@@ -22,6 +22,11 @@ measurable); classic is pytorch/examples mnist/main.py.
 The whole default run takes 35-40 minutes on a 2-core CPU (3 recipes took 25+ min); pass fewer --seeds or
 --recipes for a quicker look (e.g. --seeds 0 --recipes ours-default,ours-old-default).
 
+    python benchmarks/train_speed.py --step-cost '32,48,64;16,48,64;16,32,64'
+
+prints instead the cost of one training step of the default recipe at other channel counts,
+interleaved in one process (a minute; what docs/RESULTS.md 2.7's cheaper-net table starts from).
+
 Test accuracy picks nothing here: it only decides when the clock stops (benchmark only).
 """
 
@@ -288,6 +293,61 @@ def child(args) -> None:
 RECIPES = ("ours-fast", "ours-default", "ours-previous-default", "ours-old-default", "classic")
 
 
+def step_cost(channel_sets: list[tuple[int, ...]], rounds: int = 8, steps: int = 20) -> None:
+    """--step-cost: the default recipe's training step (forward, loss, backward, optimizer and
+    schedule step; batch 256, bf16 as `--bf16 auto` decides, channels-last) at each channel set,
+    interleaved in one process: `rounds` rounds of `steps` steps per net after 3 warm-up steps;
+    median ms and the median of the per-round ratios to the first set. No data pipeline: random
+    images, so only the net's cost differs between rows."""
+    from dataclasses import replace
+
+    from digitsum.config import preset
+    from digitsum.device import autocast, bf16_pays_off, reuse_freed_memory
+    from digitsum.model import DigitSumNet
+    from digitsum.train import build_optimizer, loss_fn
+
+    reuse_freed_memory()
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    bf16 = bf16_pays_off(device)
+    base = preset("default")
+    nets = []
+    for channels in channel_sets:
+        config = replace(base, model=replace(base.model, channels=channels))
+        model = DigitSumNet(config.model).to(memory_format=torch.channels_last).train()
+        nets.append((config, model, *build_optimizer(model, config, 10_000)))
+    images = torch.randn(base.batch_size, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    numbers, digits = torch.randint(0, 10, (base.batch_size,)), torch.randint(0, 10, (base.batch_size,))
+
+    def step(config, model, optimizer, scheduler):
+        with autocast(device, bf16):
+            digit_logits, sum_logits = model(images, numbers)
+        loss = loss_fn(digit_logits, sum_logits, digits, digits + numbers, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+    times = [[] for _ in nets]
+    for _ in range(rounds):
+        for net, record in zip(nets, times):
+            for _ in range(3):
+                step(*net)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(*net)
+            record.append(1000 * (time.perf_counter() - start) / steps)
+    print(
+        f"training step of `default` at other channels, batch {base.batch_size}, bf16 {'on' if bf16 else 'off'}, "
+        f"{torch.get_num_threads()} threads; {rounds} interleaved rounds of {steps} steps: median\n"
+    )
+    print(f"| channels | ms a step | vs {','.join(map(str, channel_sets[0]))} |")
+    print("|---|---|---|")
+    for channels, record in zip(channel_sets, times):
+        ratio = statistics.median(a / b for a, b in zip(record, times[0]))
+        print(f"| {','.join(map(str, channels))} | {statistics.median(record):.1f} | {ratio:.2f}x |")
+
+
 def parse_targets(text: str) -> tuple[float, ...]:
     return tuple(sorted(float(t) for t in text.split(",")))
 
@@ -338,11 +398,19 @@ def main() -> None:
         help="comma-separated test accuracies (digit and sum) to time (default 0.99,0.995)",
     )
     parser.add_argument("--data-root", default=None)
+    parser.add_argument(
+        "--step-cost",
+        default=None,
+        metavar="C,C,C;C,C,C;...",
+        help="instead: the default recipe's training step at these channel sets, interleaved (e.g. '32,48,64;16,32,64')",
+    )
     parser.add_argument("--child", dest="recipe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.recipe:
         return child(args)
+    if args.step_cost:
+        return step_cost([tuple(int(c) for c in group.split(",")) for group in args.step_cost.split(";")])
     seeds = list(range(args.repeats)) if args.repeats else [int(s) for s in args.seeds.split(",")]
     recipes = args.recipes.split(",")
     unknown = [r for r in recipes if r not in RECIPES]

@@ -91,3 +91,17 @@ def test_the_no_batchnorm_variant_has_plain_convs_with_biases_and_learns(benchma
     before.backward()
     optimizer.step()
     assert loss().item() < before.item()
+
+
+def test_train_speeds_step_cost_table_times_each_channel_set_against_the_first(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import train_speed
+
+    try:
+        train_speed.step_cost([(16, 32, 64), (16, 48, 64)], rounds=2, steps=1)
+    finally:
+        sys.modules.pop("train_speed", None)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16,")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 16,32,64", "| 16,48,64"]
+    assert rows[0].endswith("| 1.00x |")  # the first set against itself
+    assert all(float(row.split(" | ")[1]) > 0 for row in rows)

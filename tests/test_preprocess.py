@@ -187,11 +187,11 @@ def test_a_marker_stroke_is_thinned_to_an_mnist_pen_width():
         ink = preprocess.ink_map(gray)
         rows, cols = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
         extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
-        width = preprocess._stroke_width(ink >= 0.5)[0] * preprocess.DIGIT_BOX / extent
+        width = preprocess._stroke_width(ink >= 0.5) * preprocess.DIGIT_BOX / extent
         thinned = preprocess._thinned(ink)
         t_rows, t_cols = np.nonzero(thinned.any(axis=1))[0], np.nonzero(thinned.any(axis=0))[0]
         t_extent = max(t_rows[-1] - t_rows[0], t_cols[-1] - t_cols[0]) + 1
-        widths[name] = (width, preprocess._stroke_width(thinned >= 0.5)[0] * preprocess.DIGIT_BOX / t_extent, thinned is ink)
+        widths[name] = (width, preprocess._stroke_width(thinned >= 0.5) * preprocess.DIGIT_BOX / t_extent, thinned is ink)
     width, after, unchanged = widths["bold"]
     assert width > preprocess.BOLD_STROKE and not unchanged
     assert abs(after - preprocess.THIN_TO) < 0.5  # about an MNIST pen's width in the 20 px box

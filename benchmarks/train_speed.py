@@ -410,7 +410,17 @@ def main() -> None:
     if args.recipe:
         return child(args)
     if args.step_cost:
-        return step_cost([tuple(int(c) for c in group.split(",")) for group in args.step_cost.split(";")])
+        from dataclasses import replace
+
+        from digitsum.config import preset
+
+        try:
+            channel_sets = [tuple(int(c) for c in group.split(",")) for group in args.step_cost.split(";")]
+            for channels in channel_sets:  # the nets step_cost builds: the default's at these channels
+                replace(preset("default").model, channels=channels).validate()
+        except ValueError as error:
+            parser.error(f"--step-cost: {error}")
+        return step_cost(channel_sets)
     seeds = list(range(args.repeats)) if args.repeats else [int(s) for s in args.seeds.split(",")]
     recipes = args.recipes.split(",")
     unknown = [r for r in recipes if r not in RECIPES]

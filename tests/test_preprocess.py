@@ -211,6 +211,33 @@ def test_a_digit_whose_thin_stroke_would_vanish_is_not_thinned():
     assert preprocess._thinned(ink) is ink
 
 
+@settings(max_examples=examples(60), deadline=None)
+@given(
+    st.integers(48, 200),
+    st.integers(48, 200),
+    st.lists(
+        st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.integers(1, 40)), min_size=1, max_size=4
+    ),
+)
+def test_thinning_only_ever_removes_ink_and_never_splits_the_strokes(height, width, strokes):
+    # Any ink map of strokes of any width: _thinned gives the map back, or one of the same shape
+    # with no pixel stronger than before, strong ink left, and no more strong pieces than before.
+    page = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(page)
+    for x0, y0, x1, y1, pen in strokes:
+        draw.line([(x0 * width, y0 * height), (x1 * width, y1 * height)], fill=255, width=pen)
+    ink = np.asarray(page, np.float32) / 255
+    if not ink.any():
+        return
+    thinned = preprocess._thinned(ink)
+    if thinned is ink:
+        return
+    eight = np.ones((3, 3), bool)
+    assert thinned.shape == ink.shape and thinned.dtype == ink.dtype and (thinned <= ink).all()
+    pieces = ndimage.label(thinned >= preprocess.STRONG_INK, structure=eight)[1]
+    assert 0 < pieces <= ndimage.label(ink >= preprocess.STRONG_INK, structure=eight)[1]
+
+
 def test_a_small_digit_off_centre_on_a_large_canvas_is_found():
     canvas = Image.new("L", (1800, 1400), 255)
     canvas.paste(seven((60, 60), width=22), (1500, 200))

@@ -306,14 +306,16 @@ def step_cost(channel_sets: list[tuple[int, ...]], rounds: int = 8, steps: int =
     from digitsum.model import DigitSumNet
     from digitsum.train import build_optimizer, loss_fn
 
+    base = preset("default")
+    configs = [replace(base, model=replace(base.model, channels=channels)) for channels in channel_sets]
+    for config in configs:  # every net checked (ValueError, one line) before any is built
+        config.model.validate()
     reuse_freed_memory()
     torch.manual_seed(0)
     device = torch.device("cpu")
     bf16 = bf16_pays_off(device)
-    base = preset("default")
     nets = []
-    for channels in channel_sets:
-        config = replace(base, model=replace(base.model, channels=channels))
+    for config in configs:
         model = DigitSumNet(config.model).to(memory_format=torch.channels_last).train()
         nets.append((config, model, *build_optimizer(model, config, 10_000)))
     images = torch.randn(base.batch_size, 1, 28, 28).contiguous(memory_format=torch.channels_last)
@@ -410,17 +412,10 @@ def main() -> None:
     if args.recipe:
         return child(args)
     if args.step_cost:
-        from dataclasses import replace
-
-        from digitsum.config import preset
-
         try:
-            channel_sets = [tuple(int(c) for c in group.split(",")) for group in args.step_cost.split(";")]
-            for channels in channel_sets:  # the nets step_cost builds: the default's at these channels
-                replace(preset("default").model, channels=channels).validate()
-        except ValueError as error:
+            return step_cost([tuple(int(c) for c in group.split(",")) for group in args.step_cost.split(";")])
+        except ValueError as error:  # a malformed number or a net that cannot be built: nothing ran yet
             parser.error(f"--step-cost: {error}")
-        return step_cost(channel_sets)
     seeds = list(range(args.repeats)) if args.repeats else [int(s) for s in args.seeds.split(",")]
     recipes = args.recipes.split(",")
     unknown = [r for r in recipes if r not in RECIPES]

@@ -932,10 +932,8 @@ def _filled_blobs(gray: np.ndarray, ink: np.ndarray, background: np.ndarray, lev
         return ink
     # The paper just outside the ink: 4-6 px from it, in the part of the image that reaches the
     # edge (a hollow blob's inside, even one with a crack, is closed off by the 3 px margin).
-    near = _dilate(strong, 3)
-    labels, count = ndimage.label(~near)
-    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    around = _dilate(strong, 6) & np.isin(labels, edge[edge > 0])
+    labels = ndimage.label(~_dilate(strong, 3))[0]
+    around = _dilate(strong, 6) & np.isin(labels, _edge_labels(labels))
     if not around.any():
         return ink
     paper = float(np.median(background[around]))
@@ -947,15 +945,20 @@ def _filled_blobs(gray: np.ndarray, ink: np.ndarray, background: np.ndarray, lev
     dark = blob >= 0.75 * stroke
     if stroke <= 0 or not dark.any():
         return ink
-    labels, count = ndimage.label(dark)
-    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    labels = ndimage.label(dark)[0]
     touching = np.unique(labels[_dilate(strong, 1) & dark])
-    inside = np.isin(labels, np.setdiff1d(touching, np.append(edge, 0)))
+    inside = np.isin(labels, np.setdiff1d(touching, np.append(_edge_labels(labels), 0)))
     if not inside.any():
         return ink
     ink = ink.copy()
     ink[inside] = np.maximum(ink[inside], relative[inside])
     return ink
+
+
+def _edge_labels(labels: np.ndarray) -> np.ndarray:
+    """The labels (ndimage.label's, background 0 left out) of the regions that reach the image's edge."""
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return edge[edge > 0]
 
 
 def _ink_is_dark(gray: np.ndarray) -> bool:
@@ -1034,23 +1037,29 @@ def _grey_morphology(values: np.ndarray, window: int, closing: bool) -> np.ndarr
 _CV2_BORDERS = {"nearest": "BORDER_REPLICATE", "reflect": "BORDER_REFLECT", "constant": "BORDER_CONSTANT"}
 
 
-def _extreme_filter(values: np.ndarray, size: tuple, maximum: bool, mode: str = "reflect", reflected: bool = False):
-    """ndimage.maximum_filter (or minimum_filter) of a 2-D array over a rows x cols rectangle
-    (origin 0, cval 0; `reflected`: the window grey_dilation uses) - bit for bit (max and min are
+def _extreme_filter(
+    values: np.ndarray, size: tuple, maximum: bool, mode: str = "reflect", reflected: bool = False, footprint=None
+):
+    """ndimage.maximum_filter (or minimum_filter) of a 2-D array over a rows x cols rectangle, or
+    over the True cells of a `footprint` of that size (origin 0, cval 0; `reflected`: the window
+    grey_dilation uses) - bit for bit (max and min are
     exact; tests/test_preprocess.py) - by OpenCV where it is installed. Its SIMD row and column
     filters against scipy's (whose 1-D filter keeps a running list of minima, ~17 ns a pixel),
     one 684x684 float32 closing, Intel Xeon, OpenCV 5.0 (4.14): 2.0 / 3.4 / 7.6 ms (2.7 / 7.4 / 14.5)
     vs scipy's 17-24 ms for windows of 9 / 31 / 85 px. These filters (the paper's lighting, the
     ruled-line search, mask dilation) were about half of the photo path's time (docs/RESULTS.md 5.5)."""
     rows, cols = size
+    window = np.ones(size, bool) if footprint is None else np.asarray(footprint, bool)
     if _cv2 is None or values.ndim != 2 or values.dtype not in (np.uint8, np.float32) or values.size == 0:
         origin = [-1 if reflected and not length % 2 else 0 for length in size]
         library = ndimage.maximum_filter if maximum else ndimage.minimum_filter
-        return library(values, size=size, mode=mode, origin=origin)
+        if footprint is None:
+            return library(values, size=size, mode=mode, origin=origin)
+        return library(values, footprint=window, mode=mode, origin=origin)
     anchor = ((cols - 1) // 2, (rows - 1) // 2) if reflected else (cols // 2, rows // 2)  # OpenCV's (x, y)
     operation = _cv2.dilate if maximum else _cv2.erode
     border = getattr(_cv2, _CV2_BORDERS[mode])
-    return operation(np.ascontiguousarray(values), np.ones(size, np.uint8), anchor=anchor, borderType=border, borderValue=0)
+    return operation(np.ascontiguousarray(values), window.astype(np.uint8), anchor=anchor, borderType=border, borderValue=0)
 
 
 def _stroke_width(mask: np.ndarray) -> float:
@@ -1230,10 +1239,7 @@ def _thinned(ink: np.ndarray) -> np.ndarray:
     if width <= BOLD_STROKE or radius < 1:
         return ink
     disk = np.hypot(*np.ogrid[-radius : radius + 1, -radius : radius + 1]) <= radius
-    if _cv2 is not None:
-        thinned = _cv2.erode(box.astype(np.float32), disk.astype(np.uint8), borderType=_cv2.BORDER_CONSTANT, borderValue=0)
-    else:  # pragma: no cover - OpenCV is a dependency
-        thinned = ndimage.grey_erosion(box.astype(np.float32), footprint=disk, mode="constant", cval=0.0)
+    thinned = _extreme_filter(box.astype(np.float32), disk.shape, maximum=False, mode="constant", footprint=disk)
     # A pen of uneven width (a brush, a nib) would lose its thin parts: then the strokes fall apart
     # into more pieces, or a whole stroke goes and the box shrinks by more than the erosion's 2r
     # (up to 4r where a slanted stroke's square end meets the disk); such a digit stays as drawn.

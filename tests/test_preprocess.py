@@ -238,6 +238,99 @@ def test_thinning_only_ever_removes_ink_and_never_splits_the_strokes(height, wid
     assert 0 < pieces <= ndimage.label(ink >= preprocess.STRONG_INK, structure=eight)[1]
 
 
+def test_a_hairline_digit_on_a_large_canvas_is_widened_to_a_pen():
+    # A 1-3 px brush on a 1,500 px canvas: scaled to 20 px, the strokes would fade to specks.
+    for pen in (1, 3):
+        hairline = seven((1500, 1500), width=pen * 280 / 1500)
+        view = preprocess_view(encoded(hairline))
+        assert similar(view, REFERENCE) > 0.9
+        box = view[view.any(axis=1)][:, view.any(axis=0)].astype(np.float32) / 255
+        assert preprocess._area_width(box) >= preprocess.THIN_STROKE
+        assert ndimage.label(view >= 100, structure=np.ones((3, 3)))[1] == 1  # one stroke, not specks
+
+
+def test_an_ordinary_pen_is_not_widened():
+    ink = preprocess.ink_map(np.asarray(seven((400, 400), width=24), np.float32) / 255)
+    assert preprocess._thickened(ink) is ink
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(
+    st.integers(48, 600),
+    st.integers(48, 600),
+    st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.integers(1, 12)), min_size=1, max_size=4),
+)
+def test_widening_never_splits_the_strokes_and_leaves_them_at_least_a_thin_pens_width(height, width, strokes):
+    # Any ink map of strokes: _thickened gives the map back, or a box no stronger than the ink, in
+    # no more pieces, whose strokes are at least THIN_STROKE wide at the 20 px scale.
+    page = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(page)
+    for x0, y0, x1, y1, pen in strokes:
+        draw.line([(x0 * width, y0 * height), (x1 * width, y1 * height)], fill=255, width=pen)
+    ink = np.asarray(page, np.float32) / 255
+    if not ink.any():
+        return
+    widened = preprocess._thickened(ink)
+    if widened is ink:
+        return
+    eight = np.ones((3, 3), bool)
+    assert widened.dtype == np.float32 and widened.max() <= ink.max()
+    assert 0 < ndimage.label(widened >= preprocess.STRONG_INK, structure=eight)[1] <= ndimage.label(ink > 0, structure=eight)[1]
+    box = widened[widened.any(axis=1)][:, widened.any(axis=0)]
+    assert preprocess._area_width(box) * preprocess.DIGIT_BOX / max(box.shape) >= preprocess.THIN_STROKE
+
+
+def test_a_bold_digit_cropped_to_its_edges_reads_as_with_paper_around_it():
+    # An '8' in a marker, its loops as wide as its strokes, cut out so tightly that it crosses the
+    # image's edge: the border is still mostly paper, so the paper (not the loops) is the ground.
+    page = Image.new("L", (400, 400), 250)
+    draw = ImageDraw.Draw(page)
+    draw.ellipse([125, 30, 275, 180], outline=25, width=45)
+    draw.ellipse([105, 160, 295, 370], outline=25, width=45)
+    noise = np.random.default_rng(0).normal(0, 2, (400, 400))
+    page = Image.fromarray(np.clip(np.asarray(page, np.float64) + noise, 0, 255).round().astype(np.uint8))
+    tight = page.crop((107, 32, 293, 368))  # 2 px inside the ink's box: strokes cut at all four sides
+    assert similar(preprocess_view(encoded(tight, "JPEG", quality=90)), preprocess_view(encoded(page))) > 0.9
+
+
+def on_desk(sheet: Image.Image, desk: int, size=(640, 480), at=(150, 90), turn: float = 3.0) -> bytes:
+    """A phone photo of `sheet` lying on a desk of grey `desk`, turned a little, with sensor noise."""
+    photo = Image.new("L", size, desk)
+    photo.paste(sheet, at)
+    photo = photo.rotate(turn, resample=Image.Resampling.BICUBIC, fillcolor=desk)
+    noisy = np.asarray(photo, np.float64) + np.random.default_rng(0).normal(0, 3, photo.size[::-1])
+    return encoded(Image.fromarray(np.clip(noisy, 0, 255).round().astype(np.uint8)), "JPEG", quality=88)
+
+
+@pytest.mark.parametrize("desk", [30, 90, 130])
+def test_a_sheet_photographed_on_a_darker_desk_is_read_without_the_desk_or_its_edges(desk):
+    # The desk all round made the desk the "paper" (light ink on it: everything inverted), and the
+    # sheet's edges were strokes around the digit.
+    view = preprocess_view(on_desk(seven((300, 280), ink=20, paper=245), desk))
+    assert similar(view, REFERENCE) > 0.9
+
+
+def test_a_patch_of_light_is_no_sheet_whose_edge_cuts_the_digit():
+    # A patch of sunlight: a bright rectangle with sharp straight edges on a darker ground, taken
+    # for a sheet on a desk. The digit crosses its edge, so the lit part alone holds no digit (or a
+    # cut one): the whole page is read, in shade and out.
+    page = np.asarray(seven((480, 480), ink=20, paper=240), np.float64)
+    y, x = np.mgrid[0:480, 0:480]
+    page *= np.where((x >= 80) & (x < 420) & (y >= 40) & (y < 250), 1.0, 0.55)
+    assert preprocess._page(page.astype(np.float32) / 255) is not None
+    view = preprocess_view(encoded(Image.fromarray(page.round().astype(np.uint8)), "JPEG", quality=90))
+    assert similar(view, REFERENCE) > 0.9
+
+
+def test_a_dim_grainy_photo_of_white_paper_has_dark_ink():
+    # Paper at 47% grey (a dim room, underexposed) with sensor noise: a uniform border whose level
+    # is neither clearly light nor clearly dark; the ink reaches far below it, nothing far above.
+    page = np.asarray(seven((400, 400), ink=10, paper=120), np.float64)
+    page += np.random.default_rng(0).normal(0, 9, page.shape)
+    view = preprocess_view(encoded(Image.fromarray(np.clip(page, 0, 255).round().astype(np.uint8)), "JPEG", quality=85))
+    assert similar(view, REFERENCE) > 0.9
+
+
 def test_a_small_digit_off_centre_on_a_large_canvas_is_found():
     canvas = Image.new("L", (1800, 1400), 255)
     canvas.paste(seven((60, 60), width=22), (1500, 200))

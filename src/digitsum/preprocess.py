@@ -61,6 +61,7 @@ MIN_CONTRAST = 0.1  # an image whose ink differs from its background by less tha
 WORK_SIDE = 512  # the digit is found at under twice this resolution (bounded time and memory) ...
 DETAIL_SIDE = 96  # ... and re-cut from the full-resolution image when it is smaller than this there
 SMALL_SIDE = 48  # a smaller image is a cropped digit (MNIST is 28x28): no paper, light or ruling to remove
+BORDER_PAPER = 0.06  # border pixels within this of the border's median are one paper level (noise, JPEG)
 STRONG_INK = 0.4  # ink at >= this fraction of the strongest ink is a stroke; fainter is an edge, a ruled line or shading
 LINE_SPAN = 0.6  # a thin straight line from edge to edge covering this fraction of the image is ruled paper
 FAINT_INK = 0.15  # ruled lines are looked for down to this (they are often fainter than the pen)
@@ -70,6 +71,13 @@ LINE_BAND = 3  # px a ruled line may wander across its direction (a photo's tilt
 # 95th 3.23 (7% over 3.0). A wider pen (a marker) is thinned to THIN_TO before the layout (_thinned).
 BOLD_STROKE = 3.0
 THIN_TO = 2.5
+# The same width by area / half perimeter (_area_width: sub-pixel widths of faint hairlines too), the
+# same digits: 1st percentile 1.23, 5th 1.45, median 2.18. A pen under THIN_STROKE (a fine brush on a
+# large canvas, a hairline that the scaling to 20 px would fade to specks) is widened to THICKEN_TO.
+THIN_STROKE = 1.0
+THICKEN_TO = 2.0
+HAIRLINE = 8.0  # ... and only a pen at most this many px wide at working size (not ordinary strokes in a wide box)
+POOL_SIDE = 4 * DIGIT_BOX  # a hairline digit is max-pooled to about this size before it is widened
 
 # A path, the file's bytes (bytes/bytearray/memoryview), a binary file object (anything with
 # .read(): an open file, io.BytesIO, a web framework's upload) or a Pillow image.
@@ -884,11 +892,38 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
     with a window of a third of the image finds. For dark ink, ink = 1 - pixel / paper (background
     division, the flat-field model observed = light x reflectance); for light ink on a dark ground
     (a chalkboard, a canvas export), ink = pixel - ground (subtraction: the ground is not lit paper).
+    A sheet of paper photographed on a darker desk (_page) is read alone: the desk is painted over
+    with the sheet's paper level first, so the sheet's edges are no strokes and the desk no paper.
     """
+    page = _page(gray)
+    if page is None:
+        return _flat_field(gray, name)
+    mask, paper, band = page
+    try:
+        ink = _flat_field(np.where(mask, gray, np.float32(paper)).astype(gray.dtype), name)
+    except ImageError:
+        ink = None
+    # The sheet's outline is a guess. Where strong ink runs up to it, the whole image is read too
+    # (dark ink on the paper); if the strokes there go on beyond the sheet's edge band (a shadow's
+    # straight edge taken for a sheet's cuts the digit), the whole image's reading is the digit.
+    edge = mask & ~_extreme_filter(mask.astype(np.uint8), (5, 5), maximum=False, mode="constant").astype(bool)
+    if ink is not None and not (ink[edge] >= STRONG_INK).any():
+        return ink
+    whole = _flat_field(gray, name, dark_ink=True)
+    if ink is None:
+        return whole
+    strong = whole >= STRONG_INK
+    labels = ndimage.label(strong, structure=np.ones((3, 3), bool))[0]
+    at_edge = np.unique(labels[edge & strong])
+    beyond = np.isin(labels, at_edge[at_edge > 0]) & ~_dilate(mask, band)
+    return whole if beyond.sum() > 0.1 * max(1, int(strong[mask].sum())) else ink
+
+
+def _flat_field(gray: np.ndarray, name: str, dark_ink: bool | None = None) -> np.ndarray:
     height, width = gray.shape
     smooth = ndimage.uniform_filter(gray, 3, mode="nearest") if min(height, width) >= 3 else gray
     window = max(3, min(height, width) // 3)
-    dark_ink = _ink_is_dark(gray)
+    dark_ink = _ink_is_dark(gray, smooth) if dark_ink is None else dark_ink
     # The first pass only measures the stroke width: at half resolution where the image is large
     # enough (a quarter of the work).
     scale = 2 if min(height, width) >= 4 * SMALL_SIDE else 1
@@ -906,6 +941,59 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
     if level < MIN_CONTRAST:
         raise ImageError(f"{name}: is blank (no ink stands out from the background); draw or photograph a digit")
     return np.clip(_filled_blobs(gray, ink, background, level, dark_ink) / level, 0.0, 1.0).astype(np.float32)
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of values in [0, 1] (256 bins): the level that best splits them into two classes."""
+    counts, edges = np.histogram(values, 256, (0.0, 1.0))
+    weight = np.cumsum(counts) / values.size
+    mean = np.cumsum(counts * (edges[:-1] + edges[1:]) / 2) / values.size
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mean[-1] * weight - mean) ** 2 / (weight * (1.0 - weight))
+    return float(edges[int(np.argmax(np.nan_to_num(between[:-1]))) + 1])
+
+
+def _page(gray: np.ndarray) -> tuple[np.ndarray, float, int] | None:
+    """(mask, paper level, edge band px) of a sheet of paper (or a note) photographed on a darker surface, or None.
+
+    On a ~64 px thumbnail, min-pooled (a cell is bright only where all of it is: the region stays
+    on the sheet), Otsu's threshold splits the image in two; the largest bright region, its holes
+    (the strokes) filled, is a sheet when it is 10-90% of the image, solid (at least half its
+    bounding box: any rectangle, however turned), touches at most half of each side of the image
+    (the desk lies all round it; a bold digit cropped tightly touches some sides, not all four
+    that much), is at least 0.1 brighter than the rest, and its edge
+    is sharp (the brightness drops by at least 60% of that difference within 2 thumbnail pixels:
+    not a vignette's slow falloff). The mask is that region at full size, shrunk by 3 px (off the
+    sheet's own blurred edge); the paper level is the median just inside it; the sheet's
+    edge lies within the band (3 thumbnail pixels) outside the mask.
+    """
+    factor = max(1, max(gray.shape) // 64)
+    height, width = gray.shape[0] // factor, gray.shape[1] // factor
+    if min(height, width) < 8:
+        return None
+    thumb = gray[: height * factor, : width * factor].reshape(height, factor, width, factor).min(axis=(1, 3))
+    labels, count = ndimage.label(thumb > _otsu(thumb))
+    if not count:
+        return None
+    page = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:])))
+    area = float(page.mean())
+    rows, cols = np.nonzero(page.any(axis=1))[0], np.nonzero(page.any(axis=0))[0]
+    sides = [page[0].mean(), page[-1].mean(), page[:, 0].mean(), page[:, -1].mean()]
+    if not 0.1 <= area <= 0.9 or page.sum() < 0.5 * (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1) or max(sides) > 0.5:
+        return None
+    paper, desk = float(np.median(thumb[page])), float(np.median(thumb[~page]))
+    inner = page & ~ndimage.binary_erosion(page, iterations=2)
+    outer = ndimage.binary_dilation(page, iterations=2) & ~page
+    if paper - desk < 0.1 or float(np.median(thumb[inner]) - np.median(thumb[outer])) < 0.6 * (paper - desk):
+        return None
+    full = np.zeros(gray.shape, bool)
+    full[: height * factor, : width * factor] = np.repeat(np.repeat(page, factor, axis=0), factor, axis=1)
+    shrink = 7  # 3 px: a cell wholly on the sheet can still touch its blurred edge
+    mask = _extreme_filter(full.astype(np.uint8), (shrink, shrink), maximum=False, mode="constant").astype(bool)
+    if not mask.any():
+        return None
+    ring = mask & ~_extreme_filter(mask.astype(np.uint8), (2 * factor + 1,) * 2, maximum=False, mode="constant").astype(bool)
+    return mask, float(np.median(gray[ring if ring.any() else mask])), 3 * factor
 
 
 def _filled_blobs(gray: np.ndarray, ink: np.ndarray, background: np.ndarray, level: float, dark_ink: bool) -> np.ndarray:
@@ -961,20 +1049,34 @@ def _edge_labels(labels: np.ndarray) -> np.ndarray:
     return edge[edge > 0]
 
 
-def _ink_is_dark(gray: np.ndarray) -> bool:
-    """Polarity: is the ink darker than the paper? Where the border is uniform, it is the paper.
-    Otherwise (shadows, gradients, a digit touching the edge): ink is thin, so it is what a median filter
-    removes, while a median keeps the straight edges of shadows and lit patches. On a ~48 px
-    thumbnail (min-pooled to see dark strokes, max-pooled to see light ones, so thin strokes are
-    not averaged away) with a window of half its size: compare how much darker and how much
-    lighter than its local median each one is. The median pixel alone is not the paper when a
-    shadow covers most of the page."""
-    # Plain paper all round (a uniform border, the usual photo or scan): the paper is the border,
-    # and bold ink whose loops a median would call "thin and light" cannot fool it.
+def _ink_is_dark(gray: np.ndarray, smooth: np.ndarray | None = None) -> bool:
+    """Polarity: is the ink darker than the paper? `smooth` is `gray` after a 3x3 box mean (sensor
+    noise a third as strong; `gray` itself where not given).
+
+    Where most of the border is one level (the usual photo or scan, also a digit cropped so tightly
+    that it crosses the edge), that level is the paper: light paper (>= 0.6) means dark ink, dark
+    paper (<= 0.4) light ink, and in between (a dim photo of white paper, a grey board) the side on
+    which the image reaches further from the paper. Otherwise (shadows, gradients): ink is thin,
+    so it is what a median filter removes, while a median keeps the straight edges of shadows and
+    lit patches. On a ~48 px thumbnail (min-pooled to see dark strokes, max-pooled to see light
+    ones, so thin strokes are not averaged away) with a window of half its size: compare how much
+    darker and how much lighter than its local median each one is. The median pixel alone is not
+    the paper when a shadow covers most of the page."""
+    smooth = gray if smooth is None else smooth
     frame = max(1, min(gray.shape) // 20)
-    border = np.concatenate([gray[:frame].ravel(), gray[-frame:].ravel(), gray[:, :frame].ravel(), gray[:, -frame:].ravel()])
+    border = np.concatenate(
+        [smooth[:frame].ravel(), smooth[-frame:].ravel(), smooth[:, :frame].ravel(), smooth[:, -frame:].ravel()]
+    )
     low, paper, high = np.percentile(border, [10, 50, 90])
-    if high - low < 0.15:
+    # A bold digit crossing the edge spoils the 10-90% spread but leaves most of the outermost ring
+    # of pixels at the paper's level; the median test below would read such a digit's loops, as
+    # wide as its strokes, as the thin structure.
+    if high - low >= 0.15:
+        edge = np.concatenate([smooth[0], smooth[-1], smooth[1:-1, 0], smooth[1:-1, -1]])
+        paper = float(np.median(edge))
+    if high - low < 0.15 or (np.abs(edge - paper) <= BORDER_PAPER).mean() >= 0.75:
+        if 0.4 < paper < 0.6:
+            return bool(paper - smooth.min() > smooth.max() - paper)
         return bool(paper >= 0.5)
     factor = max(1, max(gray.shape) // 48)
     if factor > 1:
@@ -1257,6 +1359,54 @@ def _thinned(ink: np.ndarray) -> np.ndarray:
     return result
 
 
+def _area_width(ink: np.ndarray) -> float:
+    """Mean stroke width (px) of an ink map: ink area over half the perimeter (a stroke of width w
+    and length L has area w L and perimeter 2 L). The area counts partial coverage, so a faint,
+    antialiased line narrower than a pixel measures as narrow as it is; the perimeter is the
+    4-neighbour boundary of the ink >= 1/4, times pi/4 (a staircase's length over a straight edge's,
+    averaged over directions)."""
+    mask = np.pad(ink >= 0.25, 1)
+    edges = np.count_nonzero(mask[1:] != mask[:-1]) + np.count_nonzero(mask[:, 1:] != mask[:, :-1])
+    return 2.0 * float(np.clip(ink, 0.0, 1.0).sum()) / max(1.0, math.pi / 4 * edges)
+
+
+def _thickened(ink: np.ndarray) -> np.ndarray:
+    """`ink` with a hairline digit widened to an MNIST pen's width (stroke-width normalisation).
+
+    A 1-3 px pen on a 1,000 px canvas is under a tenth of a pixel wide once the digit is scaled to
+    20 px: the layout's averaging fades it to scattered specks. Where the width in the 20 px box
+    (_area_width) is under THIN_STROKE (narrower than over 99% of MNIST's digits) and the pen at
+    most HAIRLINE px wide, the box of its strong ink is max-pooled to about POOL_SIDE px (a line
+    keeps its full strength in every block it crosses) and grey-dilated by a disk to about THICKEN_TO. Returns `ink` itself when the pen is not that
+    thin, else the widened box alone (mnist_layout reads only the ink's box).
+    """
+    strong = ink >= STRONG_INK  # (faint remains, a ruled line's, are neither measured nor widened)
+    rows, cols = np.nonzero(strong.any(axis=1))[0], np.nonzero(strong.any(axis=0))[0]
+    if not rows.size:
+        return ink
+    inside = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    pen = _area_width(ink[inside])
+    # A digit of ordinary strokes whose box a thin line stretches (a ruled line it merges with) is
+    # thin for its box, not in pixels: only a pen at most HAIRLINE px wide is widened.
+    if pen > HAIRLINE or pen * DIGIT_BOX / (max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1) >= THIN_STROKE:
+        return ink
+    box = np.where(strong[inside], ink[inside], 0.0).astype(np.float32)
+    factor = max(1, max(box.shape) // POOL_SIDE)
+    if factor > 1:
+        height, width = -(-box.shape[0] // factor) * factor, -(-box.shape[1] // factor) * factor
+        padded = np.pad(box, ((0, height - box.shape[0]), (0, width - box.shape[1])))
+        box = padded.reshape(height // factor, factor, width // factor, factor).max(axis=(1, 3))
+    # Dilating by r adds 2r to the strokes' width w and to the box's longer side e, which the layout
+    # scales to DIGIT_BOX: (w + 2r) / (e + 2r) = THICKEN_TO / DIGIT_BOX.
+    extent = max(box.shape)
+    radius = math.ceil((THICKEN_TO * extent / DIGIT_BOX - _area_width(box)) / (2 * (1 - THICKEN_TO / DIGIT_BOX)))
+    if radius < 1:
+        return ink
+    disk = np.hypot(*np.ogrid[-radius : radius + 1, -radius : radius + 1]) <= radius
+    box = np.pad(box.astype(np.float32), radius)
+    return _extreme_filter(box, disk.shape, maximum=True, mode="constant", footprint=disk)
+
+
 def _fit_box(crop: np.ndarray) -> np.ndarray:
     """The crop scaled so that its longer side is DIGIT_BOX px, as float in [0, 1] (Lanczos, antialiased)."""
     height, width = crop.shape
@@ -1385,5 +1535,5 @@ def preprocess_view(source: ImageSource) -> np.ndarray:
     if ink.any():
         ink = _detail(image, orientation, ink, name)
         if min(gray.shape) >= SMALL_SIDE:  # (a smaller image is at MNIST's scale: it stays as it is)
-            ink = _thinned(ink)
+            ink = _thickened(_thinned(ink))
     return mnist_layout(ink, name)

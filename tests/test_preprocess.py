@@ -258,7 +258,9 @@ def test_an_ordinary_pen_is_not_widened():
 @given(
     st.integers(48, 600),
     st.integers(48, 600),
-    st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.integers(1, 12)), min_size=1, max_size=4),
+    st.lists(
+        st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.integers(1, 12)), min_size=1, max_size=4
+    ),
 )
 def test_widening_never_splits_the_strokes_and_leaves_them_at_least_a_thin_pens_width(height, width, strokes):
     # Any ink map of strokes: _thickened gives the map back, or a box no stronger than the ink, in

@@ -1377,8 +1377,9 @@ def _thickened(ink: np.ndarray) -> np.ndarray:
     20 px: the layout's averaging fades it to scattered specks. Where the width in the 20 px box
     (_area_width) is under THIN_STROKE (narrower than over 99% of MNIST's digits) and the pen at
     most HAIRLINE px wide, the box of its strong ink is max-pooled to about POOL_SIDE px (a line
-    keeps its full strength in every block it crosses) and grey-dilated by a disk to about THICKEN_TO. Returns `ink` itself when the pen is not that
-    thin, else the widened box alone (mnist_layout reads only the ink's box).
+    keeps its full strength in every block it crosses) and grey-dilated by a disk to about
+    THICKEN_TO. Returns `ink` itself when the pen is not that thin, else the widened box alone
+    (mnist_layout reads only the ink's box).
     """
     strong = ink >= STRONG_INK  # (faint remains, a ruled line's, are neither measured nor widened)
     rows, cols = np.nonzero(strong.any(axis=1))[0], np.nonzero(strong.any(axis=0))[0]

@@ -910,7 +910,7 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
     if ink is not None and not (ink[edge] >= STRONG_INK).any():
         return ink
     whole = _flat_field(gray, name, dark_ink=True)
-    if ink is None:
+    if ink is None or not (ink >= STRONG_INK).any():
         return whole
     strong = whole >= STRONG_INK
     labels = ndimage.label(strong, structure=np.ones((3, 3), bool))[0]
@@ -958,7 +958,7 @@ def _page(gray: np.ndarray) -> tuple[np.ndarray, float, int] | None:
 
     On a ~64 px thumbnail, min-pooled (a cell is bright only where all of it is: the region stays
     on the sheet), Otsu's threshold splits the image in two; the largest bright region, its holes
-    (the strokes) filled, is a sheet when it is 10-90% of the image, solid (at least half its
+    (the strokes) filled and, once accepted, its convex hull taken, is a sheet when it is 10-90% of the image, solid (at least half its
     bounding box: any rectangle, however turned), touches at most half of each side of the image
     (the desk lies all round it; a bold digit cropped tightly touches some sides, not all four
     that much), is at least 0.1 brighter than the rest, and its edge
@@ -987,13 +987,28 @@ def _page(gray: np.ndarray) -> tuple[np.ndarray, float, int] | None:
     if paper - desk < 0.1 or float(np.median(thumb[inner]) - np.median(thumb[outer])) < 0.6 * (paper - desk):
         return None
     full = np.zeros(gray.shape, bool)
-    full[: height * factor, : width * factor] = np.repeat(np.repeat(page, factor, axis=0), factor, axis=1)
+    full[: height * factor, : width * factor] = np.repeat(np.repeat(_convex(page), factor, axis=0), factor, axis=1)
     shrink = 7  # 3 px: a cell wholly on the sheet can still touch its blurred edge
     mask = _extreme_filter(full.astype(np.uint8), (shrink, shrink), maximum=False, mode="constant").astype(bool)
     if not mask.any():
         return None
     ring = mask & ~_extreme_filter(mask.astype(np.uint8), (2 * factor + 1,) * 2, maximum=False, mode="constant").astype(bool)
     return mask, float(np.median(gray[ring if ring.any() else mask])), 3 * factor
+
+
+def _convex(region: np.ndarray) -> np.ndarray:
+    """The cells of `region`'s grid whose centres lie in the convex hull of its cells (a sheet is
+    convex: a digit written up to its edge leaves a notch in the bright region, not in the sheet)."""
+    from scipy.spatial import ConvexHull, Delaunay, QhullError
+
+    ys, xs = np.nonzero(region)
+    corners = np.concatenate([np.stack([ys + dy, xs + dx], axis=1) for dy in (0, 1) for dx in (0, 1)]).astype(float)
+    try:
+        hull = Delaunay(corners[ConvexHull(corners).vertices])
+    except QhullError:
+        return region
+    centres = np.indices(region.shape).reshape(2, -1).T + 0.5
+    return (hull.find_simplex(centres) >= 0).reshape(region.shape) | region
 
 
 def _filled_blobs(gray: np.ndarray, ink: np.ndarray, background: np.ndarray, level: float, dark_ink: bool) -> np.ndarray:

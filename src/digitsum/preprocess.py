@@ -954,18 +954,19 @@ def _otsu(values: np.ndarray) -> float:
 
 
 def _page(gray: np.ndarray) -> tuple[np.ndarray, float, int] | None:
-    """(mask, paper level, edge band px) of a sheet of paper (or a note) photographed on a darker surface, or None.
+    """(mask, paper level, edge band px) of a sheet of paper (or a note) photographed on a darker
+    surface, or None.
 
     On a ~64 px thumbnail, min-pooled (a cell is bright only where all of it is: the region stays
-    on the sheet), Otsu's threshold splits the image in two; the largest bright region, its holes
-    (the strokes) filled and, once accepted, its convex hull taken, is a sheet when it is 10-90% of the image, solid (at least half its
+    on the sheet), Otsu's threshold splits the image in two. The largest bright region, its holes
+    (the strokes) filled, is a sheet when it is 10-90% of the image, solid (at least half its
     bounding box: any rectangle, however turned), touches at most half of each side of the image
     (the desk lies all round it; a bold digit cropped tightly touches some sides, not all four
-    that much), is at least 0.1 brighter than the rest, and its edge
-    is sharp (the brightness drops by at least 60% of that difference within 2 thumbnail pixels:
-    not a vignette's slow falloff). The mask is that region at full size, shrunk by 3 px (off the
-    sheet's own blurred edge); the paper level is the median just inside it; the sheet's
-    edge lies within the band (3 thumbnail pixels) outside the mask.
+    that much), is at least 0.1 brighter than the rest, and its edge is sharp (the brightness
+    drops by at least 60% of that difference within 2 thumbnail pixels: not a vignette's slow
+    falloff). The mask is its convex hull at full size, shrunk by 3 px (off the sheet's own
+    blurred edge); the paper level is the median just inside it; the sheet's edge lies within the
+    band (3 thumbnail pixels) outside the mask.
     """
     factor = max(1, max(gray.shape) // 64)
     height, width = gray.shape[0] // factor, gray.shape[1] // factor

@@ -312,6 +312,29 @@ def test_a_sheet_photographed_on_a_darker_desk_is_read_without_the_desk_or_its_e
     assert similar(view, REFERENCE) > 0.9
 
 
+@settings(max_examples=examples(30), deadline=None)
+@given(
+    desk=st.integers(0, 150),
+    paper=st.integers(215, 255),
+    sheet=st.tuples(st.integers(180, 360), st.integers(180, 420)),
+    where=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+    turn=st.floats(-6, 6),
+    digit=st.tuples(st.floats(0.45, 0.8), st.floats(0, 1), st.floats(0, 1)),
+)
+def test_a_sheet_anywhere_on_any_darker_desk_reads_as_its_digit(desk, paper, sheet, where, turn, digit):
+    # A sheet of any size and paper, at any place on a desk of any darker grey, turned a little,
+    # with a '7' of any size anywhere on it: the view is that of the same photo with the desk the
+    # sheet's own colour (the desk and the sheet's edges are not ink).
+    height, width = sheet
+    size, dy, dx = digit
+    side = round(size * min(height, width))
+    page = Image.new("L", (width, height), paper)
+    page.paste(seven((side, side), ink=20, paper=paper), (round(dx * (width - side)), round(dy * (height - side))))
+    at = (45 + round(where[0] * (640 - width - 90)), 45 + round(where[1] * (480 - height - 90)))  # in the frame once turned
+    view = preprocess_view(on_desk(page, desk, at=at, turn=turn))
+    assert similar(view, preprocess_view(on_desk(page, paper, at=at, turn=turn))) > 0.9
+
+
 def test_a_patch_of_light_is_no_sheet_whose_edge_cuts_the_digit():
     # A patch of sunlight: a bright rectangle with sharp straight edges on a darker ground, taken
     # for a sheet on a desk. The digit crosses its edge, so the lit part alone holds no digit (or a

@@ -903,20 +903,21 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
         ink = _flat_field(np.where(mask, gray, np.float32(paper)).astype(gray.dtype), name)
     except ImageError:
         ink = None
-    # The sheet's outline is a guess. Where strong ink runs up to it, the whole image is read too
-    # (dark ink on the paper); if the strokes there go on beyond the sheet's edge band (a shadow's
-    # straight edge taken for a sheet's cuts the digit), the whole image's reading is the digit.
-    edge = mask & ~_extreme_filter(mask.astype(np.uint8), (5, 5), maximum=False, mode="constant").astype(bool)
-    if ink is not None and not (ink[edge] >= STRONG_INK).any():
+    # The sheet's outline is a guess. Where the digit runs up to it, the whole image is read too
+    # (dark ink on the paper); if the digit found there goes on beyond the sheet's edge band (a
+    # patch of light taken for a sheet cuts the digit), the whole image's reading is the digit.
+    edge = mask & ~_extreme_filter(mask.astype(np.uint8), (5, 5), maximum=False, mode="nearest").astype(bool)
+    digit = None if ink is None else digit_mask(ink) & (ink >= STRONG_INK)
+    if digit is not None and digit.any() and not digit[edge].any():
         return ink
     whole = _flat_field(gray, name, dark_ink=True)
-    if ink is None or not (ink >= STRONG_INK).any():
+    if digit is None or not digit.any():
         return whole
-    strong = whole >= STRONG_INK
-    labels = ndimage.label(strong, structure=np.ones((3, 3), bool))[0]
-    at_edge = np.unique(labels[edge & strong])
-    beyond = np.isin(labels, at_edge[at_edge > 0]) & ~_dilate(mask, band)
-    return whole if beyond.sum() > 0.1 * max(1, int(strong[mask].sum())) else ink
+    found = digit_mask(whole) & (whole >= STRONG_INK)
+    if found.mean() > 0.25:  # no digit: a dark desk's grain read against itself
+        return ink
+    beyond = found & ~_dilate(mask, band)
+    return whole if beyond.sum() > 0.1 * max(1, int(found[mask].sum())) else ink
 
 
 def _flat_field(gray: np.ndarray, name: str, dark_ink: bool | None = None) -> np.ndarray:
@@ -959,13 +960,13 @@ def _page(gray: np.ndarray) -> tuple[np.ndarray, float, int] | None:
 
     On a ~64 px thumbnail, min-pooled (a cell is bright only where all of it is: the region stays
     on the sheet), Otsu's threshold splits the image in two. The largest bright region, its holes
-    (the strokes) filled, is a sheet when it is 10-90% of the image, solid (at least half its
-    bounding box: any rectangle, however turned), touches at most half of each side of the image
-    (the desk lies all round it; a bold digit cropped tightly touches some sides, not all four
-    that much), is at least 0.1 brighter than the rest, and its edge is sharp (the brightness
+    (the strokes) filled, is a sheet when it is 2-90% of the image, solid (at least half its
+    bounding box: any rectangle, however turned), no side of the image is more than half bright
+    (the desk lies all round it; around a bold digit cropped tightly, whose loops are bright
+    regions too, the border is mostly paper), is at least 0.1 brighter than the rest, and its edge is sharp (the brightness
     drops by at least 60% of that difference within 2 thumbnail pixels: not a vignette's slow
-    falloff). The mask is its convex hull at full size, shrunk by 3 px (off the sheet's own
-    blurred edge); the paper level is the median just inside it; the sheet's edge lies within the
+    falloff). The mask is its convex hull at full size, shrunk by half a cell and 3 px (off the
+    sheet's own blurred edge); the paper level is the median just inside it; the sheet's edge lies within the
     band (3 thumbnail pixels) outside the mask.
     """
     factor = max(1, max(gray.shape) // 64)
@@ -973,27 +974,29 @@ def _page(gray: np.ndarray) -> tuple[np.ndarray, float, int] | None:
     if min(height, width) < 8:
         return None
     thumb = gray[: height * factor, : width * factor].reshape(height, factor, width, factor).min(axis=(1, 3))
-    labels, count = ndimage.label(thumb > _otsu(thumb))
+    bright = thumb > _otsu(thumb)
+    labels, count = ndimage.label(bright)
     if not count:
         return None
     page = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:])))
     area = float(page.mean())
     rows, cols = np.nonzero(page.any(axis=1))[0], np.nonzero(page.any(axis=0))[0]
-    sides = [page[0].mean(), page[-1].mean(), page[:, 0].mean(), page[:, -1].mean()]
-    if not 0.1 <= area <= 0.9 or page.sum() < 0.5 * (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1) or max(sides) > 0.5:
+    sides = [bright[0].mean(), bright[-1].mean(), bright[:, 0].mean(), bright[:, -1].mean()]
+    if not 0.02 <= area <= 0.9 or page.sum() < 0.5 * (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1) or max(sides) > 0.5:
         return None
     paper, desk = float(np.median(thumb[page])), float(np.median(thumb[~page]))
     inner = page & ~ndimage.binary_erosion(page, iterations=2)
     outer = ndimage.binary_dilation(page, iterations=2) & ~page
     if paper - desk < 0.1 or float(np.median(thumb[inner]) - np.median(thumb[outer])) < 0.6 * (paper - desk):
         return None
-    full = np.zeros(gray.shape, bool)
-    full[: height * factor, : width * factor] = np.repeat(np.repeat(_convex(page), factor, axis=0), factor, axis=1)
-    shrink = 7  # 3 px: a cell wholly on the sheet can still touch its blurred edge
-    mask = _extreme_filter(full.astype(np.uint8), (shrink, shrink), maximum=False, mode="constant").astype(bool)
+    full = np.repeat(np.repeat(_convex(page), factor, axis=0), factor, axis=1)
+    full = np.pad(full, ((0, gray.shape[0] - full.shape[0]), (0, gray.shape[1] - full.shape[1])), mode="edge")
+    # (Shrunk from the desk only: where the sheet runs off the image, its edge is not in the picture.)
+    shrink = 2 * (factor // 2 + 3) + 1  # half a cell (the hull's cells reach past it) and 3 px of blurred edge
+    mask = _extreme_filter(full.astype(np.uint8), (shrink, shrink), maximum=False, mode="nearest").astype(bool)
     if not mask.any():
         return None
-    ring = mask & ~_extreme_filter(mask.astype(np.uint8), (2 * factor + 1,) * 2, maximum=False, mode="constant").astype(bool)
+    ring = mask & ~_extreme_filter(mask.astype(np.uint8), (2 * factor + 1,) * 2, maximum=False, mode="nearest").astype(bool)
     return mask, float(np.median(gray[ring if ring.any() else mask])), 3 * factor
 
 

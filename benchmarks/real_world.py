@@ -321,11 +321,14 @@ DESKS = [(90, 60, 40), (50, 50, 55), (150, 120, 90), (30, 30, 30), (120, 120, 12
 
 
 def note_on_desk(rng, digit):
-    """A square sticky note (yellow, pink, blue, white) on a desk, the digit filling half of it or more."""
+    """A square sticky note (yellow, pink, blue, white) on a desk, the digit 50-75% of its side, at
+    least 4% of the side from its edges (written on the note, not run off it)."""
     size = (480, 640)
     side = int(rng.integers(220, 330))
     top, left = int(rng.integers(20, size[0] - side - 20)), int(rng.integers(20, size[1] - side - 20))
-    note_layer, _ = placed(rng, (side, side), digit, int(side * rng.uniform(0.5, 0.75)), stroke=rng.uniform(0, 0.8))
+    margin = round(0.04 * side)
+    inner, _ = placed(rng, (side - 2 * margin,) * 2, digit, int(side * rng.uniform(0.5, 0.75)), stroke=rng.uniform(0, 0.8))
+    note_layer = np.pad(inner, margin)
     pixels = np.zeros(size + (3,), np.float32) + np.asarray(DESKS[rng.integers(3)] if rng.random() < 0.75 else (200, 200, 205))
     pixels[top : top + side, left : left + side] = [(255, 240, 120), (250, 200, 210), (180, 230, 250), (255, 255, 255)][
         rng.integers(4)

@@ -903,21 +903,26 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
         ink = _flat_field(np.where(mask, gray, np.float32(paper)).astype(gray.dtype), name)
     except ImageError:
         ink = None
-    # The sheet's outline is a guess. Where the digit runs up to it, the whole image is read too
-    # (dark ink on the paper); if the digit found there goes on beyond the sheet's edge band (a
-    # patch of light taken for a sheet cuts the digit), the whole image's reading is the digit.
-    edge = mask & ~_extreme_filter(mask.astype(np.uint8), (5, 5), maximum=False, mode="nearest").astype(bool)
-    digit = None if ink is None else digit_mask(ink) & (ink >= STRONG_INK)
-    if digit is not None and digit.any() and not digit[edge].any():
-        return ink
-    whole = _flat_field(gray, name, dark_ink=True)
-    if digit is None or not digit.any():
-        return whole
-    found = digit_mask(whole) & (whole >= STRONG_INK)
-    if found.mean() > 0.25:  # no digit: a dark desk's grain read against itself
-        return ink
-    beyond = found & ~_dilate(mask, band)
-    return whole if beyond.sum() > 0.1 * max(1, int(found[mask].sum())) else ink
+    # The sheet's outline is a guess. A reading whose digit lies mostly within the edge band of the
+    # outline is no digit on a sheet (slivers of an edge: the bright region was the strokes of a
+    # light digit on a dark ground; a digit written that close to the sheet's edge is read so too);
+    # then, or with no digit at all, the whole image is read. Where
+    # the digit runs up to the outline, the whole image is read too: if the digit found there goes
+    # on beyond the sheet's edge band (a patch of light taken for a sheet cuts it), that is the digit.
+    if ink is not None:
+        digit = digit_mask(ink) & (ink >= STRONG_INK)
+        inner = _extreme_filter(mask.astype(np.uint8), (2 * band + 1,) * 2, maximum=False, mode="nearest").astype(bool)
+        if digit.any() and (digit & inner).sum() >= 0.5 * digit.sum():
+            edge = mask & ~_extreme_filter(mask.astype(np.uint8), (5, 5), maximum=False, mode="nearest").astype(bool)
+            if not digit[edge].any():
+                return ink
+            whole = _flat_field(gray, name)
+            found = digit_mask(whole) & (whole >= STRONG_INK)
+            if found.mean() > 0.25:  # no digit: a dark desk's grain read against itself
+                return ink
+            beyond = found & ~_dilate(mask, band)
+            return whole if beyond.sum() > 0.1 * max(1, int(found[mask].sum())) else ink
+    return _flat_field(gray, name)
 
 
 def _flat_field(gray: np.ndarray, name: str, dark_ink: bool | None = None) -> np.ndarray:
@@ -960,8 +965,10 @@ def _page(gray: np.ndarray) -> tuple[np.ndarray, float, int] | None:
 
     On a ~64 px thumbnail, min-pooled (a cell is bright only where all of it is: the region stays
     on the sheet), Otsu's threshold splits the image in two. The largest bright region, its holes
-    (the strokes) filled, is a sheet when it is 2-90% of the image, solid (at least half its
-    bounding box: any rectangle, however turned), no side of the image is more than half bright
+    (the strokes) filled, is a sheet when it is 2-90% of the image, bright over at least 75% of
+    its convex hull (a sheet, however turned, with a digit on it; a light digit's strokes on a dark
+    ground are about 60%), or over at least half of it with holes of another level than the rest
+    (ink, where a light digit's loops are of its ground), no side of the image is more than half bright
     (the desk lies all round it; around a bold digit cropped tightly, whose loops are bright
     regions too, the border is mostly paper), is at least 0.1 brighter than the rest, and its edge is sharp (the brightness
     drops by at least 60% of that difference within 2 thumbnail pixels: not a vignette's slow
@@ -978,18 +985,21 @@ def _page(gray: np.ndarray) -> tuple[np.ndarray, float, int] | None:
     labels, count = ndimage.label(bright)
     if not count:
         return None
-    page = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:])))
-    area = float(page.mean())
-    rows, cols = np.nonzero(page.any(axis=1))[0], np.nonzero(page.any(axis=0))[0]
+    region = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    page = ndimage.binary_fill_holes(region)
+    hull = _convex(page)
     sides = [bright[0].mean(), bright[-1].mean(), bright[:, 0].mean(), bright[:, -1].mean()]
-    if not 0.02 <= area <= 0.9 or page.sum() < 0.5 * (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1) or max(sides) > 0.5:
+    if not 0.02 <= page.mean() <= 0.9 or region.sum() < 0.5 * hull.sum() or max(sides) > 0.5:
         return None
     paper, desk = float(np.median(thumb[page])), float(np.median(thumb[~page]))
+    holes = page & ~region  # a sheet's: its ink; a light digit's on a dark ground: its loops, of that ground
+    if region.sum() < 0.75 * hull.sum() and (not holes.any() or abs(float(np.median(thumb[holes])) - desk) < 0.08):
+        return None
     inner = page & ~ndimage.binary_erosion(page, iterations=2)
     outer = ndimage.binary_dilation(page, iterations=2) & ~page
     if paper - desk < 0.1 or float(np.median(thumb[inner]) - np.median(thumb[outer])) < 0.6 * (paper - desk):
         return None
-    full = np.repeat(np.repeat(_convex(page), factor, axis=0), factor, axis=1)
+    full = np.repeat(np.repeat(hull, factor, axis=0), factor, axis=1)
     full = np.pad(full, ((0, gray.shape[0] - full.shape[0]), (0, gray.shape[1] - full.shape[1])), mode="edge")
     # (Shrunk from the desk only: where the sheet runs off the image, its edge is not in the picture.)
     shrink = 2 * (factor // 2 + 3) + 1  # half a cell (the hull's cells reach past it) and 3 px of blurred edge

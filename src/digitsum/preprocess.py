@@ -906,9 +906,9 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
     # The sheet's outline is a guess. A reading whose digit lies mostly within the edge band of the
     # outline is no digit on a sheet (slivers of an edge: the bright region was the strokes of a
     # light digit on a dark ground; a digit written that close to the sheet's edge is read so too);
-    # then, or with no digit at all, the whole image is read. Where
-    # the digit runs up to the outline, the whole image is read too: if the digit found there goes
-    # on beyond the sheet's edge band (a patch of light taken for a sheet cuts it), that is the digit.
+    # then, or with no digit at all, the whole image is read. Where the digit runs up to the
+    # outline, the whole image is read too: if the digit found there goes on beyond the sheet's
+    # edge band (a patch of light taken for a sheet cuts it), that is the digit.
     if ink is not None:
         digit = digit_mask(ink) & (ink >= STRONG_INK)
         inner = _extreme_filter(mask.astype(np.uint8), (2 * band + 1,) * 2, maximum=False, mode="nearest").astype(bool)
@@ -925,11 +925,12 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
     return _flat_field(gray, name)
 
 
-def _flat_field(gray: np.ndarray, name: str, dark_ink: bool | None = None) -> np.ndarray:
+def _flat_field(gray: np.ndarray, name: str) -> np.ndarray:
+    """flat_field's reading of `gray` as it is (no sheet looked for)."""
     height, width = gray.shape
     smooth = ndimage.uniform_filter(gray, 3, mode="nearest") if min(height, width) >= 3 else gray
     window = max(3, min(height, width) // 3)
-    dark_ink = _ink_is_dark(gray, smooth) if dark_ink is None else dark_ink
+    dark_ink = _ink_is_dark(gray, smooth)
     # The first pass only measures the stroke width: at half resolution where the image is large
     # enough (a quarter of the work).
     scale = 2 if min(height, width) >= 4 * SMALL_SIDE else 1
@@ -965,16 +966,16 @@ def _page(gray: np.ndarray) -> tuple[np.ndarray, float, int] | None:
 
     On a ~64 px thumbnail, min-pooled (a cell is bright only where all of it is: the region stays
     on the sheet), Otsu's threshold splits the image in two. The largest bright region, its holes
-    (the strokes) filled, is a sheet when it is 2-90% of the image, bright over at least 75% of
+    (the strokes) filled, is a sheet when it is 2-90% of the image; bright over at least 75% of
     its convex hull (a sheet, however turned, with a digit on it; a light digit's strokes on a dark
     ground are about 60%), or over at least half of it with holes of another level than the rest
-    (ink, where a light digit's loops are of its ground), no side of the image is more than half bright
-    (the desk lies all round it; around a bold digit cropped tightly, whose loops are bright
-    regions too, the border is mostly paper), is at least 0.1 brighter than the rest, and its edge is sharp (the brightness
-    drops by at least 60% of that difference within 2 thumbnail pixels: not a vignette's slow
-    falloff). The mask is its convex hull at full size, shrunk by half a cell and 3 px (off the
-    sheet's own blurred edge); the paper level is the median just inside it; the sheet's edge lies within the
-    band (3 thumbnail pixels) outside the mask.
+    (ink, where a light digit's loops are of its ground); no side of the image more than half
+    bright (the desk lies all round it; around a bold digit cropped tightly, whose loops are bright
+    regions too, the border is mostly paper); at least 0.1 brighter than the rest; and its edge
+    sharp (the brightness drops by at least 60% of that difference within 2 thumbnail pixels: not
+    a vignette's slow falloff). The mask is its convex hull at full size, shrunk by half a cell and
+    3 px (off the sheet's own blurred edge); the paper level is the median just inside it; the
+    sheet's edge lies within the band (3 thumbnail pixels) outside the mask.
     """
     factor = max(1, max(gray.shape) // 64)
     height, width = gray.shape[0] // factor, gray.shape[1] // factor
@@ -1100,10 +1101,12 @@ def _ink_is_dark(gray: np.ndarray, smooth: np.ndarray | None = None) -> bool:
     # A bold digit crossing the edge spoils the 10-90% spread but leaves most of the outermost ring
     # of pixels at the paper's level; the median test below would read such a digit's loops, as
     # wide as its strokes, as the thin structure.
-    if high - low >= 0.15:
+    one_level = high - low < 0.15
+    if not one_level:
         edge = np.concatenate([smooth[0], smooth[-1], smooth[1:-1, 0], smooth[1:-1, -1]])
         paper = float(np.median(edge))
-    if high - low < 0.15 or (np.abs(edge - paper) <= BORDER_PAPER).mean() >= 0.75:
+        one_level = (np.abs(edge - paper) <= BORDER_PAPER).mean() >= 0.75
+    if one_level:
         if 0.4 < paper < 0.6:
             return bool(paper - smooth.min() > smooth.max() - paper)
         return bool(paper >= 0.5)

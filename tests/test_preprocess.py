@@ -211,22 +211,30 @@ def test_a_digit_whose_thin_stroke_would_vanish_is_not_thinned():
     assert preprocess._thinned(ink) is ink
 
 
-@settings(max_examples=examples(60), deadline=None)
-@given(
-    st.integers(48, 200),
-    st.integers(48, 200),
-    st.lists(
-        st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.integers(1, 40)), min_size=1, max_size=4
-    ),
-)
-def test_thinning_only_ever_removes_ink_and_never_splits_the_strokes(height, width, strokes):
-    # Any ink map of strokes of any width: _thinned gives the map back, or one of the same shape
-    # with no pixel stronger than before, strong ink left, and no more strong pieces than before.
+def stroke_lists(max_pen: int):
+    """Up to 4 straight strokes, ends anywhere (fractions of the map's size), pens 1..max_pen px."""
+    return st.lists(
+        st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.integers(1, max_pen)),
+        min_size=1,
+        max_size=4,
+    )
+
+
+def stroke_map(height: int, width: int, strokes) -> np.ndarray:
+    """An ink map (float32, 1 = ink) of `strokes` drawn on a height x width field."""
     page = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(page)
     for x0, y0, x1, y1, pen in strokes:
         draw.line([(x0 * width, y0 * height), (x1 * width, y1 * height)], fill=255, width=pen)
-    ink = np.asarray(page, np.float32) / 255
+    return np.asarray(page, np.float32) / 255
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(st.integers(48, 200), st.integers(48, 200), stroke_lists(40))
+def test_thinning_only_ever_removes_ink_and_never_splits_the_strokes(height, width, strokes):
+    # Any ink map of strokes of any width: _thinned gives the map back, or one of the same shape
+    # with no pixel stronger than before, strong ink left, and no more strong pieces than before.
+    ink = stroke_map(height, width, strokes)
     if not ink.any():
         return
     thinned = preprocess._thinned(ink)
@@ -255,21 +263,11 @@ def test_an_ordinary_pen_is_not_widened():
 
 
 @settings(max_examples=examples(60), deadline=None)
-@given(
-    st.integers(48, 600),
-    st.integers(48, 600),
-    st.lists(
-        st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.integers(1, 12)), min_size=1, max_size=4
-    ),
-)
+@given(st.integers(48, 600), st.integers(48, 600), stroke_lists(12))
 def test_widening_never_splits_the_strokes_and_leaves_them_at_least_a_thin_pens_width(height, width, strokes):
     # Any ink map of strokes: _thickened gives the map back, or a box no stronger than the ink, in
     # no more pieces, whose strokes are at least THIN_STROKE wide at the 20 px scale.
-    page = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(page)
-    for x0, y0, x1, y1, pen in strokes:
-        draw.line([(x0 * width, y0 * height), (x1 * width, y1 * height)], fill=255, width=pen)
-    ink = np.asarray(page, np.float32) / 255
+    ink = stroke_map(height, width, strokes)
     if not ink.any():
         return
     widened = preprocess._thickened(ink)

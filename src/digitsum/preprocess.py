@@ -911,9 +911,9 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
     # edge band (a patch of light taken for a sheet cuts it), that is the digit.
     if ink is not None:
         digit = digit_mask(ink) & (ink >= STRONG_INK)
-        inner = _extreme_filter(mask.astype(np.uint8), (2 * band + 1,) * 2, maximum=False, mode="nearest").astype(bool)
+        inner = _erode(mask, band)
         if digit.any() and (digit & inner).sum() >= 0.5 * digit.sum():
-            edge = mask & ~_extreme_filter(mask.astype(np.uint8), (5, 5), maximum=False, mode="nearest").astype(bool)
+            edge = mask & ~_erode(mask, 2)
             if not digit[edge].any():
                 return ink
             whole = _flat_field(gray, name)
@@ -951,7 +951,8 @@ def _flat_field(gray: np.ndarray, name: str) -> np.ndarray:
 
 
 def _otsu(values: np.ndarray) -> float:
-    """Otsu's threshold of values in [0, 1] (256 bins): the level that best splits them into two classes."""
+    """Otsu's threshold of values in [0, 1] (256 bins): the level that best splits them into two classes.
+    (Written out: OpenCV, which has it, is optional here, and scikit-image is no dependency.)"""
     counts, edges = np.histogram(values, 256, (0.0, 1.0))
     weight = np.cumsum(counts) / values.size
     mean = np.cumsum(counts * (edges[:-1] + edges[1:]) / 2) / values.size
@@ -1003,11 +1004,10 @@ def _page(gray: np.ndarray) -> tuple[np.ndarray, float, int] | None:
     full = np.repeat(np.repeat(hull, factor, axis=0), factor, axis=1)
     full = np.pad(full, ((0, gray.shape[0] - full.shape[0]), (0, gray.shape[1] - full.shape[1])), mode="edge")
     # (Shrunk from the desk only: where the sheet runs off the image, its edge is not in the picture.)
-    shrink = 2 * (factor // 2 + 3) + 1  # half a cell (the hull's cells reach past it) and 3 px of blurred edge
-    mask = _extreme_filter(full.astype(np.uint8), (shrink, shrink), maximum=False, mode="nearest").astype(bool)
+    mask = _erode(full, factor // 2 + 3)  # half a cell (the hull's cells reach past it) and 3 px of blurred edge
     if not mask.any():
         return None
-    ring = mask & ~_extreme_filter(mask.astype(np.uint8), (2 * factor + 1,) * 2, maximum=False, mode="nearest").astype(bool)
+    ring = mask & ~_erode(mask, factor)
     return mask, float(np.median(gray[ring if ring.any() else mask])), 3 * factor
 
 
@@ -1280,6 +1280,12 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """`mask` grown by `radius` px in every direction (a square max filter, _extreme_filter)."""
     return _extreme_filter(mask.astype(np.uint8), (2 * radius + 1,) * 2, maximum=True, mode="constant") > 0
+
+
+def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """`mask` shrunk by `radius` px from everything outside it, not from the image's edge (a
+    square min filter, _extreme_filter, the border replicated)."""
+    return _extreme_filter(mask.astype(np.uint8), (2 * radius + 1,) * 2, maximum=False, mode="nearest") > 0
 
 
 def _straight_lines(mask: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from scipy import ndimage
 
 from digitsum import cli, preprocess
-from digitsum.preprocess import ImageError, preprocess_view
+from digitsum.preprocess import ImageError, NotAnImageError, preprocess_view
 from test_predict import encoded, ink_box
 
 ORIENTATIONS = {
@@ -487,6 +487,17 @@ def test_a_float_tiff_of_only_nan_is_blank():
         preprocess_view(encoded(Image.fromarray(np.full((50, 50), np.nan, np.float32)), "TIFF"))
 
 
+def _split_palette_png() -> bytes:
+    """A 1100x1100 palette PNG (striped) whose two IDATs have a tIME chunk between them: damaged (the
+    IDATs must be consecutive); libpng's error in torchvision's decoder killed the process (fuzzing)."""
+    width = height = 1100
+    stream = zlib.compress(b"".join(b"\x00" + bytes(x // 100 % 2 for x in range(width)) for _ in range(height)))
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 3, 0, 0, 0])
+    chunks = [(b"IHDR", header), (b"PLTE", bytes([255, 255, 255, 0, 0, 0])), (b"IDAT", stream[:100])]
+    chunks += [(b"tIME", bytes([7, 208, 1, 1, 0, 0, 0])), (b"IDAT", stream[100:]), (b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(_png_chunk(kind, payload) for kind, payload in chunks)
+
+
 def test_the_command_reads_the_crash_cases_and_still_predicts_the_others(tmp_path, capsys):
     from model_files import random_checkpoint
 
@@ -499,14 +510,18 @@ def test_the_command_reads_the_crash_cases_and_still_predicts_the_others(tmp_pat
     nan.write_bytes(encoded(Image.fromarray(values), "TIFF"))
     blank = tmp_path / "blank.tif"
     blank.write_bytes(encoded(Image.fromarray(np.full((40, 40), np.nan, np.float32)), "TIFF"))
+    split = tmp_path / "split.png"
+    split.write_bytes(_split_palette_png())
     good = tmp_path / "seven.png"
     seven().save(good)
-    code = cli.main(["predict", str(lab), str(nan), str(blank), str(good), "--number", "3", "--checkpoint", str(model), "--json"])
+    images = [str(path) for path in (lab, nan, blank, split, good)]
+    code = cli.main(["predict", *images, "--number", "3", "--checkpoint", str(model), "--json"])
     captured = capsys.readouterr()
     results = json.loads(captured.out)
-    assert code == 2  # the blank one
-    assert [("digit" in r) for r in results] == [True, True, False, True]
-    assert captured.err.count("\n") == 1 and "blank.tif" in captured.err and "Traceback" not in captured.err
+    assert code == 2  # the blank one and the damaged one
+    assert [("digit" in r) for r in results] == [True, True, False, False, True]
+    assert "damaged or truncated" in results[3]["error"]
+    assert captured.err.count("\n") == 2 and "blank.tif" in captured.err and "Traceback" not in captured.err
 
 
 def test_a_tall_thin_one_is_a_digit_not_a_ruled_line():
@@ -933,8 +948,9 @@ def test_flattening_grey_alpha_pairs_is_exact_for_every_pair(ink):
     assert np.array_equal(preprocess._flattened(pairs[:, :, :].copy()[:, :128]), grey[:, :128])  # opaque: as it is
 
 
-def _with_stream(data: bytes, stream: bytes, crc: bool = True) -> bytes:
-    """`data` (a PNG) with its IDAT chunks replaced by one holding `stream` (CRC right or not)."""
+def _with_stream(data: bytes, stream: bytes, crc: bool = True, between: bytes = b"") -> bytes:
+    """`data` (a PNG) with its IDAT chunks replaced by one holding `stream` (CRC right or not), or
+    by two holding its halves with the chunk `between` them."""
     chunks, at = [], 8
     while at < len(data):
         length = int.from_bytes(data[at : at + 4], "big")
@@ -942,6 +958,8 @@ def _with_stream(data: bytes, stream: bytes, crc: bool = True) -> bytes:
         at += 12 + length
     first = next(i for i, (kind, _) in enumerate(chunks) if kind == b"IDAT")
     idat = _png_chunk(b"IDAT", stream)
+    if between:
+        idat = _png_chunk(b"IDAT", stream[: len(stream) // 2]) + between + _png_chunk(b"IDAT", stream[len(stream) // 2 :])
     if not crc:
         idat = idat[:-4] + bytes(4)
     rest = [whole for kind, whole in chunks if kind != b"IDAT"]
@@ -980,11 +998,25 @@ def _read_both_ways(data: bytes, monkeypatch) -> tuple:
 # ISA-L + libspng (strips), libspng, zlib-ng + libspng (strips), libpng, ISA-L/zlib-ng + libspng (strips)
 @pytest.mark.parametrize("kind", ["L grain", "L", "RGB", "P", "RGB grain", "RGBA", "LA"])
 @pytest.mark.parametrize(
-    "damage", ["CRC", "deflate data", "Adler-32", "filter type", "data after the stream", "truncated stream", "truncated file"]
+    "damage",
+    [
+        "CRC",
+        "deflate data",
+        "Adler-32",
+        "filter type",
+        "data after the stream",
+        "truncated stream",
+        "truncated file",
+        "tIME between the IDATs",
+        "unknown chunk between the IDATs",
+        "unknown critical chunk after the IDATs",
+    ],
 )
 def test_a_damaged_large_png_reads_as_pillow_reads_it_and_never_crashes(kind, damage, monkeypatch):
     # torchvision's decode_png kills the process (SIGSEGV) on an IDAT CRC error, a bad Adler-32,
-    # invalid deflate data or filter type: these must never reach it. Pillow decides instead:
+    # invalid deflate data or filter type, or IDATs split by another chunk (found by fuzzing: a
+    # palette PNG over 1024 px with a tIME chunk among its IDATs): these must never reach it, nor
+    # any chunk libpng does not need. Pillow decides instead:
     # an ImageError for a broken stream; the pixels where it ignores the damage (a CRC, an
     # Adler-32 it stops reading before).
     data = _large_pngs()[kind]
@@ -1004,6 +1036,12 @@ def test_a_damaged_large_png_reads_as_pillow_reads_it_and_never_crashes(kind, da
         damaged = _with_stream(data, stream + bytes(range(200)))
     elif damage == "truncated stream":
         damaged = _with_stream(data, stream[:middle])
+    elif damage == "tIME between the IDATs":
+        damaged = _with_stream(data, stream, between=_png_chunk(b"tIME", bytes([7, 208, 1, 1, 0, 0, 0])))
+    elif damage == "unknown chunk between the IDATs":
+        damaged = _with_stream(data, stream, between=_png_chunk(b"abCd", b"x"))
+    elif damage == "unknown critical chunk after the IDATs":  # (libpng refuses it; Pillow stops before it)
+        damaged = data.replace(preprocess._PNG_END, _png_chunk(b"ABCD", b"x") + preprocess._PNG_END)
     else:
         damaged = data[: len(data) // 2]
     ours, pillow = _read_both_ways(damaged, monkeypatch)
@@ -1085,6 +1123,41 @@ def test_bytes_like_and_binary_file_objects_read_as_the_bytes_do(tmp_path):
     for source in (bytearray(data), memoryview(data), io.BytesIO(data)):
         assert np.array_equal(preprocess_view(source), expected)
     assert np.array_equal(from_file, expected)
+
+
+@pytest.mark.parametrize("format", ["ICO", "DDS", "BLP", "QOI"])
+def test_formats_decoded_while_opening_or_in_python_are_not_read(format):
+    # ICO, ICNS, BLP decode a whole embedded image inside Image.open, before the size check (a 256x256
+    # ICO holding a 13000x13000 PNG: +646 MB); DDS, QOI decode in Python (seconds for 2 MB): never identified
+    image = seven((64, 64)).convert("P" if format == "BLP" else "RGB")
+    with pytest.raises(NotAnImageError, match="is not an image digitsum reads") as caught:
+        preprocess_view(encoded(image, format))
+    assert "\n" not in str(caught.value)
+
+
+def _progressive_jpeg(scans: int) -> bytes:
+    """A 64x64 progressive grey JPEG of one DC scan and `scans` empty AC scans (a "scan bomb": libjpeg
+    walks every block once per scan and only warns about empty ones)."""
+    table = bytes([0] + [1] + [0] * 15 + [0])  # (class/id), one code of length 1 for symbol 0
+    parts = [
+        b"\xff\xd8",
+        b"\xff\xdb" + (67).to_bytes(2, "big") + b"\x00" + bytes([1] * 64),
+        b"\xff\xc2" + (11).to_bytes(2, "big") + bytes([8, 0, 64, 0, 64, 1, 1, 0x11, 0]),
+        b"\xff\xc4" + (20).to_bytes(2, "big") + b"\x00" + table[1:],
+        b"\xff\xc4" + (20).to_bytes(2, "big") + b"\x10" + table[1:],
+        b"\xff\xda" + (8).to_bytes(2, "big") + bytes([1, 1, 0x00, 0, 0, 0]) + b"\x00",
+    ]
+    parts += [b"\xff\xda" + (8).to_bytes(2, "big") + bytes([1, 1, 0x00, 1, 63, 0]) + b"\x00"] * scans
+    return b"".join(parts) + b"\xff\xd9"
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding_and_a_real_progressive_one_is_read():
+    assert Image.open(io.BytesIO(_progressive_jpeg(3))).size == (64, 64)  # the generator makes a JPEG
+    with pytest.raises(ImageError, match="over 100 scans") as caught:
+        preprocess_view(_progressive_jpeg(preprocess.MAX_JPEG_SCANS))  # its DC scan makes one more
+    assert "\n" not in str(caught.value)
+    progressive = encoded(seven((400, 300)).convert("RGB"), "JPEG", quality=90, progressive=True)
+    assert similar(preprocess_view(progressive), REFERENCE) > 0.9
 
 
 def test_what_is_not_an_image_source_is_a_one_line_image_error(tmp_path):

@@ -242,6 +242,22 @@ def test_files_that_used_to_crash_the_server_are_predicted_or_refused_with_a_4xx
             assert 0 <= response.json()["digit"] <= 9 and response.json()["number"] == 3
 
 
+def test_files_found_by_fuzzing_are_refused_with_a_4xx_and_the_server_keeps_answering(client):
+    # A palette PNG over 1024 px with a chunk among its IDATs killed the process (libpng's error in
+    # torchvision's decoder); an ICO decoded its embedded image while opening; a JPEG of thousands
+    # of empty scans took seconds, on the event loop where it was small.
+    from test_preprocess import _progressive_jpeg, _split_palette_png
+
+    icon = io.BytesIO()
+    Image.open(io.BytesIO(seven_png())).save(icon, "ICO")
+    cases = {"split.png": (_split_palette_png(), 422), "seven.ico": (icon.getvalue(), 415), "scans.jpg": (_progressive_jpeg(5000), 422)}
+    for name, (data, status) in cases.items():
+        response = post_form(client, data, filename=name)
+        assert response.status_code == status and field_of(response) == "image", (name, response.text)
+        assert client.get("/api/health").status_code == 200
+    assert post_form(client).status_code == 200
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_both_backends_serve_the_same_api_with_the_same_answers(exported_random, backend):
     # The session's model.pt and its export (a .pt served by onnxruntime is exported in memory by the

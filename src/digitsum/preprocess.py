@@ -53,6 +53,18 @@ except ImportError:  # pragma: no cover - a dependency; kept optional like pyspn
     _cv2 = None
 
 MAX_SIDE = 4096  # larger images are refused before decoding (decompression bomb guard)
+# The file formats read: what phones, scanners and drawing apps write, each decoded by a C library
+# with its size known from the header. Left out (never identified, so "not an image"): Pillow's
+# container formats that decode a whole embedded image while opening, before the size check (ICO,
+# ICNS, BLP: a 256x256 ICO holding a 13000x13000 PNG took +646 MB), and its pure-Python decoders
+# (DDS, XPM, QOI: 1.5-4.3 s for a 2 MB file), as well as formats that are no photo or drawing.
+# (A phone's multi-picture JPEG is opened by the JPEG plugin, as format "MPO".)
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP", "DIB", "AVIF", "JPEG2000", "PPM", "TGA", "PCX", "SGI", "IM")
+# A progressive JPEG makes libjpeg walk every block once per scan, and empty scans are only a
+# warning: 1,000 empty 10-byte scans made an 11 KB 4096x4096 file take 2.3 s to decode. Encoders
+# write 1 (baseline) to about 10-20 (progressive); a file with more start-of-scan markers than
+# this (thumbnails and an MPO's other pictures included) is refused before decoding.
+MAX_JPEG_SCANS = 100
 IMAGE_SIZE = 28  # MNIST's field (model.IMAGE_SIZE; repeated so that preprocessing needs no torch)
 DIGIT_BOX = 20  # MNIST fits the digit's longer side into 20 px ...
 CENTRE = 14.0  # ... and puts its centre of mass here (row and column index; measured on MNIST: 13.99, 14.01)
@@ -191,9 +203,9 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
         if not data:
             raise ImageError(f"{name}: is empty (0 bytes)")
         try:
-            image = Image.open(io.BytesIO(data))  # reads the header only
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
         except UnidentifiedImageError:
-            raise NotAnImageError(f"{name}: is not an image Pillow can read (PNG, JPEG, BMP, GIF, WebP, TIFF)") from None
+            raise NotAnImageError(f"{name}: is not an image digitsum reads (PNG, JPEG, BMP, GIF, WebP, TIFF)") from None
         except Image.DecompressionBombError:
             raise ImageError(
                 f"{name}: is far larger than the {MAX_SIDE}x{MAX_SIDE} limit (decompression bomb guard); shrink it first"
@@ -208,6 +220,10 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
         )
     if width < 1 or height < 1:
         raise ImageError(f"{name}: has no pixels ({width}x{height})")
+    if image.format in ("JPEG", "MPO") and data is not None and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+        raise ImageError(
+            f"{name}: is a JPEG of over {MAX_JPEG_SCANS} scans (encoders write at most about 20); re-save it"
+        )
     if max_decoded_side and image.format == "PNG" and max(width, height) > max_decoded_side:
         grey = _png_as_grey(image, data)
         if grey is not None:
@@ -230,9 +246,10 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
 # libspng" / "zlib-ng + libspng" / "zlib + libspng" (our inflate, then libspng in strips) or "libpng"
 # (benchmarks/preprocess_cost.py reports it; absent where Pillow decoded).
 DECODER_KEY = "digitsum.decoder"
-# Ancillary PNG chunks that make libpng convert colour to grey in linear light (Pillow, and so the
-# rest of this module, converts the stored values): dropped before torchvision decodes.
-_PNG_COLOUR_CHUNKS = (b"gAMA", b"sRGB", b"cHRM", b"iCCP")
+# The PNG chunks libpng is given (torchvision's decode_png): those that make the pixels. Not the
+# colour-space ones (gAMA, sRGB, cHRM, iCCP make libpng convert to grey in linear light, where
+# Pillow, and so the rest of this module, converts the stored values), nor any other.
+_PNG_PIXEL_CHUNKS = (b"IHDR", b"PLTE", b"tRNS", b"IDAT")
 # Chunks that can carry an EXIF orientation; Pillow reads those after the pixels only by decoding.
 _PNG_METADATA_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
 
@@ -258,19 +275,24 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     if data is None or len(data) < 33 or data[24] > 8 or getattr(image, "is_animated", False):
         return None  # data[24]: IHDR's bit depth
     alpha = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
-    # The chunks (length, type, data, CRC), less the colour-space ones before the pixels.
-    kept, at, pixels = [memoryview(data)[:8]], 8, False
+    # The chunks (length, type, data, CRC) that decode the pixels: the header, palette,
+    # transparency and IDATs. (Only these go to libpng: an ancillary or unknown chunk it would
+    # refuse while reading the rows kills the process, see _stream_sound.)
+    kept, at, pixels, count, previous = [memoryview(data)[:8]], 8, False, 0, b""
     idat = []
     while at + 12 <= len(data):
         length, kind = int.from_bytes(data[at : at + 4], "big"), bytes(data[at + 4 : at + 8])
-        pixels = pixels or kind == b"IDAT"
-        if (pixels and kind in _PNG_METADATA_CHUNKS) or len(kept) > 20_000:
+        count += 1
+        if (pixels and kind in _PNG_METADATA_CHUNKS) or count > 20_000:
             return None  # an orientation Pillow finds after the pixels; or a pathological chunk count
-        if pixels or kind not in _PNG_COLOUR_CHUNKS:
+        if kind == b"IDAT" and pixels and previous != b"IDAT":
+            return None  # IDATs split by another chunk: damaged (the standard has them consecutive)
+        if kind in _PNG_PIXEL_CHUNKS and (kind == b"IDAT" or not pixels):  # (a palette after the pixels: ignored)
             kept.append(memoryview(data)[at : at + 12 + length])
         if kind == b"IDAT":
             idat.append(kept[-1])
-        at += 12 + length
+        at, previous, pixels = at + 12 + length, kind, pixels or kind == b"IDAT"
+    kept.append(memoryview(_PNG_END))
     header = data[16:29]
     decoded = None
     if not alpha and image.mode == "L":

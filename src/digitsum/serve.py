@@ -54,6 +54,7 @@ from digitsum.device import reuse_freed_memory
 from digitsum.errors import DigitsumError
 from digitsum.onnx_backend import BACKENDS, load_backend
 from digitsum.predict import ImageError, NotAnImageError, _top, classify, preprocess
+from digitsum.preprocess import IMAGE_FORMATS
 
 try:
     from fastapi import FastAPI, Request
@@ -513,7 +514,7 @@ def _pixel_count(data: bytes) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            width, height = Image.open(io.BytesIO(data)).size
+            width, height = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS).size
         return width * height
     except Exception:  # preprocess() names whatever is wrong, quickly, in the small lane
         return 0

@@ -250,7 +250,11 @@ def test_files_found_by_fuzzing_are_refused_with_a_4xx_and_the_server_keeps_answ
 
     icon = io.BytesIO()
     Image.open(io.BytesIO(seven_png())).save(icon, "ICO")
-    cases = {"split.png": (_split_palette_png(), 422), "seven.ico": (icon.getvalue(), 415), "scans.jpg": (_progressive_jpeg(5000), 422)}
+    cases = {
+        "split.png": (_split_palette_png(), 422),
+        "seven.ico": (icon.getvalue(), 415),
+        "scans.jpg": (_progressive_jpeg(5000), 422),
+    }
     for name, (data, status) in cases.items():
         response = post_form(client, data, filename=name)
         assert response.status_code == status and field_of(response) == "image", (name, response.text)

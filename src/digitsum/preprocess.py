@@ -221,9 +221,7 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
     if width < 1 or height < 1:
         raise ImageError(f"{name}: has no pixels ({width}x{height})")
     if image.format in ("JPEG", "MPO") and data is not None and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
-        raise ImageError(
-            f"{name}: is a JPEG of over {MAX_JPEG_SCANS} scans (encoders write at most about 20); re-save it"
-        )
+        raise ImageError(f"{name}: is a JPEG of over {MAX_JPEG_SCANS} scans (encoders write at most about 20); re-save it")
     if max_decoded_side and image.format == "PNG" and max(width, height) > max_decoded_side:
         grey = _png_as_grey(image, data)
         if grey is not None:

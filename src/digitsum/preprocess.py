@@ -776,7 +776,8 @@ def _workable(image: Image.Image) -> Image.Image:
 
 
 def _reduced(image: Image.Image, side: int) -> Image.Image:
-    """Box-average `image` by an integer factor so that its longer side is at most about `side`.
+    """Box-average `image` by an integer factor so that its longer side is at most about `side`, in
+    a mode _workable gives.
 
     Colour and transparency are reduced in strips of rows, each turned into luminance (and alpha)
     at once: Pillow holds RGB, RGBA and LA as 4 bytes a pixel and reduces RGBA through a
@@ -785,10 +786,18 @@ def _reduced(image: Image.Image, side: int) -> Image.Image:
     """
     factor = max(image.size) // side
     if factor < 2:
-        return image
+        return _workable(image)
+    width, height = image.size
+    if image.mode.startswith(("I;16", "I;32")) or image.mode == "I;8":
+        # As 32-bit integers (_workable) strip by strip: the whole 4096x4096 16-bit scan converted at
+        # once cost +160 MB (its array, the int32 copy, the image of it).
+        deep = Image.new("I", ((width + factor - 1) // factor, (height + factor - 1) // factor))
+        for top in range(0, height, factor * 64):
+            deep.paste(_workable(image.crop((0, top, width, min(height, top + factor * 64)))).reduce(factor), (0, top // factor))
+        return deep
+    image = _workable(image)
     if image.mode not in ("RGB", "RGBA", "LA"):
         return image.reduce(factor)
-    width, height = image.size
     alpha = image.mode in ("RGBA", "LA")
     rows = factor * 64
     luminance = Image.new("L", ((width + factor - 1) // factor, (height + factor - 1) // factor))
@@ -852,7 +861,7 @@ def upright_grey(image: Image.Image, orientation: int = 1, side: int = WORK_SIDE
     """The decoded image reduced by an integer factor to under 2 x `side` px, turned upright as
     EXIF `orientation` says, as grey (H, W) in [0, 1]."""
     try:
-        small = _reduced(_workable(image), side)
+        small = _reduced(image, side)
         if orientation != 1:
             small = small.transpose(_ORIENTATION[orientation])
         return grayscale(small)

@@ -344,6 +344,54 @@ def test_a_patch_of_light_is_no_sheet_whose_edge_cuts_the_digit():
     assert similar(view, REFERENCE) > 0.9
 
 
+def test_a_bold_light_ring_on_black_is_no_sheet():
+    # A bold white '0' on black: its strokes are a bright region filling over 75% of its hull, like a
+    # sheet with a digit on it; read as one, the dark hole was "the digit" (a filled blob). Its
+    # outline is an ellipse, no quadrilateral (the largest one inside covers 2/pi of it).
+    ring = Image.new("L", (300, 300), 0)
+    ImageDraw.Draw(ring).ellipse((80, 40, 220, 260), outline=255, width=50)
+    gray = np.asarray(ring, np.float32) / 255
+    assert preprocess._page(gray) is None
+    view = preprocess_view(encoded(ring))
+    assert view[14, 14] < 60 and view[14, 6:11].max() > 200  # a ring: dark centre, bright stroke
+
+
+def test_a_sheet_seen_at_an_angle_with_a_bold_digit_near_its_edge_reads_as_the_digit():
+    # A phone held at an angle: the sheet is a trapezoid; a bold '7' written near its right edge
+    # notches a third of the bright region away, and its strokes are as dark as the desk.
+    sheet = seven((300, 300), ink=25, paper=240, width=55, offset=(40, 0))
+    photo = Image.new("L", (640, 480), 35)
+    photo.paste(sheet, (170, 90))
+    coefficients = Image.Transform.PERSPECTIVE
+    matrix = (1.0, 0.12, -30.0, 0.0, 1.1, -20.0, 0.0, 0.0002, 1.0)  # output -> input: a keystoned view
+    photo = np.asarray(photo.transform(photo.size, coefficients, matrix, Image.Resampling.BICUBIC, fillcolor=35), np.float64)
+    photo += np.random.default_rng(0).normal(0, 3, photo.shape)  # a camera's noise (no drawing app's exact colours)
+    view = preprocess_view(encoded(Image.fromarray(np.clip(photo, 0, 255).round().astype(np.uint8)), "JPEG", quality=88))
+    assert similar(view, REFERENCE) > 0.8  # (0.16 before: the sheet itself was read as light ink)
+
+
+def test_a_hard_shadow_over_most_of_the_page_is_not_a_dark_ground():
+    # A shadow at 45% light covers the whole border and most of the page (a hand, a phone); the
+    # digit lies in it, a lit patch above. The border's one level is the shadow, not the paper.
+    page = np.asarray(seven((400, 400), ink=20, paper=240, offset=(0, 60)), np.float64)
+    y, x = np.mgrid[0:400, 0:400]
+    page *= np.where((y > 40) & (y < 150) & (x > 60) & (x < 340), 1.0, 0.45)
+    gray = np.clip(page, 0, 255).round().astype(np.uint8)
+    assert preprocess._ink_is_dark(gray.astype(np.float32) / 255)
+    assert similar(preprocess_view(encoded(Image.fromarray(gray), "JPEG", quality=90)), REFERENCE) > 0.9
+
+
+def test_a_scanners_dark_margin_beside_a_small_digit_is_no_stroke():
+    # A page scanned a little askew: a thin dark line along the bottom edge, over most of it (not
+    # touching the far side nor the bottom), next to a small digit in a corner. It has more ink
+    # than the digit, and one straight line with little other ink would be a thin '1'.
+    page = Image.new("L", (1400, 2000), 250)
+    page.paste(seven((90, 90), ink=30, paper=250, width=22), (1150, 150))
+    ImageDraw.Draw(page).line([(0, 1985), (1100, 1993)], fill=60, width=4)  # (the margin runs out)
+    view = preprocess_view(encoded(page, "JPEG", quality=90))
+    assert similar(view, REFERENCE) > 0.9
+
+
 def test_a_dim_grainy_photo_of_white_paper_has_dark_ink():
     # Paper at 47% grey (a dim room, underexposed) with sensor noise: a uniform border whose level
     # is neither clearly light nor clearly dark; the ink reaches far below it, nothing far above.

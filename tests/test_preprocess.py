@@ -1199,6 +1199,36 @@ def _progressive_jpeg(scans: int) -> bytes:
     return b"".join(parts) + b"\xff\xd9"
 
 
+def _rle8_bmp(width: int, height: int) -> bytes:
+    """An 8-bit run-length-encoded BMP (BI_RLE8) of a black bar down the middle of white: runs of at
+    most 255 pixels of index 0 (white) or 1 (black), each row ended by an end-of-line code."""
+
+    def runs(index: int, count: int) -> bytes:
+        return b"".join(bytes([min(255, count - at), index]) for at in range(0, count, 255))
+
+    bar = runs(0, width // 2) + runs(1, width // 20) + runs(0, width - width // 2 - width // 20)
+    rows = b"".join((bar if height // 3 <= y < 2 * height // 3 else runs(0, width)) + b"\x00\x00" for y in range(height))
+    rows += b"\x00\x01"
+    palette = bytes([255, 255, 255, 0, 0, 0, 0, 0]) + bytes(4 * 254)
+    info = (40).to_bytes(4, "little") + width.to_bytes(4, "little") + height.to_bytes(4, "little")
+    info += (1).to_bytes(2, "little") + (8).to_bytes(2, "little") + (1).to_bytes(4, "little")  # planes, bits, BI_RLE8
+    info += len(rows).to_bytes(4, "little") + bytes(8) + (256).to_bytes(4, "little") + bytes(4)
+    offset = 14 + len(info) + len(palette)
+    header = b"BM" + (offset + len(rows)).to_bytes(4, "little") + bytes(4) + offset.to_bytes(4, "little")
+    return header + info + palette + rows
+
+
+def test_a_large_run_length_encoded_bmp_is_refused_before_decoding_and_a_small_one_is_read():
+    # Pillow decodes RLE BMPs in Python (a 16 KB 4096x4096 file: 2.1 s)
+    assert Image.open(io.BytesIO(_rle8_bmp(4096, 4096))).tile[0].codec_name == "bmp_rle"
+    with pytest.raises(ImageError, match="run-length-encoded BMP over 1024x1024") as caught:
+        preprocess_view(_rle8_bmp(4096, 4096))
+    assert "\n" not in str(caught.value)
+    bar = Image.new("L", (300, 300), 255)
+    bar.paste(0, (150, 100, 165, 200))
+    assert similar(preprocess_view(_rle8_bmp(300, 300)), preprocess_view(bar)) > 0.9
+
+
 def test_a_jpeg_of_too_many_scans_is_refused_before_decoding_and_a_real_progressive_one_is_read():
     assert Image.open(io.BytesIO(_progressive_jpeg(3))).size == (64, 64)  # the generator makes a JPEG
     with pytest.raises(ImageError, match="over 100 scans") as caught:

@@ -65,6 +65,9 @@ IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP", "DIB", "AVIF", "JP
 # write 1 (baseline) to about 10-20 (progressive); a file with more start-of-scan markers than
 # this (thumbnails and an MPO's other pictures included) is refused before decoding.
 MAX_JPEG_SCANS = 100
+# Pillow decodes run-length-encoded BMPs in Python: a 16 KB 4096x4096 RLE4 file took 2.1 s. Larger
+# ones (rare: drawing programs write RLE BMPs for small icons) are refused before decoding.
+MAX_RLE_BMP_PIXELS = 1024 * 1024
 IMAGE_SIZE = 28  # MNIST's field (model.IMAGE_SIZE; repeated so that preprocessing needs no torch)
 DIGIT_BOX = 20  # MNIST fits the digit's longer side into 20 px ...
 CENTRE = 14.0  # ... and puts its centre of mass here (row and column index; measured on MNIST: 13.99, 14.01)
@@ -222,6 +225,8 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
         )
     if width < 1 or height < 1:
         raise ImageError(f"{name}: has no pixels ({width}x{height})")
+    if width * height > MAX_RLE_BMP_PIXELS and any(getattr(tile, "codec_name", None) == "bmp_rle" for tile in image.tile):
+        raise ImageError(f"{name}: is a run-length-encoded BMP over 1024x1024 pixels (slow to decode); re-save it as PNG")
     if image.format in ("JPEG", "MPO") and data is not None and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
         raise ImageError(f"{name}: is a JPEG of over {MAX_JPEG_SCANS} scans (encoders write at most about 20); re-save it")
     if max_decoded_side and image.format == "PNG" and max(width, height) > max_decoded_side:

@@ -1186,13 +1186,13 @@ def test_formats_decoded_while_opening_or_in_python_are_not_read(format):
 def _progressive_jpeg(scans: int) -> bytes:
     """A 64x64 progressive grey JPEG of one DC scan and `scans` empty AC scans (a "scan bomb": libjpeg
     walks every block once per scan and only warns about empty ones)."""
-    table = bytes([0] + [1] + [0] * 15 + [0])  # (class/id), one code of length 1 for symbol 0
+    codes = bytes([1] + [0] * 15) + b"\x00"  # a Huffman table of one code, of length 1, for symbol 0
     parts = [
         b"\xff\xd8",
         b"\xff\xdb" + (67).to_bytes(2, "big") + b"\x00" + bytes([1] * 64),
         b"\xff\xc2" + (11).to_bytes(2, "big") + bytes([8, 0, 64, 0, 64, 1, 1, 0x11, 0]),
-        b"\xff\xc4" + (20).to_bytes(2, "big") + b"\x00" + table[1:],
-        b"\xff\xc4" + (20).to_bytes(2, "big") + b"\x10" + table[1:],
+        b"\xff\xc4" + (20).to_bytes(2, "big") + b"\x00" + codes,  # DC table 0
+        b"\xff\xc4" + (20).to_bytes(2, "big") + b"\x10" + codes,  # AC table 0
         b"\xff\xda" + (8).to_bytes(2, "big") + bytes([1, 1, 0x00, 0, 0, 0]) + b"\x00",
     ]
     parts += [b"\xff\xda" + (8).to_bytes(2, "big") + bytes([1, 1, 0x00, 1, 63, 0]) + b"\x00"] * scans

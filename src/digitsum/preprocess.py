@@ -4,7 +4,7 @@ MNIST digits were made by fitting each digit's bounding box into 20x20 pixels (k
 ratio, with antialiasing) and pasting that into a 28x28 field so the centre of mass sits at the
 centre, white ink on black. `preprocess_view()` does the same to whatever a user has:
 
-    read (Pillow, first frame; a large JPEG is decoded at 1/2, 1/4 or 1/8 scale, a large 8-bit PNG
+    read (Pillow, IMAGE_FORMATS only, first frame; a large JPEG is decoded at 1/2, 1/4 or 1/8 scale, a large 8-bit PNG
        straight to grey by libspng (whole, or in strips after ISA-L / zlib-ng inflate) or, for a
        palette, < 8 bits or interlacing, torchvision's libpng decoder)
     -> reduce a large image by an integer factor to under 2 x WORK_SIDE px (box averaging), before any
@@ -14,7 +14,9 @@ centre, white ink on black. `preprocess_view()` does the same to whatever a user
     -> (an image under SMALL_SIDE px, or a drawing app's exact-colour canvas: a cropped digit on a
        uniform ground, read with one global background, as before the photo steps: an MNIST image
        comes back as it was, to one grey level where its brightest pixel is below 255)
-    -> polarity (a uniform border is the paper; otherwise the ink is what a median removes)
+    -> a sheet of paper photographed on a darker desk: the desk painted with the sheet's paper level
+    -> polarity (a uniform border is the paper, unless it is a shadow beside a lit area; otherwise
+       the ink is what a median removes)
     -> flat-field correction: the paper's brightness is estimated locally by a grey-scale
        morphological closing (the "black top-hat" method of document imaging: the closing removes
        every dark feature narrower than its window - the strokes - and keeps the lighting, even a
@@ -940,14 +942,14 @@ def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
     except ImageError:
         ink = None
     # The sheet's outline is a guess. A reading whose digit lies mostly within a thumbnail cell of
-    # the outline is no digit on a sheet (slivers of an edge: the bright region was the strokes of a
-    # light digit on a dark ground);
-    # then, or with no digit at all, the whole image is read. Where the digit runs up to the
-    # outline, the whole image is read too: if the digit found there goes on beyond the sheet's
-    # edge band (a patch of light taken for a sheet cuts it), that is the digit.
+    # the outline is no digit on a sheet (slivers of an edge: the bright region was the strokes of
+    # a light digit on a dark ground); then, or with no digit at all, the whole image is read.
+    # Where the digit runs up to the outline, the whole image is read too: if the digit found
+    # there goes on beyond the sheet's edge band (a patch of light taken for a sheet cuts it),
+    # that is the digit.
     if ink is not None:
         digit = digit_mask(ink) & (ink >= STRONG_INK)
-        inner = _erode(mask, band // 3)  # (one thumbnail cell: a digit written near the sheet's edge is on it)
+        inner = _erode(mask, band // 3)  # one thumbnail cell (three were too many: a digit near a note's edge)
         if digit.any() and (digit & inner).sum() >= 0.5 * digit.sum():
             edge = mask & ~_erode(mask, 2)
             if not digit[edge].any():
@@ -1068,9 +1070,8 @@ def _convex(region: np.ndarray) -> tuple[np.ndarray, float]:
     except QhullError:
         return region, 1.0
     centres = np.indices(region.shape).reshape(2, -1).T + 0.5
-    return (hull.find_simplex(centres) >= 0).reshape(region.shape) | region, _largest_quadrilateral(
-        corners[outline.vertices]
-    ) / outline.volume
+    inside = (hull.find_simplex(centres) >= 0).reshape(region.shape) | region
+    return inside, _largest_quadrilateral(corners[outline.vertices]) / outline.volume  # (a 2-D hull's volume: its area)
 
 
 def _largest_quadrilateral(vertices: np.ndarray) -> float:
@@ -1197,11 +1198,12 @@ def _ground_says_dark_ink(gray: np.ndarray, smooth: np.ndarray) -> bool:
 
 def _lit_beside_dark_ink(smooth: np.ndarray, level: float) -> bool:
     """Whether a border of dark `level` (its outermost ring's median) is a shadow over most of the
-    page rather than a dark ground: ink well below that level (0.15) somewhere, and a lit area well above it that is wide,
-    not a stroke (on a ~48 px thumbnail, min-pooled: a cell is lit only where all of it is; still
-    there after a one-cell erosion). A board or a black canvas has nothing darker than itself
-    under its light strokes. (A hard shadow over 60% of a page turned white paper into "light
-    ink on a dark ground": 69% of such digits right in an independent generator's test.)"""
+    page rather than a dark ground: ink well below that level (0.15) somewhere, and a lit area well
+    above it that is wide, not a stroke (on a ~48 px thumbnail, min-pooled: a cell is lit only
+    where all of it is; still there after a one-cell erosion). A board or a black canvas has
+    nothing darker than itself under its light strokes. (A hard shadow over 60% of a page turned
+    white paper into "light ink on a dark ground": 69% of such digits right in an independent
+    generator's test, RESULTS.md 5.4.2.)"""
     if float(smooth.min()) > level - 0.15:
         return False
     factor = max(1, max(smooth.shape) // 48)

@@ -227,7 +227,9 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
         )
     if width < 1 or height < 1:
         raise ImageError(f"{name}: has no pixels ({width}x{height})")
-    if width * height > MAX_RLE_BMP_PIXELS and any(getattr(tile, "codec_name", None) == "bmp_rle" for tile in image.tile):
+    if width * height > MAX_RLE_BMP_PIXELS and any(
+        getattr(tile, "codec_name", None) == "bmp_rle" for tile in getattr(image, "tile", ())
+    ):
         raise ImageError(f"{name}: is a run-length-encoded BMP over 1024x1024 pixels (slow to decode); re-save it as PNG")
     if image.format in ("JPEG", "MPO") and data is not None and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
         raise ImageError(f"{name}: is a JPEG of over {MAX_JPEG_SCANS} scans (encoders write at most about 20); re-save it")

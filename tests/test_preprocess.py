@@ -370,6 +370,23 @@ def test_a_sheet_seen_at_an_angle_with_a_bold_digit_near_its_edge_reads_as_the_d
     assert similar(view, REFERENCE) > 0.8  # (0.16 before: the sheet itself was read as light ink)
 
 
+@pytest.mark.parametrize("chrome", [30, 70])
+def test_a_screenshot_of_a_drawing_app_reads_the_canvas_not_its_toolbars(chrome):
+    # Dark window chrome with light icons on three sides (a toolbar, a palette), the white canvas
+    # running up to the window's right edge: the canvas is the sheet (a square outline; one side of
+    # the image mostly bright is allowed to it). Before: the chrome and icons were read with the
+    # digit ("too lopsided to centre").
+    image = Image.new("L", (800, 600), chrome)
+    draw = ImageDraw.Draw(image)
+    for k in range(12):
+        draw.rectangle((12, 70 + 38 * k, 40, 96 + 38 * k), outline=200, width=3)
+        draw.ellipse((90 + 55 * k, 560, 120 + 55 * k, 590), fill=200)
+    image.paste(seven((748, 490), ink=20, paper=255, width=30), (52, 50))
+    pixels = np.asarray(image, np.float64) + np.random.default_rng(0).normal(0, 2, (600, 800))  # (not exact colours)
+    view = preprocess_view(encoded(Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))))
+    assert similar(view, REFERENCE) > 0.9
+
+
 def test_a_hard_shadow_over_most_of_the_page_is_not_a_dark_ground():
     # A shadow at 45% light covers the whole border and most of the page (a hand, a phone); the
     # digit lies in it, a lit patch above. The border's one level is the shadow, not the paper.

@@ -1031,7 +1031,12 @@ def _page(gray: np.ndarray) -> tuple[np.ndarray, float, int] | None:
     page = ndimage.binary_fill_holes(region)
     hull, quadrilateral = _convex(page)
     sides = [bright[0].mean(), bright[-1].mean(), bright[:, 0].mean(), bright[:, -1].mean()]
-    if not 0.02 <= page.mean() <= 0.9 or region.sum() < 0.5 * hull.sum() or max(sides) > 0.5 or quadrilateral < QUAD_SHARE:
+    # (One side mostly bright is allowed to a square outline: a drawing app's canvas in a
+    # screenshot runs up to the window's edge where its toolbars are on the other sides.)
+    mostly_bright = sum(side > 0.5 for side in sides)
+    if mostly_bright > (1 if quadrilateral >= QUAD_SHEET else 0):
+        return None
+    if not 0.02 <= page.mean() <= 0.9 or region.sum() < 0.5 * hull.sum() or quadrilateral < QUAD_SHARE:
         return None
     paper, desk = float(np.median(thumb[page])), float(np.median(thumb[~page]))
     holes = page & ~region  # a sheet's: its ink; a light digit's on a dark ground: its loops, of that ground

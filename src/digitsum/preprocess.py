@@ -1010,9 +1010,12 @@ def _page(gray: np.ndarray) -> tuple[np.ndarray, float, int] | None:
     (the strokes) filled, is a sheet when it is 2-90% of the image; bright over at least 75% of
     its convex hull (a sheet, however turned, with a digit on it; a light digit's strokes on a dark
     ground are about 60%), or over at least half of it with holes of another level than the rest
-    (ink, where a light digit's loops are of its ground); no side of the image more than half
+    (ink, where a light digit's loops are of its ground) or of a hull that is nearly a
+    quadrilateral (QUAD_SHEET: a bold digit notches it); no side of the image more than half
     bright (the desk lies all round it; around a bold digit cropped tightly, whose loops are bright
-    regions too, the border is mostly paper); at least 0.1 brighter than the rest; and its edge
+    regions too, the border is mostly paper) - one side may be, where its convex hull is nearly a
+    quadrilateral (QUAD_SHEET: a screenshot's canvas, a sheet off the frame); its hull at least
+    QUAD_SHARE a quadrilateral (_convex); at least 0.1 brighter than the rest; and its edge
     sharp (the brightness drops by at least 60% of that difference within 2 thumbnail pixels: not
     a vignette's slow falloff). The mask is its convex hull at full size, shrunk by half a cell and
     3 px (off the sheet's own blurred edge); the paper level is the median just inside it; the

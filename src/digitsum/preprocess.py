@@ -799,18 +799,18 @@ def _reduced(image: Image.Image, side: int) -> Image.Image:
     if factor < 2:
         return _workable(image)
     width, height = image.size
+    rows = factor * 64  # strips of rows (64 reduced rows each)
     if image.mode.startswith(("I;16", "I;32")) or image.mode == "I;8":
         # As 32-bit integers (_workable) strip by strip: the whole 4096x4096 16-bit scan converted at
         # once cost +160 MB (its array, the int32 copy, the image of it).
         deep = Image.new("I", ((width + factor - 1) // factor, (height + factor - 1) // factor))
-        for top in range(0, height, factor * 64):
-            deep.paste(_workable(image.crop((0, top, width, min(height, top + factor * 64)))).reduce(factor), (0, top // factor))
+        for top in range(0, height, rows):
+            deep.paste(_workable(image.crop((0, top, width, min(height, top + rows)))).reduce(factor), (0, top // factor))
         return deep
     image = _workable(image)
     if image.mode not in ("RGB", "RGBA", "LA"):
         return image.reduce(factor)
     alpha = image.mode in ("RGBA", "LA")
-    rows = factor * 64
     luminance = Image.new("L", ((width + factor - 1) // factor, (height + factor - 1) // factor))
     opacity = Image.new("L", luminance.size) if alpha else None
     for top in range(0, height, rows):
@@ -1021,11 +1021,10 @@ def _page(gray: np.ndarray) -> tuple[np.ndarray, float, int] | None:
     3 px (off the sheet's own blurred edge); the paper level is the median just inside it; the
     sheet's edge lies within the band (3 thumbnail pixels) outside the mask.
     """
-    factor = max(1, max(gray.shape) // 64)
-    height, width = gray.shape[0] // factor, gray.shape[1] // factor
-    if min(height, width) < 8:
+    blocks, factor = _blocks(gray, 64)
+    if min(blocks.shape[0], blocks.shape[2]) < 8:
         return None
-    thumb = gray[: height * factor, : width * factor].reshape(height, factor, width, factor).min(axis=(1, 3))
+    thumb = blocks.min(axis=(1, 3))
     bright = thumb > _otsu(thumb)
     labels, count = ndimage.label(bright)
     if not count:
@@ -1191,13 +1190,8 @@ def _ground_says_dark_ink(gray: np.ndarray, smooth: np.ndarray) -> bool:
         if 0.4 < paper < 0.6:
             return bool(paper - smooth.min() > smooth.max() - paper)
         return bool(paper >= 0.5)
-    factor = max(1, max(gray.shape) // 48)
-    if factor > 1:
-        height, width = (gray.shape[0] // factor) * factor, (gray.shape[1] // factor) * factor
-        blocks = gray[:height, :width].reshape(height // factor, factor, width // factor, factor)
-        darkest, lightest = blocks.min(axis=(1, 3)), blocks.max(axis=(1, 3))
-    else:
-        darkest = lightest = gray
+    blocks, factor = _blocks(gray, 48)
+    darkest, lightest = (blocks.min(axis=(1, 3)), blocks.max(axis=(1, 3))) if factor > 1 else (gray, gray)
     size = max(3, min(darkest.shape) // 2) | 1
     darker = float(np.clip(_separable_median(darkest, size) - darkest - 0.05, 0, None).sum())
     lighter = float(np.clip(lightest - _separable_median(lightest, size) - 0.05, 0, None).sum())
@@ -1216,10 +1210,17 @@ def _lit_beside_dark_ink(smooth: np.ndarray, level: float) -> bool:
     generator's test, RESULTS.md 5.4.2.)"""
     if float(smooth.min()) > level - 0.15:
         return False
-    factor = max(1, max(smooth.shape) // 48)
-    height, width = (smooth.shape[0] // factor) * factor, (smooth.shape[1] // factor) * factor
-    darkest = smooth[:height, :width].reshape(height // factor, factor, width // factor, factor).min(axis=(1, 3))
+    darkest = _blocks(smooth, 48)[0].min(axis=(1, 3))
     return bool(ndimage.binary_erosion(darkest > level + 0.15).any())
+
+
+def _blocks(values: np.ndarray, side: int) -> tuple[np.ndarray, int]:
+    """(`values` cut into square blocks of `factor` px, as a (h, factor, w, factor) view - the last
+    rows and columns that fill no block left out -, factor): factor = the longer side // `side`, at
+    least 1. A min or max over axes (1, 3) pools it to a thumbnail of about `side` px."""
+    factor = max(1, max(values.shape) // side)
+    height, width = values.shape[0] // factor, values.shape[1] // factor
+    return values[: height * factor, : width * factor].reshape(height, factor, width, factor), factor
 
 
 def _halved(values: np.ndarray) -> np.ndarray:

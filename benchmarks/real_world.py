@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from digitsum.checkpoint import load_model
@@ -418,6 +418,66 @@ def white_on_black(rng, digit):
     return encode(compose((0, 0, 0), (255, 255, 255), layer, 1.0, 0.01, rng), "PNG")
 
 
+def _marked_layer(rng, size, box, width: float) -> tuple[np.ndarray, str]:
+    """A hand-drawn circle, box or (double) underline around or under `box` (top, left, h, w),
+    drawn at 4x and averaged down (antialiased), with a wobbling, slightly open or overshooting line."""
+    top, left, h, w = box
+    scale = 4
+    image = Image.new("L", (size[1] * scale, size[0] * scale), 0)
+    draw = ImageDraw.Draw(image)
+    pen = max(1, round(width * scale))
+    gap = rng.uniform(0.06, 0.3) * h
+    kind = str(rng.choice(["circle", "box", "underline", "double underline"]))
+    cy, cx = top + h / 2, left + w / 2
+    if kind == "circle":
+        a, b = (w / 2 + gap) * rng.uniform(1.15, 1.4), (h / 2 + gap) * rng.uniform(1.0, 1.2)
+        start = rng.uniform(0, 2 * np.pi)
+        t = np.linspace(start, start + rng.uniform(1.9, 2.1) * np.pi, 120)
+        wobble = 1 + 0.03 * np.sin(t * rng.integers(2, 4) + rng.uniform(0, 6))
+        tilt = rng.uniform(-0.25, 0.25)
+        x, y = a * np.cos(t) * wobble, b * np.sin(t) * wobble
+        points = np.stack([cx + x * np.cos(tilt) - y * np.sin(tilt), cy + x * np.sin(tilt) + y * np.cos(tilt)], 1)
+        draw.line([tuple(p * scale) for p in points], fill=255, width=pen, joint="curve")
+    elif kind == "box":
+        corners = np.array(
+            [[left - gap, top - gap], [left + w + gap, top - gap], [left + w + gap, top + h + gap], [left - gap, top + h + gap]]
+        )
+        corners = corners + rng.normal(0, 0.02 * h, corners.shape)
+        for i in range(4):
+            draw.line([tuple(corners[i] * scale), tuple(corners[(i + 1) % 4] * scale)], fill=255, width=pen)
+    else:
+        y0 = top + h + gap
+        x0, x1 = left - rng.uniform(0, 0.25) * w, left + w + rng.uniform(0, 0.25) * w
+        slope = rng.uniform(-0.05, 0.05)
+        for k in range(2 if kind == "double underline" else 1):
+            y = y0 + k * max(2.5 * width, 0.08 * h)
+            draw.line([(x0 * scale, y * scale), (x1 * scale, (y + slope * (x1 - x0)) * scale)], fill=255, width=pen)
+    layer = np.asarray(image, np.float32).reshape(size[0], scale, size[1], scale).mean(axis=(1, 3)) / 255
+    return layer, kind
+
+
+def marked(rng, digit):
+    """A digit circled, boxed or underlined (once or twice) with the same pen, the mark 6-30% of the
+    digit's height away and not touching it, on a phone-like photo (light falloff, noise, JPEG)."""
+    size = (480, 640)
+    height = int(rng.integers(120, 220))
+    stroke = rng.uniform(0, 0.6)
+    cover = coverage(digit, height, rng, stroke)
+    h, w = cover.shape
+    # Room for the mark where there is (a wide digit's circle may run off the frame).
+    top = int(rng.integers(int(0.3 * h), max(int(0.3 * h) + 1, size[0] - int(1.5 * h))))
+    left = int(rng.integers(int(0.6 * w) + 10, max(int(0.6 * w) + 11, size[1] - int(1.6 * w) - 10)))
+    layer = paste(np.zeros(size), cover, top, left)
+    near = ndimage.binary_dilation(layer > 0.05, iterations=2)
+    for _ in range(20):  # a mark that touches the digit is part of it: draw another
+        mark, _ = _marked_layer(rng, size, (top, left, h, w), height * (2.0 + 2.5 * stroke) / 28 * rng.uniform(0.6, 1.0))
+        if not (near & (mark > 0.05)).any():
+            break
+    light = gradient(rng, size, rng.uniform(0.0, 0.2)) * rng.uniform(0.8, 1.0)
+    pixels = compose(PAPERS[rng.integers(len(PAPERS))], PENS[rng.integers(len(PENS))], np.maximum(layer, mark), light, 0.02, rng)
+    return encode(pixels, "JPEG", quality=int(rng.integers(75, 95)))
+
+
 MORE_CONDITIONS = {
     "sheet on a darker desk": sheet_on_desk,
     "sticky note on a desk": note_on_desk,
@@ -426,6 +486,7 @@ MORE_CONDITIONS = {
     "dim, noisy photo": dim_noisy,
     "chalk on a board": chalkboard,
     "white digit on black": white_on_black,
+    "circled, boxed or underlined": marked,
 }
 
 

@@ -409,6 +409,61 @@ def test_a_scanners_dark_margin_beside_a_small_digit_is_no_stroke():
     assert similar(view, REFERENCE) > 0.9
 
 
+def marked(kind: str, size=(400, 400), width: int = 12) -> Image.Image:
+    """seven(size) with a mark drawn by the same pen around or under it, not touching it."""
+    page = seven(size, width=width)
+    draw = ImageDraw.Draw(page)
+    k = min(size) / 400
+    if kind == "circle":  # (a hand's circle: not quite closed)
+        draw.arc([20 * k, 10 * k, 380 * k, 390 * k], 100, 75, fill=0, width=width)
+    elif kind == "circle cut by the frame":
+        draw.arc([5 * k, 5 * k, 395 * k, 600 * k], 0, 360, fill=0, width=width)
+    elif kind == "box":
+        draw.rectangle([50 * k, 40 * k, 350 * k, 370 * k], outline=0, width=width)
+    else:
+        for y in (360, 385) if kind == "double underline" else (365,):
+            draw.line([(70 * k, y * k), (330 * k, (y + 6) * k)], fill=0, width=width)
+    return page
+
+
+@pytest.mark.parametrize("kind", ["circle", "circle cut by the frame", "box", "underline", "double underline"])
+@pytest.mark.parametrize("canvas", ["photo", "clean canvas"])
+def test_a_circle_box_or_underline_drawn_around_the_digit_is_not_the_digit(kind, canvas):
+    page, plain = marked(kind), seven((400, 400), width=12)
+    if canvas == "photo":  # (the photo path: uneven light, grain, JPEG)
+        page, plain = (encoded(lit(p, 0.3).filter(ImageFilter.GaussianBlur(1)), "JPEG", quality=85) for p in (page, plain))
+    assert similar(preprocess_view(page), preprocess_view(plain)) > 0.95
+
+
+def strokes(size, *shapes) -> np.ndarray:
+    """An ink map (1 = ink) of lines, arcs and dots drawn 8 px wide."""
+    image = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(image)
+    for kind, *where in shapes:
+        {"line": lambda w: draw.line(w, fill=255, width=8), "arc": lambda w: draw.arc(w, 0, 360, fill=255, width=8)}.get(
+            kind, lambda w: draw.ellipse(w, fill=255)
+        )(where)
+    return np.asarray(image, np.float32) / 255
+
+
+@pytest.mark.parametrize(
+    "name, pieces",
+    [
+        # a dotted zero: the dot is a speck in the 0's loop, not a digit the 0 circles
+        ("dotted zero", [("arc", 120, 60, 280, 340), ("dot", 188, 188, 212, 212)]),
+        # a 7 whose cross-bar was drawn apart: the bar lies in the 7's box, but nothing of the 7 is left of it
+        ("seven with a cross-bar", [("line", (80, 60), (320, 60), (160, 340)), ("line", (120, 200), (215, 200))]),
+        # a 5's flag, a separate straight stroke with the rest of the 5 below it
+        ("five with a flag", [("line", (150, 60), (300, 60)), ("line", (150, 80), (140, 180)), ("arc", 110, 170, 290, 340)]),
+        # a 4's bar drawn apart from the rest, with the stem going on below it just beyond its end
+        ("four with a bar", [("line", (200, 40), (70, 230)), ("line", (85, 245), (215, 245)), ("line", (235, 40), (235, 360))]),
+    ],
+)
+def test_a_digits_own_separate_strokes_are_no_ring_and_no_underline(name, pieces):
+    ink = strokes((400, 400), *pieces)
+    assert (preprocess.digit_mask(ink) >= (ink > 0.5)).all()  # every stroke kept
+
+
 def test_a_dim_grainy_photo_of_white_paper_has_dark_ink():
     # Paper at 47% grey (a dim room, underexposed) with sensor noise: a uniform border whose level
     # is neither clearly light nor clearly dark; the ink reaches far below it, nothing far above.

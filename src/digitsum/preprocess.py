@@ -24,7 +24,9 @@ centre, white ink on black. `preprocess_view()` does the same to whatever a user
        a background estimate as dark as the pen is a bold marker's filled loop, not paper: ink again
     -> ink mask (strong ink only) -> connected components: thin straight lines spanning most of
        the image (ruled or squared paper, page borders) are dropped, the digit is the component
-       with the most ink plus the pieces close to it; specks and dust elsewhere are ignored
+       with the most ink plus the pieces close to it; specks and dust elsewhere are ignored, and
+       so are a circle or box drawn around the digit and a line drawn under it, where they do not
+       touch it (_rings, _underlines; also on a clean canvas)
     -> a small digit in a large image is cut out again from the full-resolution pixels
     -> stroke-width normalisation: a marker's strokes, wider than 93% of MNIST's, are eroded to
        about an MNIST pen's width
@@ -919,7 +921,26 @@ def _cropped_digit_ink(gray: np.ndarray, name: str) -> np.ndarray:
             "background); draw or photograph a digit"
         )
     ink = np.clip((ink - background) / contrast, 0.0, 1.0)
-    return np.where(_dilate(ink >= NOISE_FLOOR, 1), ink, 0.0).astype(np.float32)
+    ink = np.where(_dilate(ink >= NOISE_FLOOR, 1), ink, 0.0).astype(np.float32)
+    return _without_marks(ink) if min(gray.shape) >= SMALL_SIDE else ink
+
+
+def _without_marks(ink: np.ndarray) -> np.ndarray:
+    """`ink` without a circle or box drawn around the digit (_rings) or a line drawn under it
+    (_underlines): the one clean-up a clean canvas gets (a photo's digit_mask does the same)."""
+    strong = ink >= STRONG_INK
+    labels, count = ndimage.label(strong, structure=np.ones((3, 3), bool))
+    if count < 2:
+        return ink
+    mass = np.bincount(labels[strong], weights=ink[strong], minlength=count + 1)[1:]
+    boxes = np.array([(r.start, c.start, r.stop, c.stop) for r, c in ndimage.find_objects(labels)])
+    keep = ~_rings(labels, boxes, mass, np.ones(count, bool))
+    keep &= ~_underlines(boxes, mass, keep)
+    if keep.all():
+        return ink
+    marks = np.isin(labels, np.flatnonzero(~keep) + 1)
+    digit = np.isin(labels, np.flatnonzero(keep) + 1)
+    return np.where(_dilate(marks, 2) & ~_dilate(digit, 2), 0.0, ink).astype(np.float32)
 
 
 def flat_field(gray: np.ndarray, name: str = "image") -> np.ndarray:
@@ -1365,6 +1386,8 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
     keep = ~(edge_to_edge & band) if min(height, width) >= 40 else np.ones(count, bool)
     if not keep.any():
         keep[:] = True  # only lines: better the lines than nothing (the user sees the view)
+    keep &= ~_rings(labels, boxes, mass, keep)
+    keep &= ~_underlines(boxes, mass, keep)
     main = np.flatnonzero(keep)[np.argmax(mass[keep])]
     # Pieces of the digit: a broken stroke's fragments right next to it, or a real stroke (a 4's
     # or 5's second stroke) a little further. Not specks, nor a chain of them.
@@ -1389,6 +1412,84 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
         strokes |= lines & _dilate(strokes, 2 * LINE_BAND)
     # The antialiased edge of a stroke is fainter than STRONG_INK: keep ink touching the strokes.
     return _dilate(strokes, 2) & (ink > 0)
+
+
+RING_CONTENT = 0.25  # a ring's content spans at least this share of the ring's longer side ...
+RING_MASS = 0.1  # ... and has at least this share of its ink (a dotted zero's dot: about 0.05) ...
+RING_AROUND = 0.75  # ... and the ring lies in this share of the directions from the content's centre
+RING_SECTORS = 36
+
+
+def _rings(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """bool per component: a circle or box drawn around the digit, not touching it.
+
+    A ring is a component whose bounding box holds other ink with a margin on every side, enough
+    of it (RING_CONTENT, RING_MASS) to be a digit rather than a dot in a 0's loop, and lies in
+    RING_AROUND of the directions seen from that ink's centre: a circle, a box, also one left open
+    by the pen or cut by the image's edge. A 7's cross-bar drawn apart lies inside the 7's box, but
+    the 7 is above, right of and below it only: no ring.
+    """
+    height, width = labels.shape
+    top, left, bottom, right = boxes.T
+    significant = keep & (mass >= 0.01 * mass[keep].max())
+    rings = np.zeros(len(boxes), bool)
+    for r in np.flatnonzero(significant & (bottom - top >= 8) & (right - left >= 8)):
+        inside = significant & (top > top[r]) & (bottom < bottom[r]) & (left > left[r]) & (right < right[r])
+        if not inside.any() or mass[inside].sum() < RING_MASS * mass[r]:
+            continue
+        extent = max(bottom[inside].max() - top[inside].min(), right[inside].max() - left[inside].min())
+        if extent < RING_CONTENT * max(bottom[r] - top[r], right[r] - left[r]):
+            continue
+        region = labels[top[r] : bottom[r], left[r] : right[r]]
+        content_y, content_x = np.nonzero(np.isin(region, np.flatnonzero(inside) + 1))
+        ring_y, ring_x = np.nonzero(region == r + 1)
+        centre_y, centre_x = content_y.mean(), content_x.mean()
+        # The directions from the content's centre in which the ring lies, in RING_SECTORS sectors;
+        # a sector with no ring pixel counts too where its ray leaves the image, within the ring's
+        # reach, through an edge that the ring runs up to (the ring goes on beyond the frame).
+        sectors = np.zeros(RING_SECTORS, bool)
+        angle = np.arctan2(ring_y - centre_y, ring_x - centre_x)
+        sectors[((angle + np.pi) / (2 * np.pi) * RING_SECTORS).astype(int) % RING_SECTORS] = True
+        reach = 1.15 * np.hypot(ring_y - centre_y, ring_x - centre_x).max()
+        y, x = top[r] + centre_y, left[r] + centre_x  # (image coordinates)
+        for sector in np.flatnonzero(~sectors):
+            theta = (sector + 0.5) / RING_SECTORS * 2 * np.pi - np.pi
+            dy, dx = np.sin(theta), np.cos(theta)
+            exits = [
+                ((height - y) / dy, bottom[r] == height) if dy > 0 else (y / -dy, top[r] == 0),
+                ((width - x) / dx, right[r] == width) if dx > 0 else (x / -dx, left[r] == 0),
+            ]
+            distance, open_edge = min(exits)
+            sectors[sector] = open_edge and distance <= reach
+        if sectors.mean() >= RING_AROUND:
+            rings[r] = True
+    if rings.all() or not (keep & ~rings).any():
+        return np.zeros_like(rings)
+    return rings
+
+
+def _underlines(boxes: np.ndarray, mass: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """bool per component: a line drawn under the digit, not touching it.
+
+    A straight stroke at least four times wider than tall, with other ink above it and none of
+    that reaching below its top where it runs or a quarter of its length beyond its ends: a 5's
+    flag or a 7's bar has the rest of the digit below it, a 4's separate bar has the stem going on
+    below it, beside its end (a 2's base drawn apart would go).
+    """
+    top, left, bottom, right = boxes.T
+    significant = keep & (mass >= 0.01 * mass[keep].max())
+    thickness = bottom - top
+    lines = significant & (right - left >= 4 * thickness) & (right - left >= 8)
+    under = np.zeros(len(boxes), bool)
+    for i in np.flatnonzero(lines):
+        reach = 0.25 * (right[i] - left[i])  # (ink in its columns and a little beyond its ends)
+        over = significant & ~lines & (right > left[i] - reach) & (left < right[i] + reach)
+        above = over & (bottom <= top[i] + 0.5 * thickness[i])
+        if above.any() and not (over & ~above).any() and mass[above].sum() >= 0.2 * mass[i]:
+            under[i] = True
+    if not (keep & ~under).any():
+        return np.zeros_like(under)
+    return under
 
 
 def _hugs_an_edge(mask: np.ndarray) -> bool:

@@ -6,7 +6,8 @@ peak RSS increase over the process's RSS just before (/proc/self/status VmHWM af
 torch and torchvision are imported before that, as in `digitsum predict`/`serve`). "before" is
 the preprocessing of commit 442c91f (predict.py before preprocess.py existed), loaded from git.
 "decode ms" is open_image() alone (median wall), "decoder" what read a large PNG (libspng whole;
-ISA-L / zlib-ng + libspng in strips; libpng; Pillow otherwise).
+ISA-L / zlib-ng + libspng in strips; libpng; "raw strips" for an uncompressed BMP, TIFF, TGA or
+PPM; Pillow otherwise).
 
 --decoders prints, instead, the decode alone of each PNG input by each candidate decoder side by
 side (one process, min and median wall ms of --repeats runs after a warm-up): Pillow, libpng
@@ -15,7 +16,7 @@ PNG's own channels), ISA-L inflate + libspng unfilter of one whole stored PNG, i
 installed, and ours (open_image). Other processes on the machine disturb both tables: the load
 average is printed with each row.
 
-    python benchmarks/preprocess_cost.py [--repeats 5] [--side 4096] [--decoders]
+    python benchmarks/preprocess_cost.py [--repeats 5] [--side 4096] [--only BMP,TIFF] [--decoders]
 
 Target (issue 10): <= 100 ms and <= 64 MB extra RSS for a 4096x4096 input on a 2-core CPU.
 """
@@ -101,6 +102,12 @@ def inputs(side: int) -> dict[str, bytes]:
         ("PNG L (paper grain)", Image.fromarray(noisy), "PNG", {}),
         ("PNG RGB (paper grain)", Image.fromarray(noisy).convert("RGB"), "PNG", {}),
         ("JPEG RGB q90 (paper grain)", Image.fromarray(noisy).convert("RGB"), "JPEG", {"quality": 90}),
+        # The other formats digitsum reads, less often this large:
+        ("BMP RGB (paper grain)", Image.fromarray(noisy).convert("RGB"), "BMP", {}),
+        ("TIFF RGB uncompressed (paper grain)", Image.fromarray(noisy).convert("RGB"), "TIFF", {}),
+        ("TIFF RGB LZW (paper grain)", Image.fromarray(noisy).convert("RGB"), "TIFF", {"compression": "tiff_lzw"}),
+        ("GIF (paper grain)", Image.fromarray(noisy), "GIF", {}),
+        ("WebP q90 (paper grain)", Image.fromarray(noisy).convert("RGB"), "WEBP", {"quality": 90}),
     ]:
         buffer = io.BytesIO()
         image.save(buffer, format=fmt, **options)
@@ -210,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--side", type=int, default=4096)
     parser.add_argument("--decoders", action="store_true", help="the decode-alone table of the candidate PNG decoders instead")
+    parser.add_argument("--only", default="", help="comma-separated substrings of input names to run (default: all)")
     args = parser.parse_args(argv)
     if args.decoders:
         decoders(args.side, args.repeats)
@@ -231,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, data in inputs(args.side).items():
+            if args.only and not any(part.strip() and part.strip() in name for part in args.only.split(",")):
+                continue
             path = Path(folder) / "input.bin"
             path.write_bytes(data)
             results = {}

@@ -837,6 +837,67 @@ def test_a_16_bit_or_animated_large_png_is_left_to_pillow():
         assert similar(preprocess_view(data), REFERENCE) > 0.95
 
 
+def _uncompressed(fmt: str, mode: str, size=(1101, 1203), **options) -> bytes:
+    """A grainy page with a 7 (odd sizes: BMP pads its rows) as an uncompressed file."""
+    rng = np.random.default_rng(len(fmt) + len(mode))
+    page = np.asarray(seven(size).convert("RGB"), np.int16) + rng.integers(-30, 31, (size[1], size[0], 3))
+    image = Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)).convert(mode)
+    return encoded(image, fmt, **options)
+
+
+@pytest.mark.parametrize(
+    "fmt, mode, options",
+    [
+        ("BMP", "RGB", {}),
+        ("BMP", "L", {}),
+        ("TIFF", "RGB", {}),
+        ("TIFF", "L", {}),
+        ("TIFF", "CMYK", {}),
+        ("TIFF", "RGB", {"tiffinfo": {278: 50}}),  # 25 strips of 50 rows (RowsPerStrip)
+        ("TGA", "RGB", {}),
+        ("PPM", "RGB", {}),
+        ("PPM", "L", {}),
+    ],
+)
+def test_a_large_uncompressed_image_is_read_in_strips_as_pillow_reads_it(fmt, mode, options):
+    data = _uncompressed(fmt, mode, **options)
+    image = preprocess.open_image(data, max_decoded_side=1024)
+    assert image.info[preprocess.DECODER_KEY] == "raw strips"
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data)).convert("L")))
+
+
+@pytest.mark.parametrize(
+    "fmt, mode, options",
+    [
+        ("TIFF", "RGB", {"compression": "tiff_lzw"}),
+        ("TGA", "RGB", {"compression": "tga_rle"}),
+        ("BMP", "P", {}),
+        ("TIFF", "RGBA", {}),
+        ("SGI", "RGB", {}),  # (planar: one tile per colour)
+        ("TIFF", "I;16", {}),
+    ],
+)
+def test_compressed_planar_palette_alpha_or_deep_images_are_left_to_pillow(fmt, mode, options):
+    data = _uncompressed(fmt, mode, **options)
+    assert preprocess.DECODER_KEY not in preprocess.open_image(data, max_decoded_side=1024).info
+    assert similar(preprocess_view(data), REFERENCE) > 0.9
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_large_uncompressed_tiff_keeps_its_orientation(orientation):
+    # Pillow turns a TIFF upright as it loads it; read in strips, the tag goes on to preprocess.
+    upright = seven((1200, 1200)).convert("RGB")
+    data = encoded(upright.transpose(ORIENTATIONS[orientation]), "TIFF", tiffinfo={274: orientation})
+    assert preprocess.open_image(data, max_decoded_side=1024).info[preprocess.DECODER_KEY] == "raw strips"
+    assert np.array_equal(preprocess_view(data), preprocess_view(encoded(upright, "TIFF")))
+
+
+def test_a_truncated_uncompressed_image_is_one_line_error():
+    data = _uncompressed("BMP", "RGB")
+    with pytest.raises(ImageError, match="damaged or truncated"):
+        preprocess_view(data[: len(data) // 2])
+
+
 @pytest.mark.parametrize("where", ["before the pixels", "after the pixels"])
 def test_a_large_png_keeps_its_exif_orientation_wherever_the_chunk_is(where):
     upright = seven((1100, 1300)).convert("RGB")

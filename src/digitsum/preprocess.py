@@ -239,6 +239,10 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
         grey = _png_as_grey(image, data)
         if grey is not None:
             return grey
+    if max_decoded_side and max(width, height) > max_decoded_side:
+        grey = _raw_as_grey(image, data)
+        if grey is not None:
+            return grey
     try:
         image.seek(0)  # GIF, animated WebP, multi-page TIFF: the first frame
         if max_decoded_side and image.format == "JPEG" and max(width, height) > max_decoded_side:
@@ -334,6 +338,59 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     result.info = dict(image.info)  # EXIF / XMP orientation (getexif reads info)
     result.info[DECODER_KEY] = decoder
     return result
+
+
+# Bits a pixel of the uncompressed ("raw") layouts _raw_as_grey reads; any other is left to Pillow.
+_RAW_BITS = {"L": 8, "RGB": 24, "BGR": 24, "RGBX": 32, "BGRX": 32, "XRGB": 32, "XBGR": 32, "CMYK": 32}
+
+
+def _raw_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
+    """A large uncompressed image (BMP, TIFF, TGA, PPM: pixels stored as they are, Pillow's "raw"
+    tiles of whole rows) decoded to grey in strips straight from the file's bytes: an "L" image
+    with the original's metadata and EXIF orientation, or None where Pillow decodes it whole
+    (compressed, planar, alpha, palette, 16-bit, truncated). Each strip is unpacked by Pillow's
+    own raw decoder (Image.frombuffer) and converted to grey at once, so no full-size colour copy
+    is made: a 4096x4096 RGB BMP took 48-84 ms to decode whole into 64 MB (RGBX), then its
+    reduction strip by strip.
+    """
+    if data is None or image.mode not in ("L", "RGB", "CMYK"):
+        return None
+    width, height = image.size
+    tiles = sorted(getattr(image, "tile", ()), key=lambda tile: tile.extents[1])
+    row = 0
+    for tile in tiles:  # whole rows, one after another, covering the image once
+        args = (tile.args,) if isinstance(tile.args, str) else tuple(tile.args or ())
+        if tile.codec_name != "raw" or not args or args[0] not in _RAW_BITS or tile.extents != (0, row, width, tile.extents[3]):
+            return None
+        stride = (args[1] if len(args) > 1 else 0) or (width * _RAW_BITS[args[0]] + 7) // 8
+        if stride * 8 < width * _RAW_BITS[args[0]] or tile.offset + stride * (tile.extents[3] - row) > len(data):
+            return None  # (truncated: Pillow says so)
+        row = tile.extents[3]
+    if row != height:
+        return None
+    grey = Image.new("L", (width, height))
+    buffer = memoryview(data)
+    for tile in tiles:
+        args = (tile.args,) if isinstance(tile.args, str) else tuple(tile.args)
+        rawmode, top, bottom = args[0], tile.extents[1], tile.extents[3]
+        stride = (args[1] if len(args) > 1 else 0) or (width * _RAW_BITS[rawmode] + 7) // 8
+        upward = len(args) > 2 and args[2] < 0  # rows stored bottom first (BMP, TGA)
+        for first in range(top, bottom, _STRIP_ROWS * 4):
+            count = min(_STRIP_ROWS * 4, bottom - first)
+            stored = (bottom - first - count) if upward else (first - top)  # its first row in the file
+            start = tile.offset + stored * stride
+            strip = Image.frombuffer(
+                image.mode, (width, count), buffer[start : start + count * stride], "raw", rawmode, stride, -1 if upward else 1
+            )
+            grey.paste(strip if strip.mode == "L" else strip.convert("L"), (0, first))
+    grey.info = dict(image.info)
+    orientation = _orientation(image)
+    if orientation != 1:  # (a TIFF's orientation is a tag of its own, not in info)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        grey.info["exif"] = exif.tobytes()
+    grey.info[DECODER_KEY] = "raw strips"
+    return grey
 
 
 # An IDAT stream larger than this fraction of its inflated size (paper grain, a photo: mostly

@@ -387,6 +387,30 @@ def test_a_screenshot_of_a_drawing_app_reads_the_canvas_not_its_toolbars(chrome)
     assert similar(view, REFERENCE) > 0.9
 
 
+@pytest.mark.parametrize("where", ["left", "bottom"])
+def test_a_toolbar_drawn_on_the_canvas_along_an_edge_is_not_the_digit(where):
+    # A light screenshot: the tool strip (a ladder of icon boxes, more ink than a thin digit) lies
+    # on the white canvas itself within 10% of an edge, so no sheet's outline leaves it out.
+    # Before: the strip on the left was read as a '1' (the one along the bottom was not).
+    def page(toolbar: bool) -> bytes:
+        image = Image.new("L", (800, 600), 250)
+        image.paste(seven((200, 200), ink=40, paper=250, width=14), (330, 200))
+        draw = ImageDraw.Draw(image)
+        for k in range(14 if toolbar else 0):
+            box = (14, 40 + 36 * k, 52, 76 + 36 * k) if where == "left" else (60 + 48 * k, 552, 108 + 48 * k, 588)
+            draw.rectangle(box, outline=60, width=4)
+        return encoded(lit(image, 0.15), "JPEG", quality=90)
+
+    assert similar(preprocess_view(page(toolbar=True)), preprocess_view(page(toolbar=False))) > 0.9
+
+
+def test_a_small_digit_near_an_edge_with_nothing_else_is_still_read():
+    page = Image.new("L", (900, 700), 245)
+    page.paste(seven((60, 60), ink=30, paper=245, width=20), (4, 320))  # wholly within 10% of the left edge
+    view = preprocess_view(encoded(lit(page, 0.2), "JPEG", quality=90))
+    assert similar(view, REFERENCE) > 0.85
+
+
 def test_a_hard_shadow_over_most_of_the_page_is_not_a_dark_ground():
     # A shadow at 45% light covers the whole border and most of the page (a hand, a phone); the
     # digit lies in it, a lit patch above. The border's one level is the shadow, not the paper.

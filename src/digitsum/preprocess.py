@@ -1445,6 +1445,16 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
         keep[:] = True  # only lines: better the lines than nothing (the user sees the view)
     keep &= ~_rings(labels, boxes, mass, keep)
     keep &= ~_underlines(boxes, mass, keep)
+    # Furniture along an edge: ink lying wholly within 5% of one edge of the image, or within 10%
+    # and at least three times longer along it than across (a drawing app's toolbar in a
+    # screenshot, a scanner's margin), is no digit where a real stroke (a tenth of its ink or
+    # more) lies elsewhere.
+    tall, wide = bottom - top >= 3 * (right - left), right - left >= 3 * (bottom - top)
+    hugging = (bottom <= 0.05 * height) | (top >= 0.95 * height) | (right <= 0.05 * width) | (left >= 0.95 * width)
+    hugging |= wide & ((bottom <= 0.1 * height) | (top >= 0.9 * height))
+    hugging |= tall & ((right <= 0.1 * width) | (left >= 0.9 * width))
+    if min(height, width) >= 40 and (keep & ~hugging & (mass >= 0.1 * mass[keep].max())).any():
+        keep &= ~hugging
     main = np.flatnonzero(keep)[np.argmax(mass[keep])]
     # Pieces of the digit: a broken stroke's fragments right next to it, or a real stroke (a 4's
     # or 5's second stroke) a little further. Not specks, nor a chain of them.

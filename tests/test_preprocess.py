@@ -459,6 +459,51 @@ def test_a_circle_box_or_underline_drawn_around_the_digit_is_not_the_digit(kind,
     assert similar(preprocess_view(page), preprocess_view(plain)) > 0.95
 
 
+@settings(max_examples=examples(60), deadline=None)
+@given(
+    kind=st.sampled_from(["circle", "box", "underline", "double underline"]),
+    side=st.integers(120, 400),
+    pen=st.integers(2, 14),
+    gap=st.floats(0.08, 0.4),
+    opening=st.floats(0, 40),
+    where=st.tuples(st.floats(0.2, 0.8), st.floats(0.2, 0.8)),
+    photo=st.booleans(),
+)
+def test_any_mark_drawn_around_or_under_a_digit_without_touching_it_is_dropped(kind, side, pen, gap, opening, where, photo):
+    from hypothesis import assume
+
+    size = (int(side * 2.6), int(side * 2.2))
+    digit = seven((side, side), ink=0, paper=255, width=round(pen * 280 / side))  # (the same pen as the mark's)
+    page = Image.new("L", size, 250)
+    left, top = int(where[0] * (size[0] - side)), int(where[1] * (size[1] - side))
+    page.paste(digit, (left, top), mask=digit.point(lambda v: 255 - v))
+    box = [
+        left + 0.25 * side - gap * side,
+        top + 0.21 * side - gap * side,
+        left + 0.75 * side + gap * side,
+        top + 0.82 * side + gap * side,
+    ]
+    mark = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mark)
+    if kind == "circle":
+        wider = [box[0] - 0.2 * side, box[1] - 0.15 * side, box[2] + 0.2 * side, box[3] + 0.15 * side]
+        draw.arc(wider, 90 + opening / 2, 90 - opening / 2 + 360, fill=255, width=pen)
+    elif kind == "box":
+        draw.rectangle(box, outline=255, width=pen)
+    else:
+        for k in range(2 if kind == "double underline" else 1):
+            y = box[3] + k * 3 * pen
+            draw.line([(box[0], y), (box[2], y + 0.03 * side)], fill=255, width=pen)
+    near = ndimage.binary_dilation(np.asarray(page) < 200, iterations=3)
+    assume(not (near & (np.asarray(mark) > 0)).any())  # (touching, the mark is part of the digit)
+    marked_page = Image.composite(Image.new("L", size, 0), page, mark)
+    if photo:  # uneven light, blur, JPEG
+        marked_page, page = (
+            encoded(lit(p, 0.25).filter(ImageFilter.GaussianBlur(1)), "JPEG", quality=88) for p in (marked_page, page)
+        )
+    assert similar(preprocess_view(marked_page), preprocess_view(page)) > 0.9
+
+
 def strokes(size, *shapes) -> np.ndarray:
     """An ink map (1 = ink) of lines, arcs and dots drawn 8 px wide."""
     image = Image.new("L", size, 0)

@@ -1482,7 +1482,7 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
 
 
 RING_CONTENT = 0.25  # a ring's content spans at least this share of the ring's longer side ...
-RING_MASS = 0.1  # ... and has at least this share of its ink (a dotted zero's dot: about 0.05) ...
+RING_MASS = 0.03  # ... and has at least this share of its ink (a dotted zero's dot: 0.03-0.09, its extent guards it) ...
 RING_AROUND = 0.75  # ... and the ring lies in this share of the directions from the content's centre
 RING_SECTORS = 36
 
@@ -1490,49 +1490,91 @@ RING_SECTORS = 36
 def _rings(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """bool per component: a circle or box drawn around the digit, not touching it.
 
-    A ring is a component whose bounding box holds other ink with a margin on every side, enough
-    of it (RING_CONTENT, RING_MASS) to be a digit rather than a dot in a 0's loop, and lies in
+    A ring is a component - or two: a circle drawn in two strokes, or split where the image's edge
+    cuts it - whose bounding box holds other ink with a margin on every side, enough of it
+    (RING_CONTENT, RING_MASS) to be a digit rather than a dot in a 0's loop, and that lies in
     RING_AROUND of the directions seen from that ink's centre: a circle, a box, also one left open
     by the pen or cut by the image's edge. A 7's cross-bar drawn apart lies inside the 7's box, but
     the 7 is above, right of and below it only: no ring.
     """
-    height, width = labels.shape
-    top, left, bottom, right = boxes.T
     significant = keep & (mass >= 0.01 * mass[keep].max())
     rings = np.zeros(len(boxes), bool)
-    for r in np.flatnonzero(significant & (bottom - top >= 8) & (right - left >= 8)):
-        inside = significant & (top > top[r]) & (bottom < bottom[r]) & (left > left[r]) & (right < right[r])
-        if not inside.any() or mass[inside].sum() < RING_MASS * mass[r]:
-            continue
-        extent = max(bottom[inside].max() - top[inside].min(), right[inside].max() - left[inside].min())
-        if extent < RING_CONTENT * max(bottom[r] - top[r], right[r] - left[r]):
-            continue
-        region = labels[top[r] : bottom[r], left[r] : right[r]]
-        content_y, content_x = np.nonzero(np.isin(region, np.flatnonzero(inside) + 1))
-        ring_y, ring_x = np.nonzero(region == r + 1)
-        centre_y, centre_x = content_y.mean(), content_x.mean()
-        # The directions from the content's centre in which the ring lies, in RING_SECTORS sectors;
-        # a sector with no ring pixel counts too where its ray leaves the image, within the ring's
-        # reach, through an edge that the ring runs up to (the ring goes on beyond the frame).
-        sectors = np.zeros(RING_SECTORS, bool)
-        angle = np.arctan2(ring_y - centre_y, ring_x - centre_x)
-        sectors[((angle + np.pi) / (2 * np.pi) * RING_SECTORS).astype(int) % RING_SECTORS] = True
-        reach = 1.15 * np.hypot(ring_y - centre_y, ring_x - centre_x).max()
-        y, x = top[r] + centre_y, left[r] + centre_x  # (image coordinates)
-        for sector in np.flatnonzero(~sectors):
-            theta = (sector + 0.5) / RING_SECTORS * 2 * np.pi - np.pi
-            dy, dx = np.sin(theta), np.cos(theta)
-            exits = [
-                ((height - y) / dy, bottom[r] == height) if dy > 0 else (y / -dy, top[r] == 0),
-                ((width - x) / dx, right[r] == width) if dx > 0 else (x / -dx, left[r] == 0),
-            ]
-            distance, open_edge = min(exits)
-            sectors[sector] = open_edge and distance <= reach
-        if sectors.mean() >= RING_AROUND:
+    found = []  # (the ring's pieces, the box of the ink it holds)
+    for r in np.flatnonzero(significant):
+        content = _encloses(labels, boxes, mass, significant, [r])
+        if content is not None:
             rings[r] = True
+            found.append(([r], content))
+    if not rings.any():  # two pieces, among the largest few (6 x 5 / 2 pairs at most)
+        largest = [int(i) for i in np.argsort(-np.where(significant, mass, -1.0))[:6] if significant[i]]
+        for i, first in enumerate(largest):
+            for second in largest[i + 1 :]:
+                content = None if rings[[first, second]].any() else _encloses(labels, boxes, mass, significant, [first, second])
+                if content is not None:
+                    rings[[first, second]] = True
+                    found.append(([first, second], content))
+    # More pieces of a ring that the image's edges cut up: ink in the ring's box, none of which
+    # comes near the box of the ink it holds (within a tenth of that box's size).
+    for members, (c_top, c_left, c_bottom, c_right) in found:
+        margin = 0.1 * max(c_bottom - c_top, c_right - c_left)
+        near = labels[
+            max(0, int(c_top - margin)) : int(c_bottom + margin) + 1, max(0, int(c_left - margin)) : int(c_right + margin) + 1
+        ]
+        touching = np.zeros(len(boxes) + 1, bool)
+        touching[np.unique(near)] = True
+        rings |= significant & ~touching[1:] & _overlap(boxes, boxes[members])
     if rings.all() or not (keep & ~rings).any():
         return np.zeros_like(rings)
     return rings
+
+
+def _overlap(boxes: np.ndarray, pieces: np.ndarray) -> np.ndarray:
+    """bool per box of `boxes` (top, left, bottom, right): whether it overlaps the box around all `pieces`."""
+    if not len(pieces):
+        return np.zeros(len(boxes), bool)
+    top, left, bottom, right = boxes.T
+    return (top < pieces[:, 2].max()) & (bottom > pieces[:, 0].min()) & (left < pieces[:, 3].max()) & (right > pieces[:, 1].min())
+
+
+def _encloses(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, significant: np.ndarray, members: list) -> tuple | None:
+    """The box (top, left, bottom, right) of the significant ink that the components `members`
+    together form a ring around (_rings), or None where they form none."""
+    height, width = labels.shape
+    top, left, bottom, right = boxes.T
+    r_top, r_left, r_bottom, r_right = top[members].min(), left[members].min(), bottom[members].max(), right[members].max()
+    if r_bottom - r_top < 8 or r_right - r_left < 8:
+        return None
+    inside = significant & (top > r_top) & (bottom < r_bottom) & (left > r_left) & (right < r_right)
+    inside[members] = False
+    if not inside.any() or mass[inside].sum() < RING_MASS * mass[members].sum():
+        return None
+    extent = max(bottom[inside].max() - top[inside].min(), right[inside].max() - left[inside].min())
+    if extent < RING_CONTENT * max(r_bottom - r_top, r_right - r_left):
+        return None
+    region = labels[r_top:r_bottom, r_left:r_right]
+    content_y, content_x = np.nonzero(np.isin(region, np.flatnonzero(inside) + 1))
+    ring_y, ring_x = np.nonzero(np.isin(region, np.asarray(members) + 1))
+    centre_y, centre_x = content_y.mean(), content_x.mean()
+    # The directions from the content's centre in which the ring lies, in RING_SECTORS sectors;
+    # a sector with no ring pixel counts too where its ray leaves the image, within the ring's
+    # reach, through an edge that the ring runs up to (the ring goes on beyond the frame).
+    sectors = np.zeros(RING_SECTORS, bool)
+    angle = np.arctan2(ring_y - centre_y, ring_x - centre_x)
+    sectors[((angle + np.pi) / (2 * np.pi) * RING_SECTORS).astype(int) % RING_SECTORS] = True
+    reach = 1.15 * np.hypot(ring_y - centre_y, ring_x - centre_x).max()
+    y, x = r_top + centre_y, r_left + centre_x  # (image coordinates)
+    for sector in np.flatnonzero(~sectors):
+        theta = (sector + 0.5) / RING_SECTORS * 2 * np.pi - np.pi
+        dy, dx = np.sin(theta), np.cos(theta)
+        exits = [
+            ((height - y) / dy, r_bottom == height) if dy > 0 else (y / -dy, r_top == 0),
+            ((width - x) / dx, r_right == width) if dx > 0 else (x / -dx, r_left == 0),
+        ]
+        distance, open_edge = min(exits)
+        sectors[sector] = open_edge and distance <= reach
+    if sectors.mean() < RING_AROUND:
+        return None
+    return top[inside].min(), left[inside].min(), bottom[inside].max(), right[inside].max()
 
 
 def _underlines(boxes: np.ndarray, mass: np.ndarray, keep: np.ndarray) -> np.ndarray:

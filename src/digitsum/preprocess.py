@@ -1485,6 +1485,7 @@ RING_CONTENT = 0.25  # a ring's content spans at least this share of the ring's 
 RING_MASS = 0.03  # ... and has at least this share of its ink (a dotted zero's dot: 0.03-0.09, its extent guards it) ...
 RING_AROUND = 0.75  # ... and the ring lies in this share of the directions from the content's centre
 RING_SECTORS = 36
+RING_CANDIDATES = 20  # components (by box area) tried as a ring, and lines (by length) as an underline
 
 
 def _rings(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -1500,7 +1501,12 @@ def _rings(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, keep: np.nda
     significant = keep & (mass >= 0.01 * mass[keep].max())
     rings = np.zeros(len(boxes), bool)
     found = []  # (the ring's pieces, the box of the ink it holds)
-    for r in np.flatnonzero(significant):
+    # A ring holds a digit: it is among the few largest boxes (bounded work on a page of noise).
+    top, left, bottom, right = boxes.T
+    area = np.where(significant & (bottom - top >= 8) & (right - left >= 8), (bottom - top) * (right - left), 0)
+    for r in np.argsort(-area)[:RING_CANDIDATES]:
+        if not area[r]:
+            break
         content = _encloses(labels, boxes, mass, significant, [r])
         if content is not None:
             rings[r] = True
@@ -1590,7 +1596,9 @@ def _underlines(boxes: np.ndarray, mass: np.ndarray, keep: np.ndarray) -> np.nda
     thickness = bottom - top
     lines = significant & (right - left >= 4 * thickness) & (right - left >= 8)
     under = np.zeros(len(boxes), bool)
-    for i in np.flatnonzero(lines):
+    for i in np.argsort(-np.where(lines, right - left, 0))[:RING_CANDIDATES]:
+        if not lines[i]:
+            break
         reach = 0.25 * (right[i] - left[i])  # (ink in its columns and a little beyond its ends)
         over = significant & ~lines & (right > left[i] - reach) & (left < right[i] + reach)
         above = over & (bottom <= top[i] + 0.5 * thickness[i])

@@ -363,11 +363,32 @@ def _raw_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
         if tile.codec_name != "raw" or not args or args[0] not in _RAW_BITS or tile.extents != (0, row, width, tile.extents[3]):
             return None
         stride = (args[1] if len(args) > 1 else 0) or (width * _RAW_BITS[args[0]] + 7) // 8
-        if stride * 8 < width * _RAW_BITS[args[0]] or tile.offset + stride * (tile.extents[3] - row) > len(data):
-            return None  # (truncated: Pillow says so)
+        if (
+            stride * 8 < width * _RAW_BITS[args[0]]
+            or tile.offset < 0
+            or tile.offset + stride * (tile.extents[3] - row) > len(data)
+        ):
+            return None  # (truncated or odd: Pillow says so)
         row = tile.extents[3]
     if row != height:
         return None
+    try:
+        grey = _raw_strips(image, data, tiles)
+    except (ValueError, OSError, MemoryError):  # whatever Pillow's raw decoder refuses, Pillow reads or explains
+        return None
+    grey.info = dict(image.info)
+    orientation = _orientation(image)
+    if orientation != 1:  # (a TIFF's orientation is a tag of its own, not in info)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        grey.info["exif"] = exif.tobytes()
+    grey.info[DECODER_KEY] = "raw strips"
+    return grey
+
+
+def _raw_strips(image: Image.Image, data: bytes, tiles: list) -> Image.Image:
+    """_raw_as_grey's decoding: the checked raw `tiles` of `image`, strip by strip, to one "L" image."""
+    width, height = image.size
     grey = Image.new("L", (width, height))
     buffer = memoryview(data)
     for tile in tiles:
@@ -383,13 +404,6 @@ def _raw_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
                 image.mode, (width, count), buffer[start : start + count * stride], "raw", rawmode, stride, -1 if upward else 1
             )
             grey.paste(strip if strip.mode == "L" else strip.convert("L"), (0, first))
-    grey.info = dict(image.info)
-    orientation = _orientation(image)
-    if orientation != 1:  # (a TIFF's orientation is a tag of its own, not in info)
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        grey.info["exif"] = exif.tobytes()
-    grey.info[DECODER_KEY] = "raw strips"
     return grey
 
 

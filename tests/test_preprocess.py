@@ -515,6 +515,29 @@ def strokes(size, *shapes) -> np.ndarray:
     return np.asarray(image, np.float32) / 255
 
 
+def test_a_fine_pens_eight_broken_into_its_sides_and_middle_is_no_ring():
+    # The two sides of an 8's outline (split at its top and bottom) hold its middle cross 2-3 px
+    # from them: without RING_GAP's clear gap they would be a ring around a digit.
+    y, x = np.mgrid[0:400, 0:400].astype(np.float32)
+    outline = np.abs(np.hypot((x - 200) / 90, (y - 200) / 170) - 1) * 90 < 1.5
+    outline &= np.abs(x - 200) > 6
+    cross = np.minimum(np.abs((y - 200) - 1.6 * (x - 200)), np.abs((y - 200) + 1.6 * (x - 200))) < 1.5
+    cross &= ndimage.distance_transform_edt(~outline) > 2.5
+    ink = (outline | cross).astype(np.float32)
+    assert ndimage.label(ink > 0, structure=np.ones((3, 3), bool))[1] >= 3
+    assert (preprocess.digit_mask(ink) >= (ink > 0.5)).all()
+
+
+def test_a_dark_note_around_a_light_digit_is_no_ring():
+    # Read with the wrong polarity (as flat_field's first readings may), a dark note with a light 0
+    # on it is an area with a 0-shaped cut holding the 0's inside: no pen draws that (RING_PEN).
+    y, x = np.mgrid[0:400, 0:400].astype(np.float32)
+    note = (np.abs(x - 200) < 140) & (np.abs(y - 200) < 140)
+    zero = np.abs(np.hypot((x - 200) / 60, (y - 200) / 100) - 1) * 60 < 6
+    ink = (note & ~zero).astype(np.float32)
+    assert (preprocess.digit_mask(ink) >= (ink > 0.5)).all()
+
+
 @pytest.mark.parametrize(
     "name, pieces",
     [

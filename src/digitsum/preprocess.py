@@ -1497,8 +1497,13 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
 
 RING_CONTENT = 0.25  # a ring's content spans at least this share of the ring's longer side ...
 RING_MASS = 0.03  # ... and has at least this share of its ink (a dotted zero's dot: 0.03-0.09, its extent guards it) ...
-RING_AROUND = 0.75  # ... and the ring lies in this share of the directions from the content's centre
+RING_AROUND = 0.75  # ... and the ring lies in this share of the directions from the content's centre ...
 RING_SECTORS = 36
+RING_GAP = 0.01  # ... and no nearer to it than this share of the ring's longer side (and 3 px) ...
+RING_GAP_PX = 3.0
+RING_PEN = (
+    0.16  # ... and its strokes no wider than this share of it (boxes drawn: 0.07-0.12; a note around a light digit: 0.2-0.3)
+)
 RING_CANDIDATES = 20  # components (by box area) tried as a ring, and lines (by length) as an underline
 
 
@@ -1510,7 +1515,9 @@ def _rings(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, keep: np.nda
     (RING_CONTENT, RING_MASS) to be a digit rather than a dot in a 0's loop, and that lies in
     RING_AROUND of the directions seen from that ink's centre: a circle, a box, also one left open
     by the pen or cut by the image's edge. A 7's cross-bar drawn apart lies inside the 7's box, but
-    the 7 is above, right of and below it only: no ring.
+    the 7 is above, right of and below it only: no ring. A ring is a pen's line (RING_PEN), clear
+    of what it holds (RING_GAP): a fine pen's 8 broken into its two sides and its middle, or a dark
+    note around a light digit, is none.
     """
     significant = keep & (mass >= 0.01 * mass[keep].max())
     rings = np.zeros(len(boxes), bool)
@@ -1593,6 +1600,15 @@ def _encloses(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, significa
         distance, open_edge = min(exits)
         sectors[sector] = open_edge and distance <= reach
     if sectors.mean() < RING_AROUND:
+        return None
+    # Apart from what it holds, by a clear gap: the pieces of a digit broken by a fine pen lie
+    # a pixel or two apart (an 8's two sides around its middle). And a line, not an area: a dark
+    # note around a light digit is a ground, not a ring (`_page` and polarity deal with it).
+    ring = np.isin(region, np.asarray(members) + 1)
+    size = max(r_bottom - r_top, r_right - r_left)
+    if ndimage.distance_transform_edt(~ring)[content_y, content_x].min() < max(RING_GAP_PX, RING_GAP * size):
+        return None
+    if _stroke_width(np.pad(ring, 1)) > RING_PEN * size:  # (padded: a box's sides are flush with its crop)
         return None
     return top[inside].min(), left[inside].min(), bottom[inside].max(), right[inside].max()
 

@@ -11,8 +11,8 @@ as `digitsum evaluate` runs it).
 Targets (issue 10): >= 97% in every condition, and overall within 1.5 points of the tensor path.
 A second table runs the same way over conditions beyond the issue's list (a sheet or a sticky
 note photographed on a desk, a fine brush on a large canvas, a digit cropped to its edges, a dim
-noisy photo, chalk on a board, white on black), found by trying what users send; `--only` picks
-from both tables.
+noisy photo, chalk on a board, white on black, a digit circled, boxed or underlined), found by
+trying what users send; `--only` picks from both tables.
 """
 
 from __future__ import annotations
@@ -469,7 +469,7 @@ def marked(rng, digit):
     left = int(rng.integers(int(0.6 * w) + 10, max(int(0.6 * w) + 11, size[1] - int(1.6 * w) - 10)))
     layer = paste(np.zeros(size), cover, top, left)
     near = ndimage.binary_dilation(layer > 0.05, iterations=2)
-    for _ in range(20):  # a mark that touches the digit is part of it: draw another
+    for _ in range(20):  # a mark that touches the digit is part of it: draw another (20 tries)
         mark, _ = _marked_layer(rng, size, (top, left, h, w), height * (2.0 + 2.5 * stroke) / 28 * rng.uniform(0.6, 1.0))
         if not (near & (mark > 0.05)).any():
             break

@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from budget import examples  # fewer examples in the fast subset
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFilter
@@ -470,8 +470,6 @@ def test_a_circle_box_or_underline_drawn_around_the_digit_is_not_the_digit(kind,
     photo=st.booleans(),
 )
 def test_any_mark_drawn_around_or_under_a_digit_without_touching_it_is_dropped(kind, side, pen, gap, opening, where, photo):
-    from hypothesis import assume
-
     size = (int(side * 2.6), int(side * 2.2))
     digit = seven((side, side), ink=0, paper=255, width=round(pen * 280 / side))  # (the same pen as the mark's)
     page = Image.new("L", size, 250)

@@ -350,8 +350,9 @@ def _raw_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     with the original's metadata and EXIF orientation, or None where Pillow decodes it whole
     (compressed, planar, alpha, palette, 16-bit, truncated). Each strip is unpacked by Pillow's
     own raw decoder (Image.frombuffer) and converted to grey at once, so no full-size colour copy
-    is made: a 4096x4096 RGB BMP took 48-84 ms to decode whole into 64 MB (RGBX), then its
-    reduction strip by strip.
+    is made (Pillow decodes RGB whole into 4 bytes a pixel: 64 MB at 4096x4096). Whole
+    preprocessing of a grainy 4096x4096 RGB page (benchmarks/preprocess_cost.py): BMP 144 -> 67 ms,
+    uncompressed TIFF 153 -> 61 ms, +45 MB.
     """
     if data is None or image.mode not in ("L", "RGB", "CMYK"):
         return None
@@ -360,7 +361,13 @@ def _raw_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     row = 0
     for tile in tiles:  # whole rows, one after another, covering the image once
         args = (tile.args,) if isinstance(tile.args, str) else tuple(tile.args or ())
-        if tile.codec_name != "raw" or not args or args[0] not in _RAW_BITS or tile.extents != (0, row, width, tile.extents[3]):
+        if (
+            tile.codec_name != "raw"
+            or not args
+            or args[0] not in _RAW_BITS
+            or tile.extents != (0, row, width, tile.extents[3])
+            or tile.extents[3] <= row
+        ):
             return None
         stride = (args[1] if len(args) > 1 else 0) or (width * _RAW_BITS[args[0]] + 7) // 8
         if (

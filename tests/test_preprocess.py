@@ -973,6 +973,38 @@ def test_compressed_planar_palette_alpha_or_deep_images_are_left_to_pillow(fmt, 
     assert similar(preprocess_view(data), REFERENCE) > 0.9
 
 
+@pytest.mark.parametrize("options", [{"quality": 90}, {"lossless": True}])
+def test_a_large_opaque_webp_is_decoded_by_libwebp_to_pillows_grey(options):
+    data = _uncompressed("WEBP", "RGB", **options)
+    image = preprocess.open_image(data, max_decoded_side=1024)
+    assert image.info[preprocess.DECODER_KEY] == "libwebp (torchvision)"
+    pillows = np.asarray(Image.open(io.BytesIO(data)).convert("L"), np.int16)
+    assert np.abs(np.asarray(image, np.int16) - pillows).max() <= 2  # (two builds of libwebp: the same levels so far)
+
+
+def test_a_large_webp_keeps_its_exif_orientation():
+    upright = seven((1200, 1100)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encoded(upright.transpose(ORIENTATIONS[6]), "WEBP", quality=90, exif=exif.tobytes())
+    assert preprocess.open_image(data, max_decoded_side=1024).info[preprocess.DECODER_KEY] == "libwebp (torchvision)"
+    assert similar(preprocess_view(data), preprocess_view(encoded(upright, "WEBP", quality=90))) > 0.98
+
+
+def test_a_transparent_animated_or_damaged_large_webp_is_left_to_pillow():
+    frames = [seven((1100, 1300)).convert("RGB"), seven((1100, 1300), ink=80).convert("RGB")]
+    animated = io.BytesIO()
+    frames[0].save(animated, "WEBP", save_all=True, append_images=frames[1:])
+    canvas = Image.new("RGBA", (1100, 1300), (0, 0, 0, 0))  # a drawing app's transparent canvas
+    canvas.putalpha(seven((1100, 1300)).point(lambda v: 255 - v))
+    for data in (encoded(canvas, "WEBP", lossless=True), animated.getvalue()):
+        assert preprocess.DECODER_KEY not in preprocess.open_image(data, max_decoded_side=1024).info
+        assert similar(preprocess_view(data), REFERENCE) > 0.9
+    data = _uncompressed("WEBP", "RGB", quality=90)
+    with pytest.raises(ImageError, match="cannot be read|damaged or truncated"):  # (Pillow's word on it)
+        preprocess_view(data[: len(data) // 2])
+
+
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_a_large_uncompressed_tiff_keeps_its_orientation(orientation):
     # Pillow turns a TIFF upright as it loads it; read in strips, the tag goes on to preprocess.

@@ -357,30 +357,26 @@ def _raw_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     if data is None or image.mode not in ("L", "RGB", "CMYK"):
         return None
     width, height = image.size
-    tiles = sorted(getattr(image, "tile", ()), key=lambda tile: tile.extents[1])
-    row = 0
-    for tile in tiles:  # whole rows, one after another, covering the image once
+    strips = []  # (first row, end row, offset in the file, raw mode, bytes a row, rows stored bottom first)
+    for tile in sorted(getattr(image, "tile", ()), key=lambda tile: tile.extents[1]):  # whole rows, in order, once
         args = (tile.args,) if isinstance(tile.args, str) else tuple(tile.args or ())
+        top, bottom = tile.extents[1], tile.extents[3]
         if (
             tile.codec_name != "raw"
             or not args
             or args[0] not in _RAW_BITS
-            or tile.extents != (0, row, width, tile.extents[3])
-            or tile.extents[3] <= row
+            or tile.extents != (0, strips[-1][1] if strips else 0, width, bottom)
+            or bottom <= top
         ):
             return None
         stride = (args[1] if len(args) > 1 else 0) or (width * _RAW_BITS[args[0]] + 7) // 8
-        if (
-            stride * 8 < width * _RAW_BITS[args[0]]
-            or tile.offset < 0
-            or tile.offset + stride * (tile.extents[3] - row) > len(data)
-        ):
+        if stride * 8 < width * _RAW_BITS[args[0]] or tile.offset < 0 or tile.offset + stride * (bottom - top) > len(data):
             return None  # (truncated or odd: Pillow says so)
-        row = tile.extents[3]
-    if row != height:
+        strips.append((top, bottom, tile.offset, args[0], stride, len(args) > 2 and args[2] < 0))  # (BMP, TGA: bottom first)
+    if not strips or strips[-1][1] != height:
         return None
     try:
-        grey = _raw_strips(image, data, tiles)
+        grey = _raw_strips(image, data, strips)
     except (ValueError, OSError, MemoryError):  # whatever Pillow's raw decoder refuses, Pillow reads or explains
         return None
     grey.info = dict(image.info)
@@ -393,22 +389,22 @@ def _raw_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     return grey
 
 
-def _raw_strips(image: Image.Image, data: bytes, tiles: list) -> Image.Image:
-    """_raw_as_grey's decoding: the checked raw `tiles` of `image`, strip by strip, to one "L" image."""
-    width, height = image.size
-    grey = Image.new("L", (width, height))
+def _raw_strips(image: Image.Image, data: bytes, strips: list) -> Image.Image:
+    """_raw_as_grey's decoding: the checked row ranges `strips` of `image`, 256 rows at a time, to one "L" image."""
+    grey = Image.new("L", image.size)
     buffer = memoryview(data)
-    for tile in tiles:
-        args = (tile.args,) if isinstance(tile.args, str) else tuple(tile.args)
-        rawmode, top, bottom = args[0], tile.extents[1], tile.extents[3]
-        stride = (args[1] if len(args) > 1 else 0) or (width * _RAW_BITS[rawmode] + 7) // 8
-        upward = len(args) > 2 and args[2] < 0  # rows stored bottom first (BMP, TGA)
+    for top, bottom, offset, rawmode, stride, upward in strips:
         for first in range(top, bottom, _STRIP_ROWS * 4):
             count = min(_STRIP_ROWS * 4, bottom - first)
-            stored = (bottom - first - count) if upward else (first - top)  # its first row in the file
-            start = tile.offset + stored * stride
+            start = offset + ((bottom - first - count) if upward else (first - top)) * stride  # its first row in the file
             strip = Image.frombuffer(
-                image.mode, (width, count), buffer[start : start + count * stride], "raw", rawmode, stride, -1 if upward else 1
+                image.mode,
+                (image.width, count),
+                buffer[start : start + count * stride],
+                "raw",
+                rawmode,
+                stride,
+                -1 if upward else 1,
             )
             grey.paste(strip if strip.mode == "L" else strip.convert("L"), (0, first))
     return grey
@@ -416,10 +412,10 @@ def _raw_strips(image: Image.Image, data: bytes, tiles: list) -> Image.Image:
 
 def _webp_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     """A large opaque still WebP decoded by torchvision's libwebp (`decode_webp`, to RGB) and turned
-    grey in strips with Pillow's weights: an "L" image carrying the metadata (EXIF), or None where
+    grey in strips by Pillow: an "L" image carrying the metadata (EXIF), or None where
     Pillow decodes it (transparency, animation, torchvision missing or refusing). Pillow's WebP
-    decoder hands over the whole picture as RGBA and converts it: a grainy 4096x4096 page took
-    383 ms and +256 MB to grey there, 317 ms and +74 MB here (same grey levels on that page).
+    decoder hands over the whole picture as RGBA: the whole preprocessing of a grainy 4096x4096
+    page took 432 ms and +261 MB that way, 334 ms and +78 MB this way (benchmarks/preprocess_cost.py).
     """
     if data is None or image.mode != "RGB" or getattr(image, "is_animated", False):
         return None
@@ -432,11 +428,10 @@ def _webp_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
         return None
     if planes.shape != (3, image.height, image.width):
         return None
-    grey = np.empty(planes.shape[1:], np.uint8)
-    for top in range(0, grey.shape[0], _STRIP_ROWS * 4):
-        red, green, blue = (plane[top : top + _STRIP_ROWS * 4].astype(np.uint32) for plane in planes)
-        grey[top : top + _STRIP_ROWS * 4] = (red * 19595 + green * 38470 + blue * 7471 + 0x8000) >> 16  # (Pillow's L)
-    result = Image.fromarray(grey, mode="L")
+    result = Image.new("L", image.size)
+    for top in range(0, image.height, _STRIP_ROWS * 4):  # (Pillow's own grey, a strip of interleaved RGB at a time)
+        strip = np.ascontiguousarray(planes[:, top : top + _STRIP_ROWS * 4].transpose(1, 2, 0))
+        result.paste(Image.fromarray(strip, mode="RGB").convert("L"), (0, top))
     result.info = dict(image.info)  # EXIF orientation (getexif reads info)
     result.info[DECODER_KEY] = "libwebp (torchvision)"
     return result
@@ -1034,12 +1029,9 @@ def _cropped_digit_ink(gray: np.ndarray, name: str) -> np.ndarray:
 def _without_marks(ink: np.ndarray) -> np.ndarray:
     """`ink` without a circle or box drawn around the digit (_rings) or a line drawn under it
     (_underlines): the one clean-up a clean canvas gets (a photo's digit_mask does the same)."""
-    strong = ink >= STRONG_INK
-    labels, count = ndimage.label(strong, structure=np.ones((3, 3), bool))
+    labels, count, mass, boxes = _components(ink >= STRONG_INK, ink)
     if count < 2:
         return ink
-    mass = np.bincount(labels[strong], weights=ink[strong], minlength=count + 1)[1:]
-    boxes = np.array([(r.start, c.start, r.stop, c.stop) for r, c in ndimage.find_objects(labels)])
     keep = ~_rings(labels, boxes, mass, np.ones(count, bool))
     keep &= ~_underlines(boxes, mass, keep)
     if keep.all():
@@ -1464,23 +1456,20 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
     ):
         lines[:] = False
     strong &= ~lines
-    labels, count = ndimage.label(strong, structure=np.ones((3, 3), bool))
+    labels, count, mass, boxes = _components(strong, ink)
     if count == 0:
         return np.zeros_like(strong)
-    # (over the labelled pixels only: the same sums, without the paper's - most of a grainy photo)
-    mass = np.bincount(labels[strong], weights=ink[strong], minlength=count + 1)[1:]
     area = np.bincount(labels[strong], minlength=count + 1)[1:]
-    boxes = np.array([(r.start, c.start, r.stop, c.stop) for r, c in ndimage.find_objects(labels)])
     top, left, bottom, right = boxes.T
     # A page border or a shadow band along it: from edge to edge and thin next to its length
     # (ruled lines are gone already, see _straight_lines).
     # ... lying along that edge (a tightly cropped '1' also runs from edge to edge, in the middle).
     # Or over most of an edge's length and all of it within 5% of that edge (touching it: 10%): a
     # scanner's dark margin beside a page scanned a degree askew runs out before the far end.
-    near_top_or_bottom = (bottom <= 0.05 * height) | (top >= 0.95 * height)
-    near_top_or_bottom |= ((top == 0) | (bottom == height)) & (bottom - top <= 0.1 * height)
-    near_left_or_right = (right <= 0.05 * width) | (left >= 0.95 * width)
-    near_left_or_right |= ((left == 0) | (right == width)) & (right - left <= 0.1 * width)
+    within_top_or_bottom = (bottom <= 0.05 * height) | (top >= 0.95 * height)  # (wholly within 5% of the edge)
+    within_left_or_right = (right <= 0.05 * width) | (left >= 0.95 * width)
+    near_top_or_bottom = within_top_or_bottom | (((top == 0) | (bottom == height)) & (bottom - top <= 0.1 * height))
+    near_left_or_right = within_left_or_right | (((left == 0) | (right == width)) & (right - left <= 0.1 * width))
     along_top_or_bottom = ((left == 0) & (right == width) & ((top < 0.1 * height) | (bottom > 0.9 * height))) | (
         near_top_or_bottom & (right - left >= LINE_SPAN * width)
     )
@@ -1499,7 +1488,7 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
     # screenshot, a scanner's margin), is no digit where a real stroke (a tenth of its ink or
     # more) lies elsewhere.
     tall, wide = bottom - top >= 3 * (right - left), right - left >= 3 * (bottom - top)
-    hugging = (bottom <= 0.05 * height) | (top >= 0.95 * height) | (right <= 0.05 * width) | (left >= 0.95 * width)
+    hugging = within_top_or_bottom | within_left_or_right
     hugging |= wide & ((bottom <= 0.1 * height) | (top >= 0.9 * height))
     hugging |= tall & ((right <= 0.1 * width) | (left >= 0.9 * width))
     if min(height, width) >= 40 and (keep & ~hugging & (mass >= 0.1 * mass[keep].max())).any():
@@ -1536,9 +1525,7 @@ RING_AROUND = 0.75  # ... and the ring lies in this share of the directions from
 RING_SECTORS = 36
 RING_GAP = 0.01  # ... and no nearer to it than this share of the ring's longer side (and 3 px) ...
 RING_GAP_PX = 3.0
-RING_PEN = (
-    0.16  # ... and its strokes no wider than this share of it (boxes drawn: 0.07-0.12; a note around a light digit: 0.2-0.3)
-)
+RING_PEN = 0.16  # ... and its strokes no wider than this share of it (drawn boxes 0.07-0.12; a dark note 0.2-0.3)
 RING_CANDIDATES = 20  # components (by box area) tried as a ring, and lines (by length) as an underline
 
 
@@ -1615,7 +1602,8 @@ def _encloses(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, significa
         return None
     region = labels[r_top:r_bottom, r_left:r_right]
     content_y, content_x = np.nonzero(np.isin(region, np.flatnonzero(inside) + 1))
-    ring_y, ring_x = np.nonzero(np.isin(region, np.asarray(members) + 1))
+    ring = np.isin(region, np.asarray(members) + 1)
+    ring_y, ring_x = np.nonzero(ring)
     centre_y, centre_x = content_y.mean(), content_x.mean()
     # The directions from the content's centre in which the ring lies, in RING_SECTORS sectors;
     # a sector with no ring pixel counts too where its ray leaves the image, within the ring's
@@ -1639,7 +1627,6 @@ def _encloses(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, significa
     # Apart from what it holds, by a clear gap: the pieces of a digit broken by a fine pen lie
     # a pixel or two apart (an 8's two sides around its middle). And a line, not an area: a dark
     # note around a light digit is a ground, not a ring (`_page` and polarity deal with it).
-    ring = np.isin(region, np.asarray(members) + 1)
     size = max(r_bottom - r_top, r_right - r_left)
     if ndimage.distance_transform_edt(~ring)[content_y, content_x].min() < max(RING_GAP_PX, RING_GAP * size):
         return None
@@ -1672,6 +1659,16 @@ def _underlines(boxes: np.ndarray, mass: np.ndarray, keep: np.ndarray) -> np.nda
     if not (keep & ~under).any():
         return np.zeros_like(under)
     return under
+
+
+def _components(strong: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """(labels, count, ink mass per component, boxes (count, 4) as top, left, bottom, right) of the
+    8-connected components of `strong`."""
+    labels, count = ndimage.label(strong, structure=np.ones((3, 3), bool))
+    # (over the labelled pixels only: the same sums, without the paper's - most of a grainy photo)
+    mass = np.bincount(labels[strong], weights=ink[strong], minlength=count + 1)[1:]
+    boxes = np.array([(r.start, c.start, r.stop, c.stop) for r, c in ndimage.find_objects(labels)]).reshape(-1, 4)
+    return labels, count, mass, boxes
 
 
 def _hugs_an_edge(mask: np.ndarray) -> bool:

@@ -507,9 +507,12 @@ def strokes(size, *shapes) -> np.ndarray:
     image = Image.new("L", size, 0)
     draw = ImageDraw.Draw(image)
     for kind, *where in shapes:
-        {"line": lambda w: draw.line(w, fill=255, width=8), "arc": lambda w: draw.arc(w, 0, 360, fill=255, width=8)}.get(
-            kind, lambda w: draw.ellipse(w, fill=255)
-        )(where)
+        if kind == "line":
+            draw.line(where, fill=255, width=8)
+        elif kind == "arc":  # (a whole ellipse's outline)
+            draw.arc(where, 0, 360, fill=255, width=8)
+        else:  # a dot
+            draw.ellipse(where, fill=255)
     return np.asarray(image, np.float32) / 255
 
 

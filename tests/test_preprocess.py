@@ -471,7 +471,10 @@ def test_a_circle_box_or_underline_drawn_around_the_digit_is_not_the_digit(kind,
 )
 def test_any_mark_drawn_around_or_under_a_digit_without_touching_it_is_dropped(kind, side, pen, gap, opening, where, photo):
     size = (int(side * 2.6), int(side * 2.2))
-    digit = seven((side, side), ink=0, paper=255, width=round(pen * 280 / side))  # (the same pen as the mark's)
+    # A pen of at least 2 px at working size (a page over 1,024 px is halved first): a 1 px line
+    # breaks into pieces there, and a ring or underline in pieces is not found (ARCHITECTURE 9).
+    assume(pen / max(1, max(size) // preprocess.WORK_SIDE) >= 2)
+    digit = seven((side, side), ink=0, paper=255, width=pen * 280 / side)  # (the mark's pen: `pen` px)
     page = Image.new("L", size, 250)
     left, top = int(where[0] * (size[0] - side)), int(where[1] * (size[1] - side))
     page.paste(digit, (left, top), mask=digit.point(lambda v: 255 - v))
@@ -492,7 +495,8 @@ def test_any_mark_drawn_around_or_under_a_digit_without_touching_it_is_dropped(k
         for k in range(2 if kind == "double underline" else 1):
             y = box[3] + k * 3 * pen
             draw.line([(box[0], y), (box[2], y + 0.03 * side)], fill=255, width=pen)
-    near = ndimage.binary_dilation(np.asarray(page) < 200, iterations=3)
+    # Clear of the digit: RING_GAP_PX (3 px) at working size, where a page over 1,024 px is halved.
+    near = ndimage.binary_dilation(np.asarray(page) < 200, iterations=7)
     assume(not (near & (np.asarray(mark) > 0)).any())  # (touching, the mark is part of the digit)
     marked_page = Image.composite(Image.new("L", size, 0), page, mark)
     if photo:  # uneven light, blur, JPEG

@@ -561,6 +561,74 @@ def test_a_digits_own_separate_strokes_are_no_ring_and_no_underline(name, pieces
     assert (preprocess.digit_mask(ink) >= (ink > 0.5)).all()  # every stroke kept
 
 
+def touching(kind: str) -> Image.Image:
+    """seven((400, 400)) with a circle or box drawn around it by the same pen, touching it: the
+    circle and the box at the stem's end."""
+    page = seven((400, 400), width=12)
+    draw = ImageDraw.Draw(page)
+    if kind == "circle":
+        draw.ellipse([30, 25, 370, 340], outline=0, width=12)
+    else:
+        draw.rectangle([55, 45, 335, 338], outline=0, width=12)
+    return page
+
+
+@pytest.mark.parametrize("kind", ["circle", "box"])
+@pytest.mark.parametrize("canvas", ["photo", "clean canvas"])
+def test_a_circle_or_box_touching_the_digit_is_not_the_digit(kind, canvas):
+    page, plain = touching(kind), seven((400, 400), width=12)
+    assert ndimage.label(np.asarray(page) < 128, structure=np.ones((3, 3), bool))[1] == 1  # one component
+    if canvas == "photo":
+        page, plain = (encoded(lit(p, 0.3).filter(ImageFilter.GaussianBlur(1)), "JPEG", quality=85) for p in (page, plain))
+    # (where they touch, the 7 loses the tip that lies in the ring's line: a little less alike)
+    assert similar(preprocess_view(page), preprocess_view(plain)) > 0.9
+
+
+def figure_eight(width: float, height: float, pen: int = 8) -> np.ndarray:
+    """An ink map of an 8 drawn in one stroke (its loops crossing in the middle), 400x400."""
+    t = np.linspace(0, 2 * np.pi, 400)
+    points = list(zip(200 + width / 2 * np.sin(2 * t), 200 + height / 2 * np.sin(t)))
+    image = Image.new("L", (400, 400), 0)
+    ImageDraw.Draw(image).line(points, fill=255, width=pen, joint="curve")
+    return np.asarray(image, np.float32) / 255
+
+
+@pytest.mark.parametrize(
+    "name, ink",
+    [
+        # a narrow 8: its outline closes around its crossing, which spans half of it
+        ("narrow eight", lambda: figure_eight(110, 330)),
+        ("eight", lambda: figure_eight(200, 320)),
+        # a 0 whose stroke runs on into its loop
+        ("zero with a tail", lambda: strokes((400, 400), ("arc", 110, 50, 290, 350), ("line", (200, 54), (230, 200)))),
+        ("zero", lambda: strokes((400, 400), ("arc", 110, 50, 290, 350))),
+        # a bold 8: its outline runs along its hull and round its middle, but does not close round it
+        ("bold eight", lambda: figure_eight(120, 300, 36)),
+        # a square 0 whose stroke runs on two thirds of the way down its inside: a stroke that long
+        # in a ring is a circled 1's length, but too little ink next to the ring's (RING_TOUCHED_MASS)
+        (
+            "square zero with a long tail",
+            lambda: strokes(
+                (400, 400), ("line", (60, 60), (340, 60), (340, 340), (60, 340), (60, 60)), ("line", (200, 64), (200, 254))
+            ),
+        ),
+        # a 6 and a 9: a loop with a hook (the outline runs away from the hull beside the hook)
+        ("six", lambda: strokes((400, 400), ("arc", 110, 180, 290, 350), ("line", (260, 50), (130, 150), (112, 265)))),
+        ("nine", lambda: strokes((400, 400), ("arc", 110, 50, 290, 220), ("line", (288, 130), (270, 250), (150, 350)))),
+    ],
+)
+def test_a_digit_alone_is_no_ring_touching_a_digit(name, ink):
+    ink = ink()
+    assert ndimage.label(ink > 0.5, structure=np.ones((3, 3), bool))[1] == 1
+    assert preprocess._touched_ring(*_components_of(ink)) is None
+    assert (preprocess.digit_mask(ink) >= (ink > 0.5)).all()  # every stroke kept
+
+
+def _components_of(ink: np.ndarray) -> tuple:
+    labels, _count, mass, boxes = preprocess._components(ink >= preprocess.STRONG_INK, ink)
+    return labels, boxes, mass
+
+
 def test_a_dim_grainy_photo_of_white_paper_has_dark_ink():
     # Paper at 47% grey (a dim room, underexposed) with sensor noise: a uniform border whose level
     # is neither clearly light nor clearly dark; the ink reaches far below it, nothing far above.

@@ -584,6 +584,12 @@ def test_a_circle_or_box_touching_the_digit_is_not_the_digit(kind, canvas):
     assert similar(preprocess_view(page), preprocess_view(plain)) > 0.9
 
 
+def test_a_touching_circle_is_dropped_without_opencv_too(monkeypatch):
+    with_opencv = preprocess_view(touching("circle"))
+    monkeypatch.setattr(preprocess, "_cv2", None)  # scipy's distances and hull instead
+    assert similar(preprocess_view(touching("circle")), with_opencv) > 0.98
+
+
 def figure_eight(width: float, height: float, pen: int = 8) -> np.ndarray:
     """An ink map of an 8 drawn in one stroke (its loops crossing in the middle), 400x400."""
     t = np.linspace(0, 2 * np.pi, 400)

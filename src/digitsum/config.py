@@ -296,7 +296,7 @@ def config_problem(config: TrainConfig) -> str:
 # Named recipes. Explicit flags override a preset's values. Each was chosen on the validation
 # split; the README lists the measurements behind them.
 PRESETS: dict[str, TrainConfig] = {
-    # What `make train` runs: 99.5% in 7 epochs, 40-55 s of training on a 2-core AMX CPU (bf16).
+    # What `make train` runs: 99.5% in 7 epochs, 28-62 s of training on a 2-core AMX CPU (bf16), as the VM's speed varies.
     # fast's layout (stride-2 first conv, conv -> pool -> BN -> ReLU) at (32, 48, 64) channels on the
     # image without its empty 1 px border (crop 1: 6.1 MFLOP a forward pass), dropout 0.25. Chosen on
     # validation (3 seeds each): the fastest candidate not below the previous default ((32, 48, 96)

@@ -610,6 +610,8 @@ def figure_eight(width: float, height: float, pen: int = 8) -> np.ndarray:
         ("zero", lambda: strokes((400, 400), ("arc", 110, 50, 290, 350))),
         # a bold 8: its outline runs along its hull and round its middle, but does not close round it
         ("bold eight", lambda: figure_eight(120, 300, 36)),
+        # a bold narrow 8: its outline closes round its crossing, all of which lies within a pen of it
+        ("bold narrow eight", lambda: figure_eight(65, 300, 46)),
         # a square 0 whose stroke runs on two thirds of the way down its inside: a stroke that long
         # in a ring is a circled 1's length, but too little ink next to the ring's (RING_TOUCHED_MASS)
         (

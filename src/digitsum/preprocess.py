@@ -1591,7 +1591,8 @@ def _rings(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, keep: np.nda
 RING_COVER = 0.85  # a touched ring's ink runs along this share of its convex hull's outline
 RING_WOBBLE = 0.04  # a hand-drawn ring strays inside its hull by up to this share of its size (and 2 px)
 RING_TOUCHED_CONTENT = 0.6  # what a touched ring holds spans this share of its size (an 8 alone: its crossing, 0.53-0.56) ...
-RING_TOUCHED_MASS = 0.2  # ... and has this share of the line's pixels (a circled 1: 0.32; a 0's tail inside it: 0.12)
+RING_TOUCHED_MASS = 0.3  # ... and has this share of the line's pixels (held digits: 0.33-1.0; bold 8s' crossings: 0.2-0.31)
+RING_CLEAR = 0.3  # this share of it lies over a pen's width from the line (bold 8s' crossings: 0-0.25; held digits: 0.36-0.87)
 RING_HOLLOW = 0.05  # a ring encloses paper over this share of its box (round a digit: 0.1-0.22; a 7: none)
 
 
@@ -1637,6 +1638,10 @@ def _touched_ring(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray) -> np
         return None
     # The line closes around what it holds: the outer strokes of a digit alone do not.
     if np.count_nonzero(inside & _enclosed(line)) < 0.9 * len(ys):
+        return None
+    # And what it holds lies clear of it but where they touch: a bold 8's closed outline holds its
+    # crossing, all of it within a pen's width of that outline.
+    if np.count_nonzero(_distance(~line)[inside] > pen) < RING_CLEAR * len(ys):
         return None
     ring = np.zeros(labels.shape, bool)
     ring[r_top:r_bottom, r_left:r_right] = line[1:-1, 1:-1]

@@ -602,7 +602,7 @@ def figure_eight(width: float, height: float, pen: int = 8) -> np.ndarray:
 @pytest.mark.parametrize(
     "name, ink",
     [
-        # a narrow 8: its outline closes around its crossing, which spans half of it
+        # a narrow 8 and a wide one, drawn in one stroke: their outlines leave the hull at the waist
         ("narrow eight", lambda: figure_eight(110, 330)),
         ("eight", lambda: figure_eight(200, 320)),
         # a 0 whose stroke runs on into its loop

@@ -1604,9 +1604,10 @@ def _touched_ring(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray) -> np
     has its ink within a pen's width and a hand's wobble), and closes around what it holds; its
     line is the component's ink near that outline, and what lies deeper inside is the digit,
     which must be there with the extent and share of a digit (RING_TOUCHED_CONTENT,
-    RING_TOUCHED_MASS); the line is a pen's (RING_PEN). A digit alone is no ring around anything: a
-    0 holds nothing inside its line, a 6's, 9's or wide 8's outline has long stretches away from its
-    hull (beside a 6's hook, an 8's waist), and a narrow 8's outline holds only its crossing.
+    RING_TOUCHED_MASS), mostly clear of the line (RING_CLEAR); the line is a pen's (RING_PEN). A
+    digit alone is no ring around anything: a 0 holds nothing inside its line, a 6's, 9's or wide
+    8's outline has long stretches away from its hull (beside a 6's hook, an 8's waist), and where a
+    bold 8's outline closes, it holds only its crossing, small and within a pen's width of it.
     Only the component with the largest box is tried, and only where it encloses paper
     (RING_HOLLOW of its box): most digits (1, 2, 3, 5, 7) are no more than that one labelling.
     """

@@ -469,7 +469,7 @@ def marked(rng, digit):
     left = int(rng.integers(int(0.6 * w) + 10, max(int(0.6 * w) + 11, size[1] - int(1.6 * w) - 10)))
     layer = paste(np.zeros(size), cover, top, left)
     near = ndimage.binary_dilation(layer > 0.05, iterations=2)
-    for _ in range(20):  # a mark that touches the digit is part of it: draw another (20 tries)
+    for _ in range(20):  # this condition's marks stay clear of the digit (touching ones: RESULTS 5.4.4): redraw, 20 tries
         mark, _ = _marked_layer(rng, size, (top, left, h, w), height * (2.0 + 2.5 * stroke) / 28 * rng.uniform(0.6, 1.0))
         if not (near & (mark > 0.05)).any():
             break

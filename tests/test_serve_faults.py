@@ -277,10 +277,10 @@ def test_health_answers_quickly_while_large_images_are_preprocessed(server, http
     Image.fromarray(page.astype(np.uint8)).save(buffer, format="PNG")
     big = buffer.getvalue()
     assert len(big) < serve.MAX_BODY_BYTES
-    # Each upload's preprocessing does its real work and then holds on for 1 s more: run on the
-    # event loop, it would hold a health check for up to that long. (Against the real work alone,
-    # 60-80 ms, a health check's own scheduling hiccups on a busy 2-core machine made this flaky.)
-    slow_down_preprocessing_of(big, monkeypatch, seconds=1.0, after=True)
+    # Each upload's preprocessing holds on for 1 s besides its real work: run on the event loop, it
+    # would hold a health check for up to that long. (Against the real work alone, 60-80 ms, a
+    # health check's own scheduling hiccups on a busy 2-core machine made this flaky.)
+    slow_down_preprocessing_of(big, monkeypatch, seconds=1.0)
 
     def upload():
         with httpx.Client(base_url=server, timeout=120) as client:
@@ -300,19 +300,15 @@ def test_health_answers_quickly_while_large_images_are_preprocessed(server, http
     assert max(health) < 0.5, max(health)
 
 
-def slow_down_preprocessing_of(big: bytes, monkeypatch, seconds: float = 1.0, after: bool = False) -> None:
-    """Make the server's preprocessing of `big` take at least `seconds` (before the real work, or
-    `after` it): a 4096x4096 page decodes in ~30 ms now, too short for tests that need it to hold
-    its slot while other requests arrive."""
+def slow_down_preprocessing_of(big: bytes, monkeypatch, seconds: float = 1.0) -> None:
+    """Make the server's preprocessing of `big` take at least `seconds`: a 4096x4096 page decodes in
+    ~30 ms now, too short for tests that need it to hold its slot while other requests arrive."""
     real_preprocess = serve.preprocess
 
     def slow_preprocess(data):
-        if data == big and not after:
+        if data == big:
             time.sleep(seconds)
-        result = real_preprocess(data)
-        if data == big and after:
-            time.sleep(seconds)
-        return result
+        return real_preprocess(data)
 
     monkeypatch.setattr(serve, "preprocess", slow_preprocess)
 

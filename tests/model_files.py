@@ -1,7 +1,7 @@
 """Checkpoints for the predict/serve/browser tests: an untrained one (instant) and a small trained one.
 
-The trained one is made once per test session (the `fast` preset: 2 epochs, about 10 s of training
-and 99.1% test digit accuracy) and shared by every test module that asks for it.
+The trained one is made once per test session (the `fast` preset for 4 epochs: about 12 s of training
+on 2 cores, 99.1% validation digit accuracy) and shared by every test module that asks for it.
 """
 
 from __future__ import annotations
@@ -61,8 +61,13 @@ def trained_checkpoint(folder: Path) -> Path:
 
         run_dir = folder / "trained-small"
         data_root = Path(os.environ.get("DIGITSUM_DATA", Path(__file__).resolve().parents[1] / "data"))
+        # 4 epochs, not the preset's 2: validation 99.08% vs 98.78% (AMD EPYC; the weights, and so the
+        # borderline digits, differ by CPU). With the 2-epoch model the pasted-digit test of
+        # test_preprocess.py agreed on 98.8% of one 500-placement draw there (99.35% over four), under
+        # its 99%: the weaker model's own flips on borderline digits, not the preprocessing (99.65%
+        # over the same four with this one). Costs ~2 s more, once per test run.
         train(
-            preset("fast"),
+            preset("fast", epochs=4),
             out_dir=run_dir,
             data_root=data_root,
             figures=False,

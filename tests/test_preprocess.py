@@ -1437,6 +1437,61 @@ def test_a_damaged_large_png_reads_as_pillow_reads_it_and_never_crashes(kind, da
         assert not isinstance(ours, str) and np.abs(ours - pillow).max() <= (8 if kind == "P" else 0)
 
 
+def _inflating_threads() -> list:
+    import threading
+
+    return [thread for thread in threading.enumerate() if thread.name == "digitsum-inflate"]
+
+
+def test_read_ahead_gives_every_item_in_order_raises_where_the_source_fails_and_stops_its_thread():
+    assert list(preprocess._ahead(iter(range(100)))) == list(range(100))  # (more than _AHEAD: the thread waits)
+
+    def failing():
+        yield from range(7)
+        raise ValueError("the stream ends before the image")
+
+    got = []
+    with pytest.raises(ValueError, match="ends before"):
+        for item in preprocess._ahead(failing()):
+            got.append(item)
+    assert got == list(range(7))  # everything before the failure, then the failure itself
+    endless = preprocess._ahead(itertools.count())
+    assert [next(endless) for _ in range(3)] == [0, 1, 2]
+    endless.close()  # a consumer that stops early (damage found in a strip): the thread must end
+    assert not _inflating_threads()
+
+
+@pytest.mark.parametrize("damage", ["deflate data", "truncated stream"])
+def test_a_damaged_grainy_png_read_in_strips_leaves_no_thread_behind(damage):
+    data = _large_pngs()["RGB grain"]
+    stream = zlib.compress(_inflated(data))
+    middle = len(stream) // 2
+    if damage == "deflate data":
+        damaged = _with_stream(data, stream[:middle] + bytes([stream[middle] ^ 0x55]) + stream[middle + 1 :])
+    else:
+        damaged = _with_stream(data, stream[:middle])
+    with pytest.raises(ImageError, match="damaged or truncated"):
+        preprocess.open_image(damaged, max_decoded_side=1024)
+    assert not _inflating_threads()
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(
+    palette_mode=st.sampled_from(["RGB", "RGBA"]),
+    entries=st.integers(1, 256),
+    shape=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_an_opaque_palette_image_turns_grey_exactly_as_pillow_converts_it(palette_mode, entries, shape, seed):
+    # _palette_grey looks the palette's greys up in a table instead of Pillow's per-pixel conversion;
+    # any palette (short ones: indices past its end), any indices
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, shape).astype(np.uint8), "P")
+    image.putpalette(rng.integers(0, 256, entries * len(palette_mode)).astype(np.uint8).tobytes(), palette_mode)
+    grey = preprocess._workable(image)
+    assert grey.mode == "L" and np.array_equal(np.asarray(grey), np.asarray(image.convert("L")))
+
+
 @pytest.mark.parametrize("kind", ["L grain", "L", "RGBA"])
 def test_a_large_png_whose_stream_inflates_past_the_image_reads_as_pillow_reads_it(kind, monkeypatch):
     # 64 MB more than the header calls for (a deflate bomb): the fast paths stop at the image's size

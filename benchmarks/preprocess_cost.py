@@ -3,7 +3,8 @@
 Each measurement runs in a fresh Python process (so peak RSS is that image's alone): decode +
 preprocess of one file, median wall and CPU time of --repeats runs after one warm-up, and the
 peak RSS increase over the process's RSS just before (/proc/self/status VmHWM after clear_refs;
-torch and torchvision are imported before that, as in `digitsum predict`/`serve`). "before" is
+torch and torchvision are imported before that, and glibc keeps freed memory for the next image
+(device.reuse_freed_memory), as in `digitsum predict`/`serve`). "before" is
 the preprocessing of commit 442c91f (predict.py before preprocess.py existed), loaded from git.
 "decode ms" is open_image() alone (median wall), "decoder" what read a large PNG (libspng whole;
 ISA-L / zlib-ng + libspng in strips; libpng; "raw strips" for an uncompressed BMP, TIFF, TGA or
@@ -47,6 +48,10 @@ data = open(sys.argv[1], "rb").read()
 # Loaded before the baseline RSS is taken, in both versions: digitsum predict/serve have torch loaded
 # for the model, and ours decodes large PNGs with torchvision (its import is not per-image memory).
 import torch, torchvision.io
+# As digitsum predict and serve set it at their start (both versions: a process setting): freed
+# memory stays in the process for the next image instead of being faulted in again
+from digitsum.device import reuse_freed_memory
+reuse_freed_memory()
 decoder, decode_ms = "", float("nan")
 if sys.argv[2] == "ours":
     from digitsum.preprocess import DECODER_KEY, WORK_SIDE, open_image, preprocess_view as run

@@ -1262,17 +1262,24 @@ def _convex(region: np.ndarray) -> tuple[np.ndarray, float]:
     sheet is a quadrilateral however it is turned or seen in perspective (0.84-1.0 measured over
     sheets and notes on desks, the digit and the light notching the bright region), where the
     curved outline of a bold light digit on a dark ground is not (0.67-0.90, median 0.79)."""
-    from scipy.spatial import ConvexHull, Delaunay, QhullError
+    from scipy.spatial import ConvexHull, QhullError
 
     ys, xs = np.nonzero(region)
     corners = np.concatenate([np.stack([ys + dy, xs + dx], axis=1) for dy in (0, 1) for dx in (0, 1)]).astype(float)
     try:
         outline = ConvexHull(corners)
-        hull = Delaunay(corners[outline.vertices])
     except QhullError:
         return region, 1.0
-    centres = np.indices(region.shape).reshape(2, -1).T + 0.5
-    inside = (hull.find_simplex(centres) >= 0).reshape(region.shape) | region
+    # Inside the hull: on the inner side of every edge's line (qhull's equations: normal . p + offset
+    # <= 0), with Delaunay.find_simplex's tolerance. (Not find_simplex itself, which answered the
+    # same: its barycentric transforms go through LAPACK, whose OpenBLAS threads then spin for ~0.1 s
+    # on the other core - the next image's read-ahead inflate lost it: 56 -> 83 ms, see _ahead.)
+    rows, cols = np.indices(region.shape) + 0.5
+    normals = outline.equations
+    inside = np.ones(region.shape, bool)
+    for normal_y, normal_x, offset in normals:
+        inside &= normal_y * rows + normal_x * cols + offset <= 1e-9
+    inside |= region
     return inside, _largest_quadrilateral(corners[outline.vertices]) / outline.volume  # (a 2-D hull's volume: its area)
 
 
@@ -1911,7 +1918,7 @@ def _straight_lines(mask: np.ndarray) -> np.ndarray:
                 member = np.isin(labels, [p[3] for p in group]) & thin
                 along, across_at = np.nonzero(member)[axis], np.nonzero(member)[across]
                 if along.size and np.ptp(along) > 0:
-                    slope, offset = np.polyfit(along, across_at, 1)
+                    slope, offset = _line_fit(along, across_at)
                     near = np.abs(thin_across - (slope * thin_along + offset)) <= LINE_BAND + 1
                     covered = np.unique(thin_along[near])
                     if covered.size >= LINE_SPAN * extent and covered[0] <= 0.05 * extent and covered[-1] >= 0.95 * extent - 1:
@@ -1920,6 +1927,18 @@ def _straight_lines(mask: np.ndarray) -> np.ndarray:
             if piece is not None:
                 group.append(piece)
     return found & mask
+
+
+def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Slope and offset of the least-squares line y = slope * x + offset (x not all equal), as
+    np.polyfit(x, y, 1) gives them, in closed form. np.polyfit goes through LAPACK, whose OpenBLAS
+    threads then spin for ~0.1 s on the other core: the next image's read-ahead inflate (_ahead)
+    lost that core, a grainy 4096x4096 PNG's decode right after a preprocessing 56 -> 83 ms (AMD EPYC).
+    """
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    x_mean, y_mean = x.mean(), y.mean()
+    slope = float(((x - x_mean) * (y - y_mean)).sum() / ((x - x_mean) ** 2).sum())
+    return slope, float(y_mean - slope * x_mean)
 
 
 # ----------------------------------------------------------------------------- MNIST layout

@@ -970,13 +970,15 @@ def _reduced(image: Image.Image, side: int) -> Image.Image:
         return _workable(image)
     width, height = image.size
     rows = factor * 64  # strips of rows (64 reduced rows each)
-    if image.mode.startswith(("I;16", "I;32")) or image.mode == "I;8":
-        # As 32-bit integers (_workable) strip by strip: the whole 4096x4096 16-bit scan converted at
-        # once cost +160 MB (its array, the int32 copy, the image of it).
-        deep = Image.new("I", ((width + factor - 1) // factor, (height + factor - 1) // factor))
+    deep = image.mode.startswith(("I;16", "I;32")) or image.mode == "I;8"
+    if deep or (image.mode == "P" and "transparency" not in image.info):
+        # Converted (_workable) strip by strip: the whole 4096x4096 16-bit scan as 32-bit integers at
+        # once cost +160 MB (its array, the int32 copy, the image of it); a GIF's grey (_palette_grey)
+        # +32 MB over the decoded indices (their copy, the greys).
+        reduced = Image.new("I" if deep else "L", ((width + factor - 1) // factor, (height + factor - 1) // factor))
         for top in range(0, height, rows):
-            deep.paste(_workable(image.crop((0, top, width, min(height, top + rows)))).reduce(factor), (0, top // factor))
-        return deep
+            reduced.paste(_workable(image.crop((0, top, width, min(height, top + rows)))).reduce(factor), (0, top // factor))
+        return reduced
     image = _workable(image)
     if image.mode not in ("RGB", "RGBA", "LA"):
         return image.reduce(factor)

@@ -413,14 +413,21 @@ def _raw_strips(image: Image.Image, data: bytes, strips: list) -> Image.Image:
 
 
 def _webp_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
-    """A large opaque still WebP decoded by torchvision's libwebp (`decode_webp`, to RGB) and turned
-    grey in strips by Pillow: an "L" image carrying the metadata (EXIF), or None where
-    Pillow decodes it (transparency, animation, torchvision missing or refusing). Pillow's WebP
-    decoder hands over the whole picture as RGBA: the whole preprocessing of a grainy 4096x4096
-    page took 432 ms and +261 MB that way, 334 ms and +78 MB this way (benchmarks/preprocess_cost.py).
+    """A large opaque still WebP as grey: a lossy one by its luma plane (_webp_luma), else decoded by
+    torchvision's libwebp (`decode_webp`, to RGB) and turned grey in strips by Pillow. An "L" image
+    carrying the metadata (EXIF), or None where Pillow decodes it (transparency, animation, the
+    decoders missing or refusing). Pillow's WebP decoder hands over the whole picture as RGBA: the
+    whole preprocessing of a grainy 4096x4096 page took 432 ms and +261 MB that way, 334 ms and +78
+    MB through torchvision (Intel Xeon; benchmarks/preprocess_cost.py), 153 ms and +62 MB by the luma (AMD EPYC).
     """
     if data is None or image.mode != "RGB" or getattr(image, "is_animated", False):
         return None
+    luma = _webp_luma(data, image.size)
+    if luma is not None:
+        result = Image.fromarray(luma, mode="L")
+        result.info = dict(image.info)
+        result.info[DECODER_KEY] = "libwebp luma (webp)"
+        return result
     try:
         import torch
         from torchvision.io import ImageReadMode, decode_webp
@@ -437,6 +444,58 @@ def _webp_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     result.info = dict(image.info)  # EXIF orientation (getexif reads info)
     result.info[DECODER_KEY] = "libwebp (torchvision)"
     return result
+
+
+# Pillow's grey of libwebp's RGB from a luma level: its YUV is BT.601's limited range (Y 16-235),
+# whose RGB -> Y weights are 219/255 of Pillow's grey weights, so grey = (Y - 16) * 255 / 219
+_LUMA_TO_GREY = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+
+
+def _webp_luma(data: bytes, size: tuple[int, int]) -> np.ndarray | None:
+    """uint8 (H, W) grey of an opaque, still, lossy (VP8) WebP of `size` from its luma plane, or None
+    where that does not apply (lossless, alpha, animation, the `webp` package missing, libwebp refusing).
+
+    libwebp decodes to YUV straight into arrays of ours (`webp`'s cffi binding of WebPDecode, its
+    own second thread on): no RGB is made, and the luma, mapped by _LUMA_TO_GREY, is Pillow's grey
+    of the decoded RGB up to rounding (the chroma terms of R, G and B cancel in Pillow's weights):
+    on a page with colour grain 0-1 level off for 98% of the pixels (mean 0.3, at most 4, where RGB
+    clips near white); more only where saturated colours clip. A grainy 4096x4096 q90 page: decode
+    165 -> 131 ms, whole preprocessing 187 -> 153 ms, +106 -> +62 MB (torchvision's RGB, then
+    Pillow's grey in strips, before; AMD EPYC, benchmarks/preprocess_cost.py).
+    """
+    try:
+        from webp._webp import ffi, lib
+    except Exception:
+        return None
+    config = ffi.new("WebPDecoderConfig*")
+    if not lib.WebPInitDecoderConfig(config):
+        return None
+    features = config.input
+    if (
+        lib.WebPGetFeatures(data, len(data), ffi.addressof(config, "input")) != lib.VP8_STATUS_OK
+        or features.format != 1  # (1: lossy; 2: lossless, 0: mixed, an animation)
+        or features.has_alpha
+        or features.has_animation
+        or (features.width, features.height) != size
+    ):
+        return None
+    width, height = size
+    luma = np.empty((height, width), np.uint8)
+    chroma = np.empty((2, (height + 1) // 2, (width + 1) // 2), np.uint8)  # (U and V: libwebp writes them too)
+    output = config.output
+    output.colorspace, output.is_external_memory = lib.MODE_YUV, 1
+    planes = output.u.YUVA
+    planes.y, planes.y_stride, planes.y_size = ffi.cast("uint8_t*", ffi.from_buffer(luma)), width, luma.size
+    for plane, index in (("u", 0), ("v", 1)):
+        setattr(planes, plane, ffi.cast("uint8_t*", ffi.from_buffer(chroma[index])))
+        setattr(planes, f"{plane}_stride", chroma.shape[2])
+        setattr(planes, f"{plane}_size", chroma[index].size)
+    config.options.use_threads = 1
+    status = lib.WebPDecode(data, len(data), config)
+    lib.WebPFreeDecBuffer(ffi.addressof(config, "output"))  # (nothing of libwebp's to free: external memory)
+    if status != lib.VP8_STATUS_OK:
+        return None
+    return _cv2.LUT(luma, _LUMA_TO_GREY, dst=luma) if _cv2 is not None else _LUMA_TO_GREY[luma]
 
 
 # An IDAT stream larger than this fraction of its inflated size (paper grain, a photo: mostly

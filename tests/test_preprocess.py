@@ -1042,7 +1042,10 @@ def test_a_large_uncompressed_image_is_read_in_strips_as_pillow_reads_it(fmt, mo
 @pytest.mark.parametrize(
     "fmt, mode, options",
     [
-        ("TIFF", "RGB", {"compression": "tiff_lzw"}),
+        ("TIFF", "RGB", {"compression": "tiff_lzw", "tiffinfo": {278: 2000}}),  # (one strip: nothing to split)
+        ("TIFF", "RGBA", {"compression": "tiff_lzw"}),
+        ("TIFF", "I;16", {"compression": "tiff_adobe_deflate"}),
+        ("TIFF", "RGB", {"compression": "jpeg"}),
         ("TGA", "RGB", {"compression": "tga_rle"}),
         ("BMP", "P", {}),
         ("TIFF", "RGBA", {}),
@@ -1054,6 +1057,52 @@ def test_compressed_planar_palette_alpha_or_deep_images_are_left_to_pillow(fmt, 
     data = _uncompressed(fmt, mode, **options)
     assert preprocess.DECODER_KEY not in preprocess.open_image(data, max_decoded_side=1024).info
     assert similar(preprocess_view(data), REFERENCE) > 0.9
+
+
+@pytest.mark.parametrize("compression", ["tiff_lzw", "tiff_adobe_deflate", "packbits", "zstd"])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("rows, predictor", [(7, 2), (1, 1), (50, 2), (300, 1)])
+def test_a_large_compressed_tiff_is_read_in_groups_of_strips_as_pillow_reads_it(compression, mode, rows, predictor):
+    # each group of strips becomes a TIFF of its own for libtiff: every codec, horizontal
+    # differencing, a strip height that does not divide the groups' or the image's
+    data = _uncompressed("TIFF", mode, compression=compression, tiffinfo={278: rows, 317: predictor})
+    image = preprocess.open_image(data, max_decoded_side=1024)
+    assert image.info[preprocess.DECODER_KEY] == "libtiff in strips"
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data)).convert("L")))
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_a_large_compressed_tiff_keeps_its_orientation(orientation):
+    upright = seven((1200, 1200)).convert("RGB")
+    turned = upright.transpose(ORIENTATIONS[orientation])
+    data = encoded(turned, "TIFF", compression="tiff_lzw", tiffinfo={274: orientation, 278: 16})
+    assert preprocess.open_image(data, max_decoded_side=1024).info[preprocess.DECODER_KEY] == "libtiff in strips"
+    assert np.array_equal(preprocess_view(data), preprocess_view(encoded(upright, "TIFF", compression="tiff_lzw")))
+
+
+@pytest.mark.parametrize("where", [0.05, 0.5, 0.95])
+def test_a_compressed_tiff_with_damaged_strips_reads_as_pillow_reads_it_and_leaves_no_thread(where):
+    import threading
+
+    data = bytearray(_uncompressed("TIFF", "RGB", compression="tiff_lzw", tiffinfo={278: 8}))
+    directory = int.from_bytes(data[4:8], "little")  # (Pillow writes the strips first, the directory after them)
+    at = 8 + int(where * (directory - 8 - 5000))
+    data[at : at + 5000] = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    try:
+        ours = np.asarray(preprocess.open_image(bytes(data), max_decoded_side=1024))
+    except ImageError as error:
+        ours = str(error)
+    try:
+        pillow = Image.open(io.BytesIO(bytes(data)))
+        pillow.load()
+        pillow = np.asarray(pillow.convert("L"))
+    except Exception:
+        pillow = None
+    if pillow is None:  # Pillow's word on it, from its own decode of the whole file
+        assert isinstance(ours, str) and "damaged or truncated" in ours
+    else:  # (libtiff may decode garbage codes without complaint: the same pixels, then)
+        assert np.array_equal(ours, pillow)
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("digitsum-tiff")]
 
 
 @pytest.mark.parametrize(

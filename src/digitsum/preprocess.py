@@ -419,7 +419,8 @@ def _tiff_strips_as_grey(image: Image.Image, data: bytes | None) -> Image.Image 
     Pillow's libtiff decoder reads and Pillow turns grey: exactly Pillow's grey of the whole file,
     without the whole picture at 4 bytes a pixel (64 MB at 4096x4096), and in two threads, as
     libtiff's decode and the grey conversion release the GIL. A grainy 4096x4096 RGB LZW page
-    (benchmarks/preprocess_cost.py): decode and grey 133 -> 55 ms (AMD EPYC).
+    (benchmarks/preprocess_cost.py, AMD EPYC): decode 91 -> 62 ms, whole preprocessing 119 -> 86 ms,
+    +117 -> +58 MB.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -558,7 +559,7 @@ def _webp_luma(data: bytes, size: tuple[int, int]) -> np.ndarray | None:
     of the decoded RGB up to rounding (the chroma terms of R, G and B cancel in Pillow's weights):
     on a page with colour grain 0-1 level off for 98% of the pixels (mean 0.3, at most 4, where RGB
     clips near white); more only where saturated colours clip. A grainy 4096x4096 q90 page: decode
-    165 -> 131 ms, whole preprocessing 187 -> 153 ms, +106 -> +62 MB (torchvision's RGB, then
+    160 -> 131 ms, whole preprocessing 185 -> 151 ms, +107 -> +62 MB (torchvision's RGB, then
     Pillow's grey in strips, before; AMD EPYC, benchmarks/preprocess_cost.py).
     """
     try:

@@ -422,14 +422,24 @@ def _tiff_strips_as_grey(image: Image.Image, data: bytes | None) -> Image.Image 
     (benchmarks/preprocess_cost.py, AMD EPYC): decode 91 -> 62 ms, whole preprocessing 119 -> 86 ms,
     +117 -> +58 MB.
     """
+    tags = getattr(image, "tag_v2", None)
+    if data is None or tags is None or image.mode not in ("L", "RGB") or getattr(image, "_compression", None) not in _TIFF_CODECS:
+        return None
+    try:
+        grey = _tiff_groups(image, data, tags)
+    except Exception:  # damage, odd tags, a codec libtiff lacks: Pillow reads the file whole or says what is wrong
+        return None
+    return None if grey is None else _with_metadata(grey, image, "libtiff in strips")
+
+
+def _tiff_groups(image: Image.Image, data: bytes, tags) -> Image.Image | None:
+    """_tiff_strips_as_grey's decoding: the grey image, None where the layout does not apply, or an
+    exception where a group fails."""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL.TiffImagePlugin import ImageFileDirectory_v2
     from PIL.TiffTags import LONG
 
-    tags = getattr(image, "tag_v2", None)
-    if data is None or tags is None or image.mode not in ("L", "RGB") or getattr(image, "_compression", None) not in _TIFF_CODECS:
-        return None
     width, height = image.size
     offsets, counts = tags.get(273), tags.get(279)
     rows = tags.get(278, height)
@@ -483,11 +493,9 @@ def _tiff_strips_as_grey(image: Image.Image, data: bytes | None) -> Image.Image 
     try:
         for top, strip in pool.map(group, range(0, len(offsets), per_group)):
             grey.paste(strip, (0, top))
-    except Exception:  # damage, a codec libtiff lacks: Pillow reads the file whole or says what is wrong
-        return None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return _with_metadata(grey, image, "libtiff in strips")
+    return grey
 
 
 def _raw_strips(image: Image.Image, data: bytes, strips: list) -> Image.Image:
@@ -517,7 +525,7 @@ def _webp_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     carrying the metadata (EXIF), or None where Pillow decodes it (transparency, animation, the
     decoders missing or refusing). Pillow's WebP decoder hands over the whole picture as RGBA: the
     whole preprocessing of a grainy 4096x4096 page took 432 ms and +261 MB that way, 334 ms and +78
-    MB through torchvision (Intel Xeon; benchmarks/preprocess_cost.py), 153 ms and +62 MB by the luma (AMD EPYC).
+    MB through torchvision (Intel Xeon; benchmarks/preprocess_cost.py), 151 ms and +62 MB by the luma (AMD EPYC).
     """
     if data is None or image.mode != "RGB" or getattr(image, "is_animated", False):
         return None
@@ -566,6 +574,14 @@ def _webp_luma(data: bytes, size: tuple[int, int]) -> np.ndarray | None:
         from webp._webp import ffi, lib
     except Exception:
         return None
+    try:
+        return _webp_luma_decode(ffi, lib, data, size)
+    except Exception:  # (cffi's type or overflow errors on an odd file: torchvision or Pillow decide)
+        return None
+
+
+def _webp_luma_decode(ffi, lib, data: bytes, size: tuple[int, int]) -> np.ndarray | None:
+    """_webp_luma's decoding through the `webp` package's cffi `ffi` and `lib`."""
     config = ffi.new("WebPDecoderConfig*")
     if not lib.WebPInitDecoderConfig(config):
         return None

@@ -1071,6 +1071,56 @@ def test_a_large_compressed_tiff_is_read_in_groups_of_strips_as_pillow_reads_it(
     assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data)).convert("L")))
 
 
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mode=st.sampled_from(["L", "RGB"]),
+    shape=st.tuples(st.integers(17, 90), st.integers(17, 90)),
+    compression=st.sampled_from(["tiff_lzw", "tiff_adobe_deflate", "packbits"]),
+    rows=st.integers(1, 30),
+    predictor=st.sampled_from([1, 2]),
+    group_rows=st.integers(1, 40),
+    levels=st.integers(1, 256),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_compressed_tiff_read_in_groups_of_strips_is_pillows_grey(
+    mode, shape, compression, rows, predictor, group_rows, levels, seed
+):
+    # any size, strip height, group height, codec and content, small enough to be quick: open_image
+    # reads a TIFF over max_decoded_side through the groups
+    pixels = np.random.default_rng(seed).integers(0, levels, (*shape, 3)) * (255 // max(1, levels - 1))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert(mode)
+    data = encoded(image, "TIFF", compression=compression, tiffinfo={278: rows, 317: predictor})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(preprocess, "_TIFF_GROUP_ROWS", group_rows)
+        decoded = preprocess.open_image(data, max_decoded_side=16)
+    if rows < shape[0]:  # (one strip: left to Pillow, which gives the image in its own mode)
+        assert decoded.info[preprocess.DECODER_KEY] == "libtiff in strips"
+    assert np.array_equal(np.asarray(decoded.convert("L")), np.asarray(Image.open(io.BytesIO(data)).convert("L")))
+
+
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.tuples(st.integers(17, 120), st.integers(17, 120)),
+    quality=st.integers(1, 100),
+    tint=st.tuples(st.integers(0, 60), st.integers(0, 60), st.integers(0, 60)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_lossy_webp_read_by_its_luma_is_pillows_grey_within_rounding(shape, quality, tint, seed):
+    # a grey page with a tint and grain, any size (odd sizes: chroma planes of half size rounded up),
+    # any quality: the luma path gives Pillow's grey of the decoded RGB up to rounding, a few levels
+    # more where the decoded RGB clips (at sharp edges, the chroma's upsampling overshoots)
+    rng = np.random.default_rng(seed)
+    grey = rng.integers(40, 216, (shape[0] // 8 + 1, shape[1] // 8 + 1))
+    grey = np.kron(grey, np.ones((8, 8)))[: shape[0], : shape[1], None] + rng.integers(-10, 11, (*shape, 1))
+    pixels = np.clip(grey + np.array(tint) - 30, 0, 255).astype(np.uint8)
+    data = encoded(Image.fromarray(pixels), "WEBP", quality=quality)
+    decoded = preprocess.open_image(data, max_decoded_side=16)
+    assert decoded.info[preprocess.DECODER_KEY] == "libwebp luma (webp)"
+    pillow = np.asarray(Image.open(io.BytesIO(data)).convert("L"), np.int16)
+    difference = np.abs(np.asarray(decoded, np.int16) - pillow)
+    assert difference.max() <= 8 and difference.mean() < 0.6
+
+
 @pytest.mark.parametrize("orientation", [3, 6])
 def test_a_large_compressed_tiff_keeps_its_orientation(orientation):
     upright = seven((1200, 1200)).convert("RGB")

@@ -564,9 +564,11 @@ def _webp_luma(data: bytes, size: tuple[int, int]) -> np.ndarray | None:
 
     libwebp decodes to YUV straight into arrays of ours (`webp`'s cffi binding of WebPDecode, its
     own second thread on): no RGB is made, and the luma, mapped by _LUMA_TO_GREY, is Pillow's grey
-    of the decoded RGB up to rounding (the chroma terms of R, G and B cancel in Pillow's weights):
-    on a page with colour grain 0-1 level off for 98% of the pixels (mean 0.3, at most 4, where RGB
-    clips near white); more only where saturated colours clip. A grainy 4096x4096 q90 page: decode
+    of the decoded RGB up to rounding (the chroma terms of R, G and B cancel in Pillow's weights)
+    and where that RGB clips: on a page with colour grain 0-1 level off for 98% of the pixels (mean
+    0.3, at most 4, near white); over 500 random tinted, grainy pages of any quality at most 6 (mean
+    <= 0.44; sharp edges, where the chroma's upsampling overshoots); more only where saturated colours
+    clip. A grainy 4096x4096 q90 page: decode
     160 -> 131 ms, whole preprocessing 185 -> 151 ms, +107 -> +62 MB (torchvision's RGB, then
     Pillow's grey in strips, before; AMD EPYC, benchmarks/preprocess_cost.py).
     """

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE = "442c91f"
@@ -95,6 +95,11 @@ def inputs(side: int) -> dict[str, bytes]:
     )
     rng = np.random.default_rng(0)
     noisy = np.clip(np.asarray(page, np.int16) + rng.integers(-6, 7, page.size[::-1]), 0, 255).astype(np.uint8)
+    # A phone photo's page: lit from one side (30% across), with fine, smooth sensor noise
+    across = np.linspace(1.0, 0.7, side, dtype=np.float32)[None, :]
+    noise = Image.fromarray(np.clip(rng.normal(128, 12, page.size[::-1]), 0, 255).astype(np.uint8))
+    smooth = np.asarray(noise.filter(ImageFilter.GaussianBlur(1.5)), np.float32) - 128
+    photo = np.clip(np.asarray(page, np.float32) * across + smooth, 0, 255).astype(np.uint8)
     # A drawing app's transparent canvas: black everywhere, the strokes only in the alpha channel
     canvas = np.zeros((side, side, 4), np.uint8)
     canvas[..., 3] = np.where(np.asarray(page) < 128, 255, 0)
@@ -113,6 +118,8 @@ def inputs(side: int) -> dict[str, bytes]:
         ("TIFF RGB LZW (paper grain)", Image.fromarray(noisy).convert("RGB"), "TIFF", {"compression": "tiff_lzw"}),
         ("GIF (paper grain)", Image.fromarray(noisy), "GIF", {}),
         ("WebP q90 (paper grain)", Image.fromarray(noisy).convert("RGB"), "WEBP", {"quality": 90}),
+        ("WebP q90 (flat page)", page.convert("RGB"), "WEBP", {"quality": 90}),
+        ("WebP q80 (lit page, fine noise)", Image.fromarray(photo).convert("RGB"), "WEBP", {"quality": 80}),
     ]:
         buffer = io.BytesIO()
         image.save(buffer, format=fmt, **options)

@@ -1,7 +1,7 @@
 """Real-world inputs: MNIST *test* digits rendered the way phones, scanners and drawing apps deliver them.
 
 Each condition renders at least 500 test digits (never training digits) with this file's own
-generator, encodes them as files (JPEG, PNG), and runs them through the same code path as
+generator, encodes them as files (JPEG, PNG, HEIC), and runs them through the same code path as
 `digitsum predict` (load_predictor + predict on the file bytes). The table puts each condition's
 digit accuracy next to the tensor-path accuracy of the same digits (the model on the MNIST tensors,
 as `digitsum evaluate` runs it).
@@ -123,7 +123,7 @@ def photo_base(rng, digit, size=(480, 640)):
 # ----------------------------------------------------------------------------- conditions
 
 
-def phone_exif(rng, digit):
+def phone_exif(rng, digit, fmt: str = "JPEG"):
     """Portrait phone photo: the pixels stored sideways (or mirrored) plus the EXIF tag that undoes it."""
     pixels = Image.fromarray(photo_base(rng, digit))
     orientation = int(rng.integers(2, 9))
@@ -140,7 +140,13 @@ def phone_exif(rng, digit):
     stored = pixels.transpose(inverse[orientation])
     exif = Image.Exif()
     exif[0x0112] = orientation
-    return encode(stored, "JPEG", quality=88, exif=exif.tobytes())
+    return encode(stored, fmt, quality=88 if fmt == "JPEG" else 80, exif=exif.tobytes())
+
+
+def phone_heic(rng, digit):
+    """An iPhone's photo as it saves it: HEIF/HEIC (pillow-heif writes the orientation as HEIF's
+    rotation/mirror properties), otherwise the phone photo above."""
+    return phone_exif(rng, digit, "HEIF")
 
 
 def lighting_gradient(rng, digit):
@@ -479,6 +485,7 @@ def marked(rng, digit):
 
 
 MORE_CONDITIONS = {
+    "phone photo as HEIC, rotated": phone_heic,
     "sheet on a darker desk": sheet_on_desk,
     "sticky note on a desk": note_on_desk,
     "fine brush (1-3 px), large canvas": fine_brush,
@@ -515,7 +522,9 @@ def figure(examples: list[tuple[str, bytes, np.ndarray]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(examples), figsize=(1.45 * len(examples), 3.4))
+    if not examples:  # (--only picked none of the figure's conditions)
+        return
+    fig, axes = plt.subplots(2, len(examples), figsize=(1.45 * len(examples), 3.4), squeeze=False)
     for column, (name, data, view) in enumerate(examples):
         image = Image.open(io.BytesIO(data))
         from PIL import ImageOps

@@ -71,7 +71,7 @@ REFERENCE = preprocess_view(seven())
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-@pytest.mark.parametrize("format", ["JPEG", "PNG", "TIFF", "WEBP"])
+@pytest.mark.parametrize("format", ["JPEG", "PNG", "TIFF", "WEBP", "HEIF"])  # (HEIF: as rotation/mirror properties)
 def test_every_exif_orientation_is_applied_before_anything_else(orientation, format):
     upright = seven((280, 360)).convert("RGB")
     stored = upright.transpose(ORIENTATIONS[orientation]) if orientation != 1 else upright
@@ -79,6 +79,86 @@ def test_every_exif_orientation_is_applied_before_anything_else(orientation, for
     exif[0x0112] = orientation
     view = preprocess_view(encoded(stored, format, exif=exif.tobytes()))
     assert similar(view, preprocess_view(upright)) > 0.95
+
+
+def test_a_heic_photo_reads_as_the_same_picture_saved_as_png():
+    # what an iPhone saves: HEIF/HEIC (libheif through pillow-heif); a lit page, a large one too
+    for size in ((360, 280), (1500, 1200)):
+        photo = lit(seven(size), 0.4).convert("RGB")
+        data = encoded(photo, "HEIF", quality=80)
+        assert preprocess.open_image(data).format == "HEIF"
+        assert similar(preprocess_view(data), preprocess_view(encoded(photo, "PNG"))) > 0.95
+
+
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mode=st.sampled_from(["L", "RGB", "RGBA"]),
+    size=st.tuples(st.integers(1, 300), st.integers(1, 300)),
+    content=st.sampled_from(["noise", "flat", "strokes"]),
+    orientation=st.integers(0, 12),  # 0 and 9..12 are invalid values
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_heic_gives_an_image_error_or_an_mnist_style_view(mode, size, content, orientation, seed):
+    # the any-image property for HEIF (kept apart: x265 takes seconds to encode the large images
+    # of the general one)
+    rng = np.random.default_rng(seed)
+    gray = np.full(size[::-1], int(rng.integers(0, 256)), np.uint8)
+    if content == "noise":
+        gray = rng.integers(0, 256, size[::-1], dtype=np.uint8)
+    elif content == "strokes":
+        picture = Image.fromarray(gray)
+        ends = [tuple(int(value) for value in rng.integers(0, size)) for _ in range(2)]
+        ImageDraw.Draw(picture).line(ends, fill=0, width=int(rng.integers(1, 20)))
+        gray = np.asarray(picture)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encoded(Image.fromarray(gray).convert(mode), "HEIF", exif=exif.tobytes())
+    try:
+        view = preprocess_view(data)
+    except ImageError as error:
+        assert "\n" not in str(error) and str(error)
+        return
+    assert view.shape == (28, 28) and view.dtype == np.uint8
+    assert max(ink_box(view)) == 20
+    centre_y, centre_x = centre_of_mass(view)
+    assert abs(centre_y - 14) <= 1 and abs(centre_x - 14) <= 1
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 7])
+def test_a_large_heic_is_read_in_strips_as_pillows_plugin_reads_it_turned_upright(orientation):
+    upright = lit(seven((1300, 1100)), 0.3).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = upright.transpose(ORIENTATIONS[orientation]) if orientation != 1 else upright
+    data = encoded(stored, "HEIF", quality=80, exif=exif.tobytes())
+    image = preprocess.open_image(data, max_decoded_side=1024)
+    assert image.info[preprocess.DECODER_KEY] == "libheif in strips" and image.size == upright.size
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data)).convert("L")))
+    assert similar(preprocess_view(data), preprocess_view(encoded(upright, "PNG"))) > 0.95
+
+
+def test_a_large_heic_with_transparency_is_left_to_pillows_plugin():
+    canvas = seven((1300, 1100)).convert("RGBA")
+    canvas.putalpha(seven((1300, 1100)).point(lambda v: 255 - v))
+    data = encoded(canvas, "HEIF", quality=90)
+    assert preprocess.DECODER_KEY not in preprocess.open_image(data, max_decoded_side=1024).info
+    assert similar(preprocess_view(data), REFERENCE) > 0.9
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage in the middle", "garbage in the header"])
+def test_a_damaged_heic_is_a_one_line_error_or_a_view(damage):
+    data = bytearray(encoded(seven((500, 400)).convert("RGB"), "HEIF", quality=70))
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        at = len(data) // 2 if damage == "garbage in the middle" else 24
+        data[at : at + 64] = bytes(range(64))
+    try:
+        view = preprocess_view(bytes(data))
+    except ImageError as error:
+        assert "\n" not in str(error) and str(error)
+    else:  # (libde265 decodes damaged HEVC data to some picture without complaint)
+        assert view.shape == (28, 28) and view.dtype == np.uint8
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")

@@ -242,6 +242,14 @@ def test_files_that_used_to_crash_the_server_are_predicted_or_refused_with_a_4xx
             assert 0 <= response.json()["digit"] <= 9 and response.json()["number"] == 3
 
 
+def test_a_heic_photo_from_a_phone_is_predicted(client):
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(seven_png())).convert("RGB").save(buffer, "HEIF", quality=80)
+    response = post_form(client, buffer.getvalue(), filename="IMG_0001.HEIC")
+    assert response.status_code == 200, response.text
+    assert 0 <= response.json()["digit"] <= 9 and response.json()["number"] == 3
+
+
 def test_files_found_by_fuzzing_are_refused_with_a_4xx_and_the_server_keeps_answering(client):
     # A palette PNG over 1024 px with a chunk among its IDATs killed the process (libpng's error in
     # torchvision's decoder); an ICO decoded its embedded image while opening; a JPEG of thousands

@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict",
         help="predict the digit and the sum for image files",
-        description="Read each image (PNG, JPEG, BMP, GIF, WebP, TIFF), turn it into an "
+        description="Read each image (PNG, JPEG, HEIC, BMP, GIF, WebP, TIFF), turn it into an "
         "MNIST-style 28x28 digit (EXIF orientation, polarity, uneven light and shadows removed, ruled "
         "lines, specks and a circle, box or underline drawn around the digit ignored, ink bounding box "
         "scaled to 20 px, centre of mass "

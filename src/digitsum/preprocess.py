@@ -64,8 +64,18 @@ MAX_SIDE = 4096  # larger images are refused before decoding (decompression bomb
 # container formats that decode a whole embedded image while opening, before the size check (ICO,
 # ICNS, BLP: a 256x256 ICO holding a 13000x13000 PNG took +646 MB), and its pure-Python decoders
 # (DDS, XPM, QOI: 1.5-4.3 s for a 2 MB file), as well as formats that are no photo or drawing.
-# (A phone's multi-picture JPEG is opened by the JPEG plugin, as format "MPO".)
-IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP", "DIB", "AVIF", "JPEG2000", "PPM", "TGA", "PCX", "SGI", "IM")
+# (A phone's multi-picture JPEG is opened by the JPEG plugin, as format "MPO".) HEIF/HEIC - what
+# iPhones, and many Android phones, save their photos as - is read by libheif (pillow-heif, its
+# Pillow plugin: the primary picture, turned as its rotation/mirror properties say, which also
+# carry the EXIF orientation, then set to 1; no thumbnails, depth or auxiliary pictures).
+try:
+    from pillow_heif import register_heif_opener as _register_heif_opener
+
+    _register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+    _HEIF = ("HEIF",)
+except ImportError:  # pragma: no cover - a dependency; without it a HEIC file is "not an image digitsum reads"
+    _HEIF = ()
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP", "DIB", "AVIF", "JPEG2000", "PPM", "TGA", "PCX", "SGI", "IM") + _HEIF
 # A progressive JPEG makes libjpeg walk every block once per scan, and empty scans are only a
 # warning: 1,000 empty 10-byte scans made an 11 KB 4096x4096 file take 2.3 s to decode. Encoders
 # write 1 (baseline) to about 10-20 (progressive); a file with more start-of-scan markers than
@@ -216,7 +226,7 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
         try:
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
         except UnidentifiedImageError:
-            raise NotAnImageError(f"{name}: is not an image digitsum reads (PNG, JPEG, BMP, GIF, WebP, TIFF)") from None
+            raise NotAnImageError(f"{name}: is not an image digitsum reads (PNG, JPEG, HEIC, BMP, GIF, WebP, TIFF)") from None
         except Image.DecompressionBombError:
             raise ImageError(
                 f"{name}: is far larger than the {MAX_SIDE}x{MAX_SIDE} limit (decompression bomb guard); shrink it first"
@@ -245,6 +255,8 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
         grey = _webp_as_grey(image, data) if image.format == "WEBP" else _raw_as_grey(image, data)
         if grey is None and image.format == "TIFF":
             grey = _tiff_strips_as_grey(image, data)
+        if grey is None and image.format == "HEIF":
+            grey = _heif_as_grey(image, data)
         if grey is not None:
             return grey
     try:
@@ -398,6 +410,35 @@ def _with_metadata(grey: Image.Image, image: Image.Image, decoder: str) -> Image
         grey.info["exif"] = exif.tobytes()
     grey.info[DECODER_KEY] = decoder
     return grey
+
+
+def _heif_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
+    """A large opaque HEIF/HEIC's primary picture decoded by libheif (pillow-heif's HeifFile, turned
+    as its rotation/mirror properties say, as Pillow's plugin does) and turned grey strip by strip
+    straight from libheif's RGB buffer: exactly the grey of Pillow's plugin, without its whole
+    4-byte-a-pixel copy. An "L" image with the metadata, or None where the plugin decodes it (alpha,
+    another picture than the plugin's, any failure). A 4096x4096 photo: +137 -> +88 MB for the
+    decode, ~420 ms either way (libde265's HEVC decode; AMD EPYC).
+    """
+    try:
+        from pillow_heif import open_heif
+
+        heif = open_heif(io.BytesIO(data), convert_hdr_to_8bit=True)
+        picture = heif[heif.primary_index]
+        if picture.mode not in ("RGB", "L") or picture.size != image.size:
+            return None
+        pixels, stride = picture.data, picture.stride  # (decodes)
+        width, height = picture.size
+        grey = Image.new("L", image.size)
+        for top in range(0, height, _STRIP_ROWS * 4):
+            rows = min(_STRIP_ROWS * 4, height - top)
+            strip = Image.frombuffer(
+                picture.mode, (width, rows), pixels[top * stride : (top + rows) * stride], "raw", picture.mode, stride, 1
+            )
+            grey.paste(strip if strip.mode == "L" else strip.convert("L"), (0, top))
+    except Exception:  # whatever libheif refuses, Pillow's plugin reads or explains
+        return None
+    return _with_metadata(grey, image, "libheif in strips")
 
 
 # What _tiff_strips_as_grey reads: compressions libtiff decodes without loss, byte by byte; and the

@@ -115,7 +115,7 @@ _REQUEST_BODY_DOC = {
                         "image": {
                             "type": "string",
                             "format": "binary",
-                            "description": "PNG, JPEG, BMP, GIF, WebP or TIFF; at most 4096x4096",
+                            "description": "PNG, JPEG, HEIC, BMP, GIF, WebP or TIFF; at most 4096x4096",
                         },
                         "number": {"type": "integer", "minimum": 0, "maximum": 9},
                     },

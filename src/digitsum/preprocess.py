@@ -417,8 +417,9 @@ def _heif_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     as its rotation/mirror properties say, as Pillow's plugin does) and turned grey strip by strip
     straight from libheif's RGB buffer: exactly the grey of Pillow's plugin, without its whole
     4-byte-a-pixel copy. An "L" image with the metadata, or None where the plugin decodes it (alpha,
-    another picture than the plugin's, any failure). A 4096x4096 photo: +137 -> +88 MB for the
-    decode, ~420 ms either way (libde265's HEVC decode; AMD EPYC).
+    another picture than the plugin's, any failure). A 4096x4096 photo in one frame: +137 -> +88 MB
+    for the decode, ~420 ms either way (libde265's HEVC decode; in iPhone-style 512x512 tiles, which
+    libheif decodes on both cores, ~250 ms; AMD EPYC).
     """
     try:
         from pillow_heif import open_heif

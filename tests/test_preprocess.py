@@ -897,6 +897,25 @@ def test_the_command_reads_the_crash_cases_and_still_predicts_the_others(tmp_pat
     assert captured.err.count("\n") == 2 and "blank.tif" in captured.err and "Traceback" not in captured.err
 
 
+def test_the_command_reads_a_phones_heic_and_a_large_lzw_tiff_and_webp(tmp_path, capsys):
+    from model_files import random_checkpoint
+
+    model = random_checkpoint(tmp_path / "model.pt")
+    page = lit(seven((1300, 1100)), 0.3).convert("RGB")
+    files = {
+        "IMG_0001.HEIC": ("HEIF", {"quality": 80}),
+        "scan.tif": ("TIFF", {"compression": "tiff_lzw"}),
+        "photo.webp": ("WEBP", {"quality": 80}),
+    }
+    for name, (fmt, options) in files.items():
+        (tmp_path / name).write_bytes(encoded(page, fmt, **options))
+    code = cli.main(["predict", *(str(tmp_path / name) for name in files), "--number", "3", "--checkpoint", str(model), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.err == ""
+    results = json.loads(captured.out)
+    assert [r["number"] for r in results] == [3, 3, 3] and all(0 <= r["digit"] <= 9 for r in results)
+
+
 def test_a_tall_thin_one_is_a_digit_not_a_ruled_line():
     page = Image.new("L", (300, 400), 255)
     ImageDraw.Draw(page).line([(150, 40), (155, 360)], fill=0, width=4)  # 80% of the height, straight

@@ -4,9 +4,12 @@ MNIST digits were made by fitting each digit's bounding box into 20x20 pixels (k
 ratio, with antialiasing) and pasting that into a 28x28 field so the centre of mass sits at the
 centre, white ink on black. `preprocess_view()` does the same to whatever a user has:
 
-    read (Pillow, IMAGE_FORMATS only, first frame; a large JPEG is decoded at 1/2, 1/4 or 1/8 scale, a large 8-bit PNG
-       straight to grey by libspng (whole, or in strips after ISA-L / zlib-ng inflate) or, for a
-       palette, < 8 bits or interlacing, torchvision's libpng decoder)
+    read (Pillow, IMAGE_FORMATS only - HEIF/HEIC through pillow-heif -, first frame; a large JPEG is
+       decoded at 1/2, 1/4 or 1/8 scale, a large 8-bit PNG straight to grey by libspng (whole, or in
+       strips after an ISA-L / zlib-ng inflate running ahead in a thread) or, for a palette, < 8 bits
+       or interlacing, torchvision's libpng decoder; other large ones to grey without a whole colour
+       copy: uncompressed files in strips, compressed TIFFs by libtiff in groups of strips, a lossy
+       WebP by its luma plane, a HEIC in strips from libheif's buffer)
     -> reduce a large image by an integer factor to under 2 x WORK_SIDE px (box averaging), before any
        float conversion
     -> EXIF orientation (all 8 values)

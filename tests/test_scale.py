@@ -484,6 +484,27 @@ def worker_env() -> dict:
     }
 
 
+def test_a_worker_says_it_loaded_the_model_in_one_write_to_its_shared_stdout(checkpoint, monkeypatch):
+    # N workers share the parent's stdout; with PYTHONUNBUFFERED, print's two writes (the line, then
+    # its newline) once let another worker's line land in between, and the server tests, counting
+    # "loaded" lines, waited out their deadline
+    writes: list[str] = []
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setenv(serve.CHECKPOINT_ENV, str(checkpoint))
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    # (the worker's process-wide settings are not this test's business: kept off the test process)
+    monkeypatch.setattr(serve, "reuse_freed_memory", lambda: None)
+    monkeypatch.setattr(serve.torch, "set_num_threads", lambda count: None)
+    serve.app_from_env()
+    assert len(writes) == 1 and writes[0].startswith(f"digitsum worker {os.getpid()}: loaded ")
+    assert writes[0].endswith("\n") and writes[0].count("\n") == 1
+
+
 # ----------------------------------------------------------------------------- --workers 2: a real server
 
 

@@ -1054,9 +1054,13 @@ def app_from_env() -> "FastAPI":
         from uvicorn.config import STARTUP_FAILURE  # stops instead of restarting this worker forever
 
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"digitsum serve: error: worker {os.getpid()}: {message}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"digitsum serve: error: worker {os.getpid()}: {message}\n")  # (one write, as below)
+        sys.stderr.flush()
         sys.exit(STARTUP_FAILURE)
-    print(f"digitsum worker {os.getpid()}: loaded {app.state.model_id}", flush=True)
+    # One write of the whole line: the N workers share the parent's stdout, and print's separate write
+    # of the newline once let another worker's line land between (two "loaded" lines run together)
+    sys.stdout.write(f"digitsum worker {os.getpid()}: loaded {app.state.model_id}\n")
+    sys.stdout.flush()
     return app
 
 

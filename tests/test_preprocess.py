@@ -137,6 +137,16 @@ def test_a_large_heic_is_read_in_strips_as_pillows_plugin_reads_it_turned_uprigh
     assert similar(preprocess_view(data), preprocess_view(encoded(upright, "PNG"))) > 0.95
 
 
+@pytest.mark.parametrize("max_decoded_side", [16, None])
+def test_a_heic_whose_primary_picture_is_not_its_first_reads_the_primary(max_decoded_side):
+    # (a HEIF opens at its primary picture; the first-frame rule of GIF and TIFF must not move it)
+    black, white = Image.new("RGB", (64, 48), 0), Image.new("RGB", (64, 48), (255, 255, 255))
+    buffer = io.BytesIO()
+    black.save(buffer, "HEIF", save_all=True, append_images=[white], primary_index=1)
+    image = preprocess.open_image(buffer.getvalue(), max_decoded_side=max_decoded_side)
+    assert np.asarray(image.convert("L")).mean() > 250
+
+
 def test_a_large_heic_with_transparency_is_left_to_pillows_plugin():
     canvas = seven((1300, 1100)).convert("RGBA")
     canvas.putalpha(seven((1300, 1100)).point(lambda v: 255 - v))
@@ -1220,9 +1230,50 @@ def test_any_lossy_webp_read_by_its_luma_is_pillows_grey_within_rounding(shape, 
     assert difference.max() <= 8 and difference.mean() < 0.6
 
 
-@pytest.mark.parametrize("orientation", [3, 6])
+def _with_entry(data: bytes, tag: int, count: int | None = None, kind: int | None = None) -> bytes:
+    """A little-endian TIFF with the first directory's entry for `tag` given another count or type."""
+    changed = bytearray(data)
+    directory = int.from_bytes(changed[4:8], "little")
+    for index in range(int.from_bytes(changed[directory : directory + 2], "little")):
+        at = directory + 2 + 12 * index
+        if int.from_bytes(changed[at : at + 2], "little") == tag:
+            if kind is not None:
+                changed[at + 2 : at + 4] = kind.to_bytes(2, "little")
+            if count is not None:
+                changed[at + 4 : at + 8] = count.to_bytes(4, "little")
+            return bytes(changed)
+    raise KeyError(tag)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("damage", ["Predictor of 2 values", "PlanarConfiguration of 2 values", "PlanarConfiguration of no type"])
+def test_a_tiff_whose_pixel_tags_libtiff_would_refuse_reads_as_pillow_reads_it(damage):
+    # Pillow reads past such an entry (cut to one value, or skipped) where libtiff, given the file,
+    # ignores the tag or refuses it; the groups' clean TIFFs would decode it otherwise (found by
+    # fuzzing: the same file read differently by size), so such a file is left to Pillow
+    pixels = np.random.default_rng(0).integers(0, 256, (120, 40, 3), dtype=np.uint8)
+    data = encoded(Image.fromarray(pixels), "TIFF", compression="tiff_adobe_deflate", tiffinfo={278: 7, 317: 2})
+    tag = 317 if damage.startswith("Predictor") else 284
+    data = _with_entry(data, tag, count=2) if "2 values" in damage else _with_entry(data, tag, kind=31747)
+    try:
+        pillow = Image.open(io.BytesIO(data))
+        pillow.load()
+        expected = np.asarray(pillow.convert("L"))
+    except Exception:
+        expected = None
+    try:
+        ours = preprocess.open_image(data, max_decoded_side=16)
+    except ImageError as error:
+        assert expected is None and "damaged or truncated" in str(error)
+        return
+    assert preprocess.DECODER_KEY not in ours.info
+    assert expected is not None and np.array_equal(np.asarray(ours.convert("L")), expected)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_a_large_compressed_tiff_keeps_its_orientation(orientation):
-    upright = seven((1200, 1200)).convert("RGB")
+    # (not square: Pillow reports a turned TIFF's size turned, the strips are stored the other way)
+    upright = seven((1300, 1100)).convert("RGB")
     turned = upright.transpose(ORIENTATIONS[orientation])
     data = encoded(turned, "TIFF", compression="tiff_lzw", tiffinfo={274: orientation, 278: 16})
     assert preprocess.open_image(data, max_decoded_side=1024).info[preprocess.DECODER_KEY] == "libtiff in strips"

@@ -263,7 +263,8 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
         if grey is not None:
             return grey
     try:
-        image.seek(0)  # GIF, animated WebP, multi-page TIFF: the first frame
+        if image.format != "HEIF":  # (a HEIF opens at its primary picture, which need not be its first)
+            image.seek(0)  # GIF, animated WebP, multi-page TIFF: the first frame
         if max_decoded_side and image.format == "JPEG" and max(width, height) > max_decoded_side:
             shrink = max_decoded_side / max(width, height)
             # A colour JPEG straight to grey (its Y channel, = Pillow's RGB -> L within a level): libjpeg
@@ -477,6 +478,42 @@ def _tiff_strips_as_grey(image: Image.Image, data: bytes | None) -> Image.Image 
     return None if grey is None else _with_metadata(grey, image, "libtiff in strips")
 
 
+# The pixel tags' entries in the file as libtiff accepts them: SHORT or LONG, and how many values
+_TIFF_ENTRY_COUNTS = {256: 1, 257: 1, 259: 1, 262: 1, 266: 1, 277: 1, 278: 1, 284: 1, 317: 1}
+
+
+def _pixel_entries_sound(data: bytes, tags, samples: int, strips: int) -> bool:
+    """Whether the first directory's entries for the pixel tags are as libtiff reads them, given the
+    original file: each a SHORT or LONG with its number of values (BitsPerSample and SampleFormat
+    one per sample, or SampleFormat one for all; the strips' offsets and sizes one per strip), and
+    each one Pillow read. Pillow reads past what libtiff refuses (an entry of another type or
+    count, skipped or cut to one value with a warning), where each group's clean TIFF would decode
+    what Pillow's decode of the original file cannot, or decodes otherwise (fuzzing found both)."""
+    order = {b"II": "little", b"MM": "big"}.get(bytes(data[:2]))
+    if order is None or len(data) < 8:
+        return False
+    at = int.from_bytes(data[4:8], order)
+    if at + 2 > len(data):
+        return False
+    counts = {**_TIFF_ENTRY_COUNTS, 258: (samples,), 339: (1, samples), 273: strips, 279: strips}
+    seen = set()
+    for index in range(int.from_bytes(data[at : at + 2], order)):
+        entry = data[at + 2 + 12 * index : at + 14 + 12 * index]
+        if len(entry) < 12:
+            return False
+        tag, kind, number = (
+            int.from_bytes(entry[0:2], order),
+            int.from_bytes(entry[2:4], order),
+            int.from_bytes(entry[4:8], order),
+        )
+        if tag in counts:
+            allowed = counts[tag] if isinstance(counts[tag], tuple) else (counts[tag],)
+            if kind not in (3, 4) or number not in allowed or tag in seen or tag not in tags:
+                return False
+            seen.add(tag)
+    return True
+
+
 def _tiff_groups(image: Image.Image, data: bytes, tags) -> Image.Image | None:
     """_tiff_strips_as_grey's decoding: the grey image, None where the layout does not apply, or an
     exception where a group fails."""
@@ -485,10 +522,14 @@ def _tiff_groups(image: Image.Image, data: bytes, tags) -> Image.Image | None:
     from PIL.TiffImagePlugin import ImageFileDirectory_v2
     from PIL.TiffTags import LONG
 
-    width, height = image.size
+    # (The stored size: Pillow reports a TIFF's size as turned upright by its Orientation tag, which
+    # _with_metadata carries on instead)
+    width, height = tags.get(256), tags.get(257)
+    if not isinstance(width, int) or not isinstance(height, int) or {width, height} != set(image.size):
+        return None
     offsets, counts = tags.get(273), tags.get(279)
     rows = tags.get(278, height)
-    bits = tags.get(258)
+    bits, samples = tags.get(258), tags.get(277, 1)
     if (
         not isinstance(offsets, tuple)
         or not isinstance(counts, tuple)
@@ -499,9 +540,15 @@ def _tiff_groups(image: Image.Image, data: bytes, tags) -> Image.Image | None:
         or 322 in tags  # (tiles)
         or tags.get(284, 1) != 1
         or tags.get(262) not in (0, 1, 2)
+        or not isinstance(samples, int)
         or not isinstance(bits, tuple)
-        or set(bits) != {8}
+        or bits != (8,) * samples
         or any(offset < 0 or count < 0 or offset + count > len(data) for offset, count in zip(offsets, counts))
+        # Each copied one-value tag as one value: Pillow reads a damaged count (a Predictor of 2 values)
+        # where libtiff, given the original file, ignores the tag or refuses the file - the groups'
+        # own clean TIFFs would then decode what Pillow's decode of the original does not
+        or any(not isinstance(tags[tag], int) for tag in (256, 262, 266, 277, 284, 317) if tag in tags)
+        or not _pixel_entries_sound(data, tags, samples, len(offsets))
     ):
         return None
     per_group = max(1, _TIFF_GROUP_ROWS // rows)
@@ -533,7 +580,7 @@ def _tiff_groups(image: Image.Image, data: bytes, tags) -> Image.Image | None:
         part.load()
         return first * rows, part if part.mode == "L" else part.convert("L")
 
-    grey = Image.new("L", image.size)
+    grey = Image.new("L", (width, height))
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digitsum-tiff")
     try:
         for top, strip in pool.map(group, range(0, len(offsets), per_group)):
@@ -612,8 +659,9 @@ def _webp_luma(data: bytes, size: tuple[int, int]) -> np.ndarray | None:
     of the decoded RGB up to rounding (the chroma terms of R, G and B cancel in Pillow's weights)
     and where that RGB clips: on a page with colour grain 0-1 level off for 98% of the pixels (mean
     0.3, at most 4, near white); over 500 random tinted, grainy pages of any quality at most 6 (mean
-    <= 0.44; sharp edges, where the chroma's upsampling overshoots); more only where saturated colours
-    clip. A grainy 4096x4096 q90 page: decode
+    <= 0.44; sharp edges, where the chroma's upsampling overshoots); more where saturated colours
+    clip: up to 12 levels in random colour noise (0.4% of pixels over 2), 19 at the edges of pure
+    red, green, blue and magenta squares on white (6% over 2). A grainy 4096x4096 q90 page: decode
     160 -> 131 ms, whole preprocessing 185 -> 151 ms, +107 -> +62 MB (torchvision's RGB, then
     Pillow's grey in strips, before; AMD EPYC, benchmarks/preprocess_cost.py).
     """

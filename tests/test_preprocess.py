@@ -52,6 +52,20 @@ def centre_of_mass(view: np.ndarray) -> tuple[float, float]:
     return float((ys * view).sum() / mass), float((xs * view).sum() / mass)
 
 
+def assert_error_or_mnist_view(source) -> None:
+    """The any-image property: `source` gives a one-line ImageError or a 28x28 uint8 view whose ink
+    box's longer side is 20 px with its centre of mass within 1 px of (14, 14)."""
+    try:
+        view = preprocess_view(source)
+    except ImageError as error:
+        assert "\n" not in str(error) and str(error)
+        return
+    assert view.shape == (28, 28) and view.dtype == np.uint8
+    assert max(ink_box(view)) == 20
+    centre_y, centre_x = centre_of_mass(view)
+    assert abs(centre_y - 14) <= 1 and abs(centre_x - 14) <= 1
+
+
 def similar(a: np.ndarray, b: np.ndarray) -> float:
     """Correlation of two views (1 = the same picture), the best over shifts of up to 1 px
     (a rounding of the centre of mass moves a view by one pixel)."""
@@ -113,15 +127,7 @@ def test_any_heic_gives_an_image_error_or_an_mnist_style_view(mode, size, conten
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = encoded(Image.fromarray(gray).convert(mode), "HEIF", exif=exif.tobytes())
-    try:
-        view = preprocess_view(data)
-    except ImageError as error:
-        assert "\n" not in str(error) and str(error)
-        return
-    assert view.shape == (28, 28) and view.dtype == np.uint8
-    assert max(ink_box(view)) == 20
-    centre_y, centre_x = centre_of_mass(view)
-    assert abs(centre_y - 14) <= 1 and abs(centre_x - 14) <= 1
+    assert_error_or_mnist_view(data)
 
 
 @pytest.mark.parametrize("orientation", [1, 6, 7])
@@ -841,15 +847,7 @@ def any_image(draw):
 @settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(any_image())
 def test_any_image_gives_an_image_error_or_an_mnist_style_view(source):
-    try:
-        view = preprocess_view(source)
-    except ImageError as error:
-        assert "\n" not in str(error) and str(error)
-        return
-    assert view.shape == (28, 28) and view.dtype == np.uint8
-    assert max(ink_box(view)) == 20
-    centre_y, centre_x = centre_of_mass(view)
-    assert abs(centre_y - 14) <= 1 and abs(centre_x - 14) <= 1
+    assert_error_or_mnist_view(source)
 
 
 def test_a_cielab_tiff_is_read_by_its_lightness():

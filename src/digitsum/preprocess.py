@@ -430,17 +430,10 @@ def _heif_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
 
         heif = open_heif(io.BytesIO(data), convert_hdr_to_8bit=True)
         picture = heif[heif.primary_index]
-        if picture.mode not in ("RGB", "L") or picture.size != image.size:
+        if picture.mode not in ("RGB", "L") or picture.mode != image.mode or picture.size != image.size:
             return None
-        pixels, stride = picture.data, picture.stride  # (decodes)
-        width, height = picture.size
-        grey = Image.new("L", image.size)
-        for top in range(0, height, _STRIP_ROWS * 4):
-            rows = min(_STRIP_ROWS * 4, height - top)
-            strip = Image.frombuffer(
-                picture.mode, (width, rows), pixels[top * stride : (top + rows) * stride], "raw", picture.mode, stride, 1
-            )
-            grey.paste(strip if strip.mode == "L" else strip.convert("L"), (0, top))
+        # (picture.data decodes; its rows, `stride` bytes apart, are then raw rows as _raw_strips reads them)
+        grey = _raw_strips(image, picture.data, [(0, image.height, 0, picture.mode, picture.stride, False)])
     except Exception:  # whatever libheif refuses, Pillow's plugin reads or explains
         return None
     return _with_metadata(grey, image, "libheif in strips")
@@ -479,7 +472,7 @@ def _tiff_strips_as_grey(image: Image.Image, data: bytes | None) -> Image.Image 
 
 
 # The pixel tags' entries in the file as libtiff accepts them: SHORT or LONG, and how many values
-_TIFF_ENTRY_COUNTS = {256: 1, 257: 1, 259: 1, 262: 1, 266: 1, 277: 1, 278: 1, 284: 1, 317: 1}
+_TIFF_ENTRY_COUNTS = {tag: (1,) for tag in (256, 257, 259, 262, 266, 277, 278, 284, 317)}
 
 
 def _pixel_entries_sound(data: bytes, tags, samples: int, strips: int) -> bool:
@@ -495,7 +488,7 @@ def _pixel_entries_sound(data: bytes, tags, samples: int, strips: int) -> bool:
     at = int.from_bytes(data[4:8], order)
     if at + 2 > len(data):
         return False
-    counts = {**_TIFF_ENTRY_COUNTS, 258: (samples,), 339: (1, samples), 273: strips, 279: strips}
+    counts = {**_TIFF_ENTRY_COUNTS, 258: (samples,), 339: (1, samples), 273: (strips,), 279: (strips,)}
     seen = set()
     for index in range(int.from_bytes(data[at : at + 2], order)):
         entry = data[at + 2 + 12 * index : at + 14 + 12 * index]
@@ -507,8 +500,7 @@ def _pixel_entries_sound(data: bytes, tags, samples: int, strips: int) -> bool:
             int.from_bytes(entry[4:8], order),
         )
         if tag in counts:
-            allowed = counts[tag] if isinstance(counts[tag], tuple) else (counts[tag],)
-            if kind not in (3, 4) or number not in allowed or tag in seen or tag not in tags:
+            if kind not in (3, 4) or number not in counts[tag] or tag in seen or tag not in tags:
                 return False
             seen.add(tag)
     return True
@@ -623,25 +615,23 @@ def _webp_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
         return None
     luma = _webp_luma(data, image.size)
     if luma is not None:
-        result = Image.fromarray(luma, mode="L")
-        result.info = dict(image.info)
-        result.info[DECODER_KEY] = "libwebp luma (webp)"
-        return result
-    try:
-        import torch
-        from torchvision.io import ImageReadMode, decode_webp
+        result, decoder = Image.fromarray(luma, mode="L"), "libwebp luma (webp)"
+    else:
+        try:
+            import torch
+            from torchvision.io import ImageReadMode, decode_webp
 
-        planes = decode_webp(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB).numpy()
-    except Exception:  # whatever torchvision refuses, Pillow reads or explains
-        return None
-    if planes.shape != (3, image.height, image.width):
-        return None
-    result = Image.new("L", image.size)
-    for top in range(0, image.height, _STRIP_ROWS * 4):  # (Pillow's own grey, a strip of interleaved RGB at a time)
-        strip = np.ascontiguousarray(planes[:, top : top + _STRIP_ROWS * 4].transpose(1, 2, 0))
-        result.paste(Image.fromarray(strip, mode="RGB").convert("L"), (0, top))
+            planes = decode_webp(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB).numpy()
+        except Exception:  # whatever torchvision refuses, Pillow reads or explains
+            return None
+        if planes.shape != (3, image.height, image.width):
+            return None
+        result, decoder = Image.new("L", image.size), "libwebp (torchvision)"
+        for top in range(0, image.height, _STRIP_ROWS * 4):  # (Pillow's own grey, a strip of interleaved RGB at a time)
+            strip = np.ascontiguousarray(planes[:, top : top + _STRIP_ROWS * 4].transpose(1, 2, 0))
+            result.paste(Image.fromarray(strip, mode="RGB").convert("L"), (0, top))
     result.info = dict(image.info)  # EXIF orientation (getexif reads info)
-    result.info[DECODER_KEY] = "libwebp (torchvision)"
+    result.info[DECODER_KEY] = decoder
     return result
 
 

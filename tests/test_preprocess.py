@@ -742,6 +742,32 @@ def test_a_dim_grainy_photo_of_white_paper_has_dark_ink():
     assert similar(view, REFERENCE) > 0.9
 
 
+@pytest.mark.parametrize("paper", [50, 75, 100])
+def test_an_underexposed_photo_of_white_paper_has_dark_ink(paper):
+    # White paper in a dim room: the border is one level at 20-40% grey, below the 0.4 that meant a
+    # dark ground; the ink reaches far below it, nothing reaches above (before: read as light ink,
+    # the brighter middle of the page became the "digit").
+    page = np.asarray(seven((400, 400), ink=paper // 6, paper=paper), np.float64)
+    y, x = np.mgrid[0:400, 0:400]
+    page *= 1.0 + 0.08 * np.exp(-((x - 200.0) ** 2 + (y - 200.0) ** 2) / 2e4)  # a little brighter in the middle
+    page += np.random.default_rng(paper).normal(0, 4, page.shape)
+    view = preprocess_view(encoded(Image.fromarray(np.clip(page, 0, 255).round().astype(np.uint8)), "JPEG", quality=85))
+    assert similar(view, REFERENCE) > 0.9
+
+
+@pytest.mark.parametrize(("chalk", "width", "smudge"), [(180, 22, 0), (102, 10, 36)])
+def test_light_chalk_on_a_dark_board_stays_light_ink(chalk, width, smudge):
+    # The counterpart: a board at 30% grey with light strokes, bold, or faint (0.1 above the board)
+    # beside a smudge darker than the board (0.14 below it: under DIM_INK_MARGIN times the chalk's
+    # reach, so light ink, as before; with a margin of 1 this board reads as dark ink).
+    board = np.asarray(seven((400, 400), ink=chalk, paper=76, width=width), np.float64)
+    board[330:360, 30:60] = 76 - smudge
+    board += np.random.default_rng(smudge).normal(0, 2, board.shape)
+    gray = np.clip(board, 0, 255).round().astype(np.uint8)
+    assert not preprocess._ink_is_dark(gray.astype(np.float32) / 255)
+    assert similar(preprocess_view(Image.fromarray(gray)), preprocess_view(seven(width=width * 0.7))) > 0.8
+
+
 def test_a_small_digit_off_centre_on_a_large_canvas_is_found():
     canvas = Image.new("L", (1800, 1400), 255)
     canvas.paste(seven((60, 60), width=22), (1500, 200))

@@ -96,6 +96,11 @@ WORK_SIDE = 512  # the digit is found at under twice this resolution (bounded ti
 DETAIL_SIDE = 96  # ... and re-cut from the full-resolution image when it is smaller than this there
 SMALL_SIDE = 48  # a smaller image is a cropped digit (MNIST is 28x28): no paper, light or ruling to remove
 BORDER_PAPER = 0.06  # border pixels within this of the border's median are one paper level (noise, JPEG)
+# A one-level border darker than 0.4 is a dark ground (light ink) unless what lies below it reaches
+# this far down and this many times further than what lies above: white paper photographed in a dim
+# room (an independent generator's underexposed photos, paper at 20-40% grey: 26% right before).
+DIM_INK_CONTRAST = 0.1
+DIM_INK_MARGIN = 2.0
 STRONG_INK = 0.4  # ink at >= this fraction of the strongest ink is a stroke; fainter is an edge, a ruled line or shading
 LINE_SPAN = 0.6  # a thin straight line from edge to edge covering this fraction of the image is ruled paper
 FAINT_INK = 0.15  # ruled lines are looked for down to this (they are often fainter than the pen)
@@ -1626,14 +1631,15 @@ def _ground_says_dark_ink(gray: np.ndarray, smooth: np.ndarray) -> bool:
     """_ink_is_dark's reading of the border and of what is thin.
 
     Where most of the border is one level (the usual photo or scan, also a digit cropped so tightly
-    that it crosses the edge), that level is the paper: light paper (>= 0.6) means dark ink, dark
-    paper (<= 0.4) light ink, and in between (a dim photo of white paper, a grey board) the side on
-    which the image reaches further from the paper. Otherwise (shadows, gradients): ink is thin,
-    so it is what a median filter removes, while a median keeps the straight edges of shadows and
-    lit patches. On a ~48 px thumbnail (min-pooled to see dark strokes, max-pooled to see light
-    ones, so thin strokes are not averaged away) with a window of half its size: compare how much
-    darker and how much lighter than its local median each one is. The median pixel alone is not
-    the paper when a shadow covers most of the page."""
+    that it crosses the edge), that level is the paper: light paper (>= 0.6) means dark ink; in
+    between (a dim photo of white paper, a grey board) the side on which the image reaches further
+    from the paper; dark paper (<= 0.4) light ink, unless the image reaches down from it at least
+    DIM_INK_CONTRAST and DIM_INK_MARGIN times as far as up (white paper in a dim room). Otherwise
+    (shadows, gradients): ink is thin, so it is what a median filter removes, while a median keeps
+    the straight edges of shadows and lit patches. On a ~48 px thumbnail (min-pooled to see dark
+    strokes, max-pooled to see light ones, so thin strokes are not averaged away) with a window of
+    half its size: compare how much darker and how much lighter than its local median each one is.
+    The median pixel alone is not the paper when a shadow covers most of the page."""
     frame = max(1, min(gray.shape) // 20)
     border = np.concatenate(
         [smooth[:frame].ravel(), smooth[-frame:].ravel(), smooth[:, :frame].ravel(), smooth[:, -frame:].ravel()]
@@ -1648,9 +1654,12 @@ def _ground_says_dark_ink(gray: np.ndarray, smooth: np.ndarray) -> bool:
         paper = float(np.median(edge))
         one_level = (np.abs(edge - paper) <= BORDER_PAPER).mean() >= 0.75
     if one_level:
+        below, above = paper - float(smooth.min()), float(smooth.max()) - paper
         if 0.4 < paper < 0.6:
-            return bool(paper - smooth.min() > smooth.max() - paper)
-        return bool(paper >= 0.5)
+            return below > above
+        if paper <= 0.4:  # dark ground, or white paper photographed in a dim room (underexposed)
+            return below >= DIM_INK_CONTRAST and below > DIM_INK_MARGIN * above
+        return True
     blocks, factor = _blocks(gray, 48)
     darkest, lightest = (blocks.min(axis=(1, 3)), blocks.max(axis=(1, 3))) if factor > 1 else (gray, gray)
     size = max(3, min(darkest.shape) // 2) | 1

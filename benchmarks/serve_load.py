@@ -11,7 +11,7 @@ prebuilt HTTP/1.1 requests, so it costs the shared CPU as little as possible.
 `--scenario large-uploads` measures instead whether big photos starve everyone else: a few
 clients send small drawings and GET /api/health for `--seconds`, first alone, then while
 `--large-clients` clients continuously upload a 4096x4096 PNG (a digit drawn on a big, unevenly lit RGB
-canvas; the mostly uniform canvas compresses to well under the 2 MB body limit - its size is
+canvas; the mostly uniform canvas compresses to well under the body limit - its size is
 printed). It prints p50/p99 of the small requests without and with that load (target: p99 < 250 ms).
 
     python benchmarks/serve_load.py --scenario large-uploads [--large-clients 8] [--seconds 20]
@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from digitsum import serve
 
 BOUNDARY = "digitsumloadtest"
 
@@ -199,7 +201,7 @@ def large_uploads_scenario(args, port: int, server: subprocess.Popen) -> int:
         f"`digitsum serve` on 127.0.0.1: {args.small_clients} clients sending small predictions (280x280 PNG "
         f"drawing) back to back and {args.health_clients} sending GET /api/health every 20 ms for {args.seconds:g} s, without "
         f"and with {args.large_clients} clients continuously uploading a 4096x4096 RGB PNG "
-        f"({len(big_png) / 1024:.0f} KiB; body limit 2 MB)\n"
+        f"({len(big_png) / 1024:.0f} KiB; body limit {serve.MAX_BODY_BYTES // 2**20} MB)\n"
     )
     print("| load | request | requests | p50 ms | p99 ms | max ms | statuses |")
     print("|---|---|---|---|---|---|---|")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -175,10 +178,19 @@ def test_a_truncated_image_is_an_error_naming_it(tmp_path):
         preprocess(tmp_path / "cut.png")
 
 
-def test_an_image_larger_than_4096_pixels_is_refused_before_decoding(tmp_path):
-    Image.new("L", (4097, 16), 255).save(tmp_path / "wide.png")
-    with pytest.raises(ImageError, match=r"wide.png: is 4097x16 pixels, larger than the 4096x4096 limit"):
+def test_an_image_larger_than_8192_pixels_is_refused_before_decoding(tmp_path):
+    Image.new("L", (8193, 16), 255).save(tmp_path / "wide.png")
+    with pytest.raises(ImageError, match=r"wide.png: is 8193x16 pixels, larger than the 8192x8192 limit"):
         preprocess(tmp_path / "wide.png")
+
+
+def test_a_50_megapixel_phone_photo_is_read():
+    # 8160x6120, as 48-50 MP phone cameras save: refused before (the limit was 4096 per side).
+    photo = Image.new("RGB", (8160, 6120), (235, 230, 220))
+    ImageDraw.Draw(photo).line([(4000, 2000), (4100, 4200)], fill=(30, 30, 40), width=120)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=85)
+    assert max(ink_box(preprocess(buffer.getvalue())[1])) == 20
 
 
 def test_an_image_of_exactly_4096_pixels_is_accepted():
@@ -241,6 +253,25 @@ def test_the_command_prints_one_line_per_image(model_path, tmp_path, capsys):
     assert cli.main(["predict", str(tmp_path / "seven.png"), "--number", "3", "--checkpoint", str(model_path)]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{tmp_path / 'seven.png'}: digit ") and " + 3 = " in line
+
+
+@pytest.mark.slow  # a fresh interpreter (pytest records warnings itself, so only a real process shows them)
+def test_a_truncated_tiff_is_one_line_on_stderr_without_the_decoders_warnings(model_path, tmp_path):
+    buffer = io.BytesIO()
+    Image.new("L", (40, 30), 200).save(buffer, format="TIFF")
+    (tmp_path / "cut.tif").write_bytes(buffer.getvalue()[:100])  # Pillow warns "Corrupt EXIF data" (twice), then fails
+    drawn_seven().save(tmp_path / "seven.png")
+    files = [str(tmp_path / "cut.tif"), str(tmp_path / "seven.png")]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "digitsum", "predict", *files, "--number", "1", "--checkpoint", str(model_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "cut.tif: is damaged or truncated" in result.stderr, result.stderr
+    assert result.stdout.startswith(files[1])
 
 
 def test_the_command_prints_json_with_top3(model_path, tmp_path, capsys):

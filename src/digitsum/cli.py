@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 
 from digitsum.config import PRESETS, ModelConfig, TrainConfig, preset, read_config_file
-from digitsum.errors import DigitsumError, Interrupted
+from digitsum.errors import DigitsumError, Interrupted, quiet_decoder_warnings
 
 LATEST_MODEL = Path("runs") / "latest" / "model.pt"
 
@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP API and drawing page (needs the [serve] extra)",
         description="Serve POST /api/predict, POST /api/predict_batch (up to 64 images), "
         "GET /api/health, GET /metrics (Prometheus), the drawing page at / and the OpenAPI "
-        "docs at /docs with FastAPI + uvicorn. Limits: request bodies 2 MB (batch: 8 MB), "
+        "docs at /docs with FastAPI + uvicorn. Limits: request bodies 20 MB (batch: 32 MB), "
         "64 connections per worker (503 beyond), idle keep-alive connections closed after "
         "5 s, a request head or body chunk that takes over 10 s closes the connection (408).",
     )
@@ -551,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_decoder_warnings()
     if args.command is None:
         parser.print_help()
         return 2

@@ -61,7 +61,7 @@ try:  # the min/max filters (_extreme_filter); scipy computes the same where Ope
 except ImportError:  # pragma: no cover - a dependency; kept optional like pyspng and ISA-L
     _cv2 = None
 
-MAX_SIDE = 4096  # larger images are refused before decoding (decompression bomb guard)
+MAX_SIDE = 8192  # larger images are refused before decoding (decompression bomb guard)
 # The file formats read: what phones, scanners and drawing apps write, each decoded by a C library
 # with its size known from the header. Left out (never identified, so "not an image"): Pillow's
 # container formats that decode a whole embedded image while opening, before the size check (ICO,

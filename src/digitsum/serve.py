@@ -8,7 +8,7 @@
     GET  /docs          OpenAPI
 
 Bad input is the client's fault and never a 500: 422 names the field (bad number, missing,
-truncated, oversized or blank image, JSON nested too deep), 413 for bodies over 2 MB (8 MB for
+truncated, oversized or blank image, JSON nested too deep), 413 for bodies over 20 MB (32 MB for
 the batch route) or batches over MAX_BATCH_ITEMS items, 415 for
 content that is not an image (or a request that is neither multipart nor JSON), 408 for a body
 that stops arriving (READ_TIMEOUT_S per chunk), 503 when preprocessing is busier than QUEUE_WAIT_S.
@@ -51,7 +51,7 @@ from PIL import Image
 from digitsum import __version__
 from digitsum.data import NUM_NUMBERS
 from digitsum.device import reuse_freed_memory
-from digitsum.errors import DigitsumError
+from digitsum.errors import DigitsumError, quiet_decoder_warnings
 from digitsum.onnx_backend import BACKENDS, load_backend
 from digitsum.predict import ImageError, NotAnImageError, _top, classify, preprocess
 from digitsum.preprocess import IMAGE_FORMATS
@@ -71,8 +71,9 @@ try:
 except ImportError:
     prometheus_client = None
 
-MAX_BODY_BYTES = 2 * 1024 * 1024
-MAX_BATCH_BODY_BYTES = 8 * 1024 * 1024  # the batch route's body cap: 64 drawings, or a few photos
+# A phone's photo is 2-8 MB as a JPEG (12 MP), up to ~20 MB at 48-50 MP; base64 in JSON adds a third.
+MAX_BODY_BYTES = 20 * 1024 * 1024
+MAX_BATCH_BODY_BYTES = 32 * 1024 * 1024  # the batch route's body cap: 64 drawings, or a few photos
 MAX_BATCH_ITEMS = 64  # images per batch request (413 above); classify runs them as one batch
 MAX_WORKERS = 64  # --workers 1..MAX_WORKERS
 # uvicorn kills a worker that does not answer its supervisor's ping within this (default 5 s). A
@@ -137,7 +138,7 @@ _REQUEST_BODY_DOC = {
         },
     },
     "responses": {
-        "413": {"description": "body over 2 MB"},
+        "413": {"description": "body over 20 MB"},
         "415": {"description": "not an image"},
         "422": {"description": "bad number or image; the body names the field"},
     },
@@ -215,7 +216,7 @@ _BATCH_BODY_DOC = {
                 }
             },
         },
-        "413": {"description": "body over 8 MB or more than 64 images"},
+        "413": {"description": "body over 32 MB or more than 64 images"},
         "415": {"description": "neither multipart nor JSON"},
         "422": {
             "description": "malformed as a whole (no images, numbers that do not match the images, "
@@ -661,7 +662,7 @@ async def _read_batch_form(request: "Request") -> list[BatchItem]:
     from starlette.formparsers import MultiPartException
 
     try:
-        # Capped while parsing: a body of 8 MB could otherwise hold tens of thousands of tiny parts.
+        # Capped while parsing: a body of 32 MB could otherwise hold tens of thousands of tiny parts.
         form = await request.form(max_files=MAX_BATCH_ITEMS, max_fields=MAX_BATCH_ITEMS + 8)
     except _BodyAbort:
         raise
@@ -1048,6 +1049,7 @@ def app_from_env() -> "FastAPI":
     # One intra-op thread per worker: N workers already use N cores, more threads only fight over them.
     torch.set_num_threads(1)
     reuse_freed_memory()  # process-wide: this is the worker process's start
+    quiet_decoder_warnings()  # (as the parent's cli.main did: a worker is a fresh interpreter)
     try:
         app = create_app(checkpoint, backend=os.environ.get(BACKEND_ENV) or None)
     except Exception as error:  # one line, and uvicorn's startup-failure code: the supervisor then

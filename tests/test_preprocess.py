@@ -518,6 +518,23 @@ def test_a_hard_shadow_over_most_of_the_page_is_not_a_dark_ground():
     assert similar(preprocess_view(encoded(Image.fromarray(gray), "JPEG", quality=90)), REFERENCE) > 0.9
 
 
+@pytest.mark.parametrize(
+    "band", [((600, 0), (330, 300)), ((0, 80), (330, 330)), ((600, 520), (200, 200)), ((300, 600), (330, 250))]
+)
+@pytest.mark.parametrize("width", [60, 90])
+def test_a_cast_shadow_band_narrower_than_the_lighting_window_is_not_ink(band, width):
+    # The shadow of a pen or a phone's edge: a hard-edged band at 45% light from the image's edge,
+    # 3-4 stroke widths wide, often diagonal, ending on the page, crossing or beside the digit.
+    # Before: the closing (a square window of about three stroke widths) took it for ink.
+    page = np.asarray(seven((600, 600), ink=25, paper=235, width=10), np.float64)
+    shadow = Image.new("L", (600, 600), 0)
+    ImageDraw.Draw(shadow).line(band, fill=255, width=width)
+    shaded = page * np.where(np.asarray(shadow) > 0, 0.45, 1.0)
+    view = preprocess_view(encoded(Image.fromarray(np.clip(shaded, 0, 255).round().astype(np.uint8)), "JPEG", quality=90))
+    clean = preprocess_view(encoded(Image.fromarray(page.astype(np.uint8)), "JPEG", quality=90))
+    assert similar(view, clean) > 0.95
+
+
 def test_a_scanners_dark_margin_beside_a_small_digit_is_no_stroke():
     # A page scanned a little askew: a thin dark line along the bottom edge, over most of it (not
     # touching the far side nor the bottom), next to a small digit in a corner. It has more ink
@@ -768,6 +785,13 @@ def test_light_chalk_on_a_dark_board_stays_light_ink(chalk, width, smudge):
     assert similar(preprocess_view(Image.fromarray(gray)), preprocess_view(seven(width=width * 0.7))) > 0.8
 
 
+@pytest.mark.parametrize(("canvas", "ink"), [(0x77, 0), (0x55, 0), (0xAA, 255), (0x99, 255), (0x80, 0), (0x64, 255)])
+def test_a_digit_on_a_flat_mid_grey_canvas_is_read_whichever_side_of_half_the_canvas_is(canvas, ink):
+    # A drawing app's canvas of one exact grey (the cheap clean-canvas path): a black digit on
+    # #777777 and a white one on #aaaaaa were "blank" when the canvas's side of 0.5 chose the polarity.
+    assert similar(preprocess_view(seven(ink=ink, paper=canvas)), REFERENCE) > 0.95
+
+
 def test_a_small_digit_off_centre_on_a_large_canvas_is_found():
     canvas = Image.new("L", (1800, 1400), 255)
     canvas.paste(seven((60, 60), width=22), (1500, 200))
@@ -874,6 +898,29 @@ def any_image(draw):
 @given(any_image())
 def test_any_image_gives_an_image_error_or_an_mnist_style_view(source):
     assert_error_or_mnist_view(source)
+
+
+def test_a_png_whose_first_chunk_is_not_its_header_is_read_without_taking_that_chunk_for_one():
+    # Fuzzing: a text chunk before IHDR (Pillow reads such a file) had its bytes read as the header,
+    # a width and height of up to 2^32: 29 s and 6.8 GB for a 3.6 KB file, or a MemoryError.
+    page = seven((1300, 1100)).convert("LA")
+    data = encoded(page)
+    # (an EXIF chunk whose bytes, where IHDR's would be, read as 1,229,531,648 x 402,653,184 px)
+    text = b"II*\x00" + (402653184).to_bytes(4, "big") + bytes([1, 0, 16, 1, 3]) + bytes(13)
+    chunk = len(text).to_bytes(4, "big") + b"eXIf" + text + zlib.crc32(b"eXIf" + text).to_bytes(4, "big")
+    odd = data[:8] + chunk + data[8:]
+    assert Image.open(io.BytesIO(odd)).size == (1300, 1100)
+    assert np.array_equal(preprocess_view(odd), preprocess_view(data))
+
+
+def test_running_out_of_memory_while_decoding_is_a_one_line_image_error(monkeypatch, tmp_path):
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    seven().save(tmp_path / "page.png")
+    monkeypatch.setattr(preprocess, "upright_grey", exhausted)
+    with pytest.raises(ImageError, match="page.png: needs more memory to decode than this process can get"):
+        preprocess_view(tmp_path / "page.png")
 
 
 def test_a_cielab_tiff_is_read_by_its_lightness():

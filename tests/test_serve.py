@@ -149,9 +149,9 @@ def test_a_truncated_image_is_422(client):
     assert response.status_code == 422 and field_of(response) == "image"
 
 
-def test_an_image_over_4096_pixels_is_422(client):
-    response = post_form(client, image=png(Image.new("L", (5000, 10), 255)))
-    assert response.status_code == 422 and "4096x4096" in response.json()["detail"][0]["msg"]
+def test_an_image_over_8192_pixels_is_422(client):
+    response = post_form(client, image=png(Image.new("L", (9000, 10), 255)))
+    assert response.status_code == 422 and "8192x8192" in response.json()["detail"][0]["msg"]
 
 
 def test_invalid_base64_is_422_naming_the_field(client):
@@ -177,9 +177,9 @@ def test_a_body_over_2_mb_is_413(client):
     assert response.status_code == 413
 
 
-def test_a_streamed_body_over_2_mb_without_a_length_is_413(client):
+def test_a_streamed_body_over_the_limit_without_a_length_is_413(client):
     def chunks():
-        for _ in range(40):
+        for _ in range(MAX_BODY_BYTES // (64 * 1024) + 8):
             yield bytes(64 * 1024)
 
     response = client.post("/api/predict", content=chunks(), headers={"content-type": "application/json"})

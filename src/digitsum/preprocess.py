@@ -1486,8 +1486,8 @@ def _shadow_bands(gray, ink, background, level: float, width: float) -> tuple[np
     own relative level, spread (a box mean) over the strokes it holds, so that a stroke in the
     shadow is read against the shaded paper. A light pen's digit is not such a plateau (its own
     strokes set the pen's strength) and a pencil's grain is thinner than the radius. An independent
-    generator's hard shadows (bands and polygons from the edge, 40-60% dark): 82% -> 96.5% (with
-    _pen_width)."""
+    generator's hard shadows (bands and polygons from the edge, 40-60% dark; 200 renders): 82.0% ->
+    98.0% with _pen_width."""
     mid = (ink >= SHADOW_LOW * level) & (ink < SHADOW_HIGH * level)
     radius = max(3, int(round(0.6 * width)))
     pen = ink >= SHADOW_HIGH * level

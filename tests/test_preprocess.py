@@ -500,6 +500,41 @@ def test_a_toolbar_drawn_on_the_canvas_along_an_edge_is_not_the_digit(where):
     assert similar(preprocess_view(page(toolbar=True)), preprocess_view(page(toolbar=False))) > 0.9
 
 
+def phone_screenshot(theme: str, ink: int = 90) -> Image.Image:
+    """A drawing app on a 1080x2340 phone screen: status bar, title bar with its title, a white
+    canvas holding a grey 7, a bottom bar of colour dots (one black) and a "Clear" button."""
+    bar, text = (40, 230) if theme == "dark" else (235, 30)
+    screen = Image.new("L", (1080, 2340), 255)
+    draw = ImageDraw.Draw(screen)
+    draw.rectangle((0, 0, 1080, 190), fill=bar)
+    draw.text((40, 20), "12:34", fill=text, font_size=40)
+    draw.text((90, 110), "Canvas", fill=text, font_size=56)
+    draw.rectangle((0, 2140, 1080, 2340), fill=bar)
+    for k, dot in enumerate((0, 90, 130, 170, 250)):
+        draw.ellipse((40 + 130 * k, 2190, 130 + 130 * k, 2280), fill=dot)
+    draw.text((860, 2200), "Clear", fill=text, font_size=56)
+    screen.paste(seven((600, 600), ink=ink, width=12), (240, 800))
+    return screen
+
+
+@pytest.mark.parametrize("theme", ["dark", "light"])
+def test_a_screenshot_of_a_drawing_app_is_read_by_its_canvas(theme):
+    # Before: the title, a colour dot or "Clear" was taken for the digit, or the canvas for light ink.
+    screen = phone_screenshot(theme)
+    assert preprocess._screen_canvas(preprocess.upright_grey(screen)) is not None
+    assert similar(preprocess_view(encoded(screen)), preprocess_view(seven((600, 600), ink=90, width=12))) > 0.95
+
+
+def test_clipped_white_that_a_digit_runs_out_of_is_no_canvas():
+    # A photo's overexposed paper: one exact level over most of the image, but the digit crosses the
+    # region's edge into the lit paper below it, so the region's box is no canvas (the photo path reads it).
+    page = np.full((800, 600), 255.0)
+    page[500:] = np.linspace(250, 200, 300)[:, None]
+    page = np.minimum(page, np.asarray(seven((600, 800), ink=30, width=14), np.float64))
+    gray = preprocess.upright_grey(Image.fromarray(page.round().astype(np.uint8)))
+    assert preprocess._screen_canvas(gray) is None
+
+
 def test_a_small_digit_near_an_edge_with_nothing_else_is_still_read():
     page = Image.new("L", (900, 700), 245)
     page.paste(seven((60, 60), ink=30, paper=245, width=20), (4, 320))  # wholly within 10% of the left edge

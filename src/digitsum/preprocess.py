@@ -1535,7 +1535,11 @@ def _shadow_bands(gray, ink, background, level: float, width: float) -> tuple[np
     mid = (ink >= SHADOW_LOW * level) & (ink < SHADOW_HIGH * level)
     radius = max(3, int(round(0.6 * width)))
     pen = ink >= SHADOW_HIGH * level
-    core = (_distance(mid | pen) > radius) & mid  # (a stroke crossing a band is no edge of it)
+    # (a stroke crossing a band is no edge of it; the image's edge is one: a stroke cut by it is no wider)
+    # ... and its middle lies clear of the pen: a bold stroke's grey rim is no band, however wide the two together)
+    core = (_distance(np.pad(mid | pen, 1))[1:-1, 1:-1] > radius) & mid
+    if core.any():
+        core &= _distance(~pen) > max(3, radius // 2)
     if not core.any():
         return ink, background
     bands = _dilate(core, 2 * radius + 1) & mid
@@ -1545,6 +1549,17 @@ def _shadow_bands(gray, ink, background, level: float, width: float) -> tuple[np
         [labels[:margin].ravel(), labels[-margin:].ravel(), labels[:, :margin].ravel(), labels[:, -margin:].ravel()]
     )
     bands &= np.isin(labels, np.setdiff1d(zone, 0))
+    if not bands.any():
+        return ink, background
+    # A shadow lies on the paper: most of what borders it is paper, where it crosses the digit
+    # aside. A faint part of the digit itself (a marker's stroke thinned by the pen running dry,
+    # the grey of a stroke at the image's edge) is bordered by its strokes.
+    pieces, count = ndimage.label(bands)
+    grown = ndimage.maximum_filter(pieces, size=5, mode="constant")
+    ring = (grown > 0) & (pieces == 0)
+    index = np.arange(1, count + 1)
+    paper = ndimage.sum(ring & (ink < SHADOW_LOW * level), grown, index) / np.maximum(ndimage.sum(ring, grown, index), 1)
+    bands &= np.isin(pieces, index[paper >= 0.5])
     if not bands.any():
         return ink, background
     relative = np.clip(1.0 - ink, 0.0, 1.0).astype(np.float32)

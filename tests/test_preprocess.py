@@ -958,6 +958,34 @@ def test_running_out_of_memory_while_decoding_is_a_one_line_image_error(monkeypa
         preprocess_view(tmp_path / "page.png")
 
 
+def test_a_tiff_whose_strip_offsets_are_of_an_odd_type_is_an_error_or_a_view_not_a_crash():
+    # Fuzzing: StripOffsets of type UNDEFINED, which Pillow hands over as bytes, raised a TypeError
+    # (a traceback, HTTP 500) in the uncompressed-TIFF fast path.
+    data = bytearray(encoded(seven((1300, 1100)).convert("RGB"), "TIFF"))
+    ifd = int.from_bytes(data[4:8], "little")
+    for k in range(int.from_bytes(data[ifd : ifd + 2], "little")):
+        entry = ifd + 2 + 12 * k
+        if int.from_bytes(data[entry : entry + 2], "little") == 273:
+            data[entry + 2 : entry + 4] = (7).to_bytes(2, "little")
+    assert isinstance(Image.open(io.BytesIO(bytes(data))).tile[0].offset, bytes)
+    try:
+        view = preprocess_view(bytes(data))
+    except ImageError as error:
+        assert "\n" not in str(error)
+    else:
+        assert view.shape == (28, 28)
+
+
+def test_an_unforeseen_failure_of_a_fast_decoder_leaves_the_file_to_pillow(monkeypatch):
+    def broken(image, data):
+        raise TypeError("an odd field")
+
+    page = encoded(seven((1300, 1100)).convert("RGB"), "BMP")
+    want = preprocess_view(page)
+    monkeypatch.setattr(preprocess, "_raw_as_grey", broken)
+    assert np.array_equal(preprocess_view(page), want)
+
+
 def test_a_cielab_tiff_is_read_by_its_lightness():
     lab = _mode_image("LAB", np.asarray(seven()), np.random.default_rng(0))
     assert similar(preprocess_view(encoded(lab, "TIFF")), REFERENCE) > 0.95

@@ -256,15 +256,15 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
     if image.format in ("JPEG", "MPO") and data is not None and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
         raise ImageError(f"{name}: is a JPEG of over {MAX_JPEG_SCANS} scans (encoders write at most about 20); re-save it")
     if max_decoded_side and image.format == "PNG" and max(width, height) > max_decoded_side:
-        grey = _png_as_grey(image, data)
+        grey = _fast_grey(_png_as_grey, image, data)
         if grey is not None:
             return grey
     if max_decoded_side and max(width, height) > max_decoded_side:
-        grey = _webp_as_grey(image, data) if image.format == "WEBP" else _raw_as_grey(image, data)
+        grey = _fast_grey(_webp_as_grey if image.format == "WEBP" else _raw_as_grey, image, data)
         if grey is None and image.format == "TIFF":
-            grey = _tiff_strips_as_grey(image, data)
+            grey = _fast_grey(_tiff_strips_as_grey, image, data)
         if grey is None and image.format == "HEIF":
-            grey = _heif_as_grey(image, data)
+            grey = _fast_grey(_heif_as_grey, image, data)
         if grey is not None:
             return grey
     try:
@@ -379,6 +379,19 @@ def _png_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
 _RAW_BITS = {"L": 8, "RGB": 24, "BGR": 24, "RGBX": 32, "BGRX": 32, "XRGB": 32, "XBGR": 32, "CMYK": 32}
 
 
+def _fast_grey(decode, image: Image.Image, data: bytes | None) -> Image.Image | None:
+    """A large image's grey by one of the fast decoders below (`decode`), or None where it does not
+    apply - also where it fails in a way its checks did not foresee (fuzzing: a TIFF whose strip
+    offsets' tag has the type UNDEFINED, which Pillow hands over as bytes, raised a TypeError):
+    Pillow then decodes the file, or says in one line what is wrong with it."""
+    try:
+        return decode(image, data)
+    except (ImageError, MemoryError):
+        raise
+    except Exception:
+        return None
+
+
 def _raw_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
     """A large uncompressed image (BMP, TIFF, TGA, PPM: pixels stored as they are, Pillow's "raw"
     tiles of whole rows) decoded to grey in strips straight from the file's bytes: an "L" image
@@ -398,7 +411,9 @@ def _raw_as_grey(image: Image.Image, data: bytes | None) -> Image.Image | None:
         top, bottom = tile.extents[1], tile.extents[3]
         if (
             tile.codec_name != "raw"
+            or not isinstance(tile.offset, int)
             or not args
+            or not all(isinstance(arg, int) for arg in args[1:])
             or args[0] not in _RAW_BITS
             or tile.extents != (0, strips[-1][1] if strips else 0, width, bottom)
             or bottom <= top

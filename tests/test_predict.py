@@ -184,6 +184,15 @@ def test_an_image_larger_than_8192_pixels_is_refused_before_decoding(tmp_path):
         preprocess(tmp_path / "wide.png")
 
 
+def test_an_image_pillow_decodes_whole_keeps_the_4096_limit():
+    # An 8192x8192 RGBA JPEG 2000 of 84 KB cost +1.6 GB (fuzzing): formats and modes without a
+    # reduced or strip decode stay at 4096 px.
+    buffer = io.BytesIO()
+    Image.new("RGBA", (4100, 16), (255, 255, 255, 255)).save(buffer, format="JPEG2000")
+    with pytest.raises(ImageError, match=r"4100x16 pixels, larger than the 4096x4096 limit for this JPEG2000 image"):
+        preprocess(buffer.getvalue())
+
+
 def test_a_50_megapixel_phone_photo_is_read():
     # 8160x6120, as 48-50 MP phone cameras save: refused before (the limit was 4096 per side).
     photo = Image.new("RGB", (8160, 6120), (235, 230, 220))
@@ -272,6 +281,34 @@ def test_a_truncated_tiff_is_one_line_on_stderr_without_the_decoders_warnings(mo
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "cut.tif: is damaged or truncated" in result.stderr, result.stderr
     assert result.stdout.startswith(files[1])
+
+
+def test_unusable_paths_are_error_entries_and_the_other_images_are_still_predicted(model):
+    # Fuzzing: a NUL byte in a path raised ValueError out of predict() (the good image was lost); a
+    # newline in a name split the one-line error.
+    class IntPath(os.PathLike):
+        def __fspath__(self):
+            return 3
+
+    results = predict(model, ["a\0b.png", "x\ny.png", IntPath(), drawn_seven()], 3)
+    assert [set(result) >= {"image", "error"} for result in results[:3]] == [True, True, True]
+    assert "a\\x00b.png: is not a usable path" in results[0]["error"]
+    assert "\n" not in results[1]["error"] and "x\\ny.png: no such file" in results[1]["error"]
+    assert "digit" in results[3]
+
+
+@pytest.mark.slow  # a fresh interpreter with a strict UTF-8 stdout
+def test_a_file_name_that_is_not_utf8_is_printed_escaped(model_path, tmp_path):
+    name = os.fsencode(tmp_path) + b"/seven\xff.png"
+    drawn_seven().save(os.fsdecode(name))
+    result = subprocess.run(
+        [sys.executable, "-m", "digitsum", "predict", os.fsdecode(name), "--number", "1", "--checkpoint", str(model_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "seven\\udcff.png: digit" in result.stdout
 
 
 def test_the_command_prints_json_with_top3(model_path, tmp_path, capsys):

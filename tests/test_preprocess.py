@@ -986,6 +986,23 @@ def test_an_unforeseen_failure_of_a_fast_decoder_leaves_the_file_to_pillow(monke
     assert np.array_equal(preprocess_view(page), want)
 
 
+def test_a_large_erosion_disk_is_applied_at_a_reduced_scale_close_to_the_exact_one():
+    # Fuzzing: a filled square on a 1,023 px canvas is a "stroke" 1,005 px wide; _thinned eroded it
+    # by a 623 px disk at full scale (8-13 s). Above THIN_RADIUS the erosion runs on a reduced copy.
+    ink = np.zeros((300, 300), np.float32)
+    ImageDraw.Draw(canvas := Image.fromarray(ink, mode="F")).ellipse((20, 30, 280, 260), fill=1.0)
+    ink = np.asarray(canvas, np.float32)
+    radius = 3 * preprocess.THIN_RADIUS
+    disk = np.hypot(*np.ogrid[-radius : radius + 1, -radius : radius + 1]) <= radius
+    exact = ndimage.grey_erosion(ink, footprint=disk, mode="constant", cval=0.0)
+    reduced = preprocess._disk_eroded(ink, radius)
+    assert reduced.shape == ink.shape
+    assert np.abs(reduced - exact).mean() < 0.02 and ((reduced >= 0.5) != (exact >= 0.5)).mean() < 0.01
+    page = Image.new("L", (1023, 1023), 255)
+    ImageDraw.Draw(page).rectangle((10, 10, 1012, 1012), fill=0)
+    assert preprocess_view(page).max() == 255
+
+
 def test_a_cielab_tiff_is_read_by_its_lightness():
     lab = _mode_image("LAB", np.asarray(seven()), np.random.default_rng(0))
     assert similar(preprocess_view(encoded(lab, "TIFF")), REFERENCE) > 0.95

@@ -552,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_decoder_warnings()
+    for stream in (sys.stdout, sys.stderr):  # a file name that is no valid UTF-8 (its bytes kept as
+        if hasattr(stream, "reconfigure"):  # surrogates) is printed escaped, not a UnicodeEncodeError
+            stream.reconfigure(errors="backslashreplace")
     if args.command is None:
         parser.print_help()
         return 2

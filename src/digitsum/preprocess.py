@@ -61,7 +61,22 @@ try:  # the min/max filters (_extreme_filter); scipy computes the same where Ope
 except ImportError:  # pragma: no cover - a dependency; kept optional like pyspng and ISA-L
     _cv2 = None
 
-MAX_SIDE = 8192  # larger images are refused before decoding (decompression bomb guard)
+MAX_SIDE = 8192  # larger images are refused before decoding (decompression bomb guard) ...
+MAX_SIDE_WHOLE = 4096  # ... and this for the ones Pillow decodes whole (no reduced or strip decode below)
+# The formats and modes read at a reduced scale or in strips (open_image), so that 8192x8192 (a 48-50
+# MP phone photo is 8160x6120) costs about 40-350 MB; anything else - JPEG 2000, AVIF, TGA, 16-bit,
+# alpha, CMYK - is decoded whole by Pillow: an 84 KB 8192x8192 RGBA JPEG 2000 took +1.6 GB (fuzzing).
+_LARGE_MODES = {
+    "JPEG": ("L", "RGB", "CMYK"),
+    "MPO": ("L", "RGB"),
+    "PNG": ("1", "L", "LA", "P", "RGB", "RGBA"),
+    "HEIF": ("L", "RGB"),
+    "WEBP": ("RGB",),
+    "TIFF": ("1", "L", "P", "RGB"),
+    "BMP": ("1", "L", "P", "RGB"),
+    "DIB": ("1", "L", "P", "RGB"),
+    "GIF": ("L", "P"),
+}
 # The file formats read: what phones, scanners and drawing apps write, each decoded by a C library
 # with its size known from the header. Left out (never identified, so "not an image"): Pillow's
 # container formats that decode a whole embedded image while opening, before the size check (ICO,
@@ -148,10 +163,19 @@ class NotAnImageError(ImageError):
 
 
 def _name(source: ImageSource) -> str:
+    """How an error names the image: its path (control characters escaped, so that a newline in a
+    file name cannot split the one-line error), an open file's name, or "image"."""
     if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    name = getattr(source, "name", None)  # an open file knows its path
-    return name if isinstance(name, str) and name else "image"
+        try:
+            name = os.fsdecode(source)
+        except TypeError:  # (a PathLike giving neither str nor bytes: _read_file names the problem)
+            name = repr(source)
+    else:
+        name = getattr(source, "name", None)  # an open file knows its path
+        name = name if isinstance(name, str) and name else "image"
+    if any(ord(character) < 32 or ord(character) == 127 for character in name):
+        name = "".join(repr(c)[1:-1] if ord(c) < 32 or ord(c) == 127 else c for c in name)
+    return name
 
 
 def _reason(error: BaseException) -> str:
@@ -162,7 +186,7 @@ def _reason(error: BaseException) -> str:
 MAX_FILE_BYTES = 128 * 1024 * 1024  # room for any 4096x4096 image, even uncompressed RGBA (64 MB)
 
 
-def _read_file(path: Path, name: str) -> bytes:
+def _read_file(path: str | os.PathLike, name: str) -> bytes:
     """The bytes of an image file. Checked before reading: a regular file (a FIFO would block,
     /dev/zero never ends) of at most MAX_FILE_BYTES; read with a bounded read (the file may grow)."""
     try:
@@ -186,6 +210,8 @@ def _read_file(path: Path, name: str) -> bytes:
         raise ImageError(f"{name}: no such file") from None
     except OSError as error:
         raise ImageError(f"{name}: cannot be read ({error.strerror or error})") from None
+    except (ValueError, TypeError) as error:  # a NUL byte in the path; a PathLike giving neither str nor bytes
+        raise ImageError(f"{name}: is not a usable path ({_reason(error)})") from None
     if len(data) > MAX_FILE_BYTES:
         raise ImageError(f"{name}: is over the {MAX_FILE_BYTES // 2**20} MB limit for an image file")
     return data
@@ -199,7 +225,7 @@ def _source_bytes(source: ImageSource, name: str) -> bytes:
     if isinstance(source, (bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, (str, os.PathLike)):
-        return _read_file(Path(source), name)
+        return _read_file(source, name)
     if callable(getattr(source, "read", None)):
         try:
             data = source.read(MAX_FILE_BYTES + 1)
@@ -246,6 +272,12 @@ def open_image(source: ImageSource, max_decoded_side: int | None = None) -> Imag
         raise ImageError(
             f"{name}: is {width}x{height} pixels, larger than the "
             f"{MAX_SIDE}x{MAX_SIDE} limit (decompression bomb guard); shrink it first"
+        )
+    if max(width, height) > MAX_SIDE_WHOLE and image.mode not in _LARGE_MODES.get(image.format, ()):
+        raise ImageError(
+            f"{name}: is {width}x{height} pixels, larger than the {MAX_SIDE_WHOLE}x{MAX_SIDE_WHOLE} limit for this "
+            f"{image.format} image (mode {image.mode}; {MAX_SIDE}x{MAX_SIDE} for JPEG, HEIC and 8-bit PNG, "
+            "and opaque WebP, TIFF, BMP, GIF); shrink it first"
         )
     if width < 1 or height < 1:
         raise ImageError(f"{name}: has no pixels ({width}x{height})")
@@ -2394,8 +2426,7 @@ def _thinned(ink: np.ndarray) -> np.ndarray:
     radius = round((width - THIN_TO) / 2 * extent / (DIGIT_BOX - THIN_TO))
     if width <= BOLD_STROKE or radius < 1:
         return ink
-    disk = np.hypot(*np.ogrid[-radius : radius + 1, -radius : radius + 1]) <= radius
-    thinned = _extreme_filter(box.astype(np.float32), disk.shape, maximum=False, mode="constant", footprint=disk)
+    thinned = _disk_eroded(box.astype(np.float32), radius)
     # A pen of uneven width (a brush, a nib) would lose its thin parts: then the strokes fall apart
     # into more pieces, or a whole stroke goes and the box shrinks by more than the erosion's 2r
     # (up to 4r where a slanted stroke's square end meets the disk); such a digit stays as drawn.
@@ -2411,6 +2442,26 @@ def _thinned(ink: np.ndarray) -> np.ndarray:
     result = np.zeros_like(ink)
     result[inside] = thinned[1:-1, 1:-1]
     return result
+
+
+THIN_RADIUS = 24  # a larger erosion disk is applied at a reduced scale (see _disk_eroded)
+
+
+def _disk_eroded(values: np.ndarray, radius: int) -> np.ndarray:
+    """Grey erosion of `values` by a disk of `radius` px (outside counts as 0). OpenCV's erosion by a
+    disk costs the disk's area per pixel: a filled 1,005 px square on a 1,023 px canvas (a "stroke"
+    of its own width) took a 623 px disk and 8-13 s (fuzzing). Above THIN_RADIUS the image is
+    box-averaged by a factor that brings the disk to at most THIN_RADIUS, eroded there and scaled
+    back up (bilinear): the layout scales the digit to 20 px anyway. Real marker digits at working
+    size stay under it (every `real_world` render)."""
+    factor = -(-radius // THIN_RADIUS)
+    if factor > 1:
+        height, width = values.shape
+        small = Image.fromarray(values, mode="F").resize((max(1, width // factor), max(1, height // factor)), Image.BOX)
+        eroded = _disk_eroded(np.asarray(small, np.float32), max(1, round(radius / factor)))
+        return np.asarray(Image.fromarray(eroded, mode="F").resize((width, height), Image.BILINEAR), np.float32)
+    disk = np.hypot(*np.ogrid[-radius : radius + 1, -radius : radius + 1]) <= radius
+    return _extreme_filter(values, disk.shape, maximum=False, mode="constant", footprint=disk)
 
 
 def _area_width(ink: np.ndarray) -> float:

@@ -263,6 +263,9 @@ def test_the_page_has_a_content_security_policy_without_inline_script(http):
     assert "data:" in directives["img-src"]  # the 28x28 view is a data: URL
     page = http.get("/").text
     assert "<script>" not in page and "style=" not in page  # what the policy would block
+    # The same page as a static file (fuzzing: served there without the policy)
+    same = http.get("/static/index.html")
+    assert same.text == page and same.headers["content-security-policy"] == policy
 
 
 # ----------------------------------------------------------------------------- E: preprocessing off the event loop

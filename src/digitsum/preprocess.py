@@ -47,7 +47,6 @@ import queue
 import stat
 import threading
 import zlib
-from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np

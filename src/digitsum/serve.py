@@ -327,7 +327,8 @@ class SecurityHeaders:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        extra = [NOSNIFF, PAGE_CSP] if scope["path"] == "/" else [NOSNIFF]
+        # (the page is also served as /static/index.html: the same policy there)
+        extra = [NOSNIFF, PAGE_CSP] if scope["path"] in ("/", "/static/index.html") else [NOSNIFF]
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":

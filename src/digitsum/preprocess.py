@@ -1559,8 +1559,6 @@ def _flat_field(gray: np.ndarray, name: str) -> np.ndarray:
 
 
 SHADOW_HIGH = 0.7  # the pen's own ink is at least this share of the strongest; a cast shadow is fainter
-
-
 SHADOW_LOW = 0.15  # ... and darker than this share of it (fainter is paper grain, a soft edge)
 
 
@@ -1590,11 +1588,7 @@ def _shadow_bands(gray, ink, background, level: float, width: float) -> tuple[np
         return ink, background
     bands = _dilate(core, 2 * radius + 1) & mid
     labels = ndimage.label(bands | pen)[0]  # (a stroke crossing a band joins its two parts)
-    margin = max(2 * radius, min(ink.shape) // 20)
-    zone = np.concatenate(
-        [labels[:margin].ravel(), labels[-margin:].ravel(), labels[:, :margin].ravel(), labels[:, -margin:].ravel()]
-    )
-    bands &= np.isin(labels, np.setdiff1d(zone, 0))
+    bands &= np.isin(labels, _edge_labels(labels, max(2 * radius, min(ink.shape) // 20)))
     if not bands.any():
         return ink, background
     # A shadow lies on the paper: most of what borders it is paper, where it crosses the digit
@@ -1798,9 +1792,11 @@ def _filled_blobs(gray: np.ndarray, ink: np.ndarray, background: np.ndarray, lev
     return ink
 
 
-def _edge_labels(labels: np.ndarray) -> np.ndarray:
-    """The labels (ndimage.label's, background 0 left out) of the regions that reach the image's edge."""
-    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+def _edge_labels(labels: np.ndarray, margin: int = 1) -> np.ndarray:
+    """The labels (ndimage.label's, background 0 left out) of the regions that reach the image's edge
+    (or come within `margin` - 1 px of it)."""
+    strips = (labels[:margin], labels[-margin:], labels[:, :margin], labels[:, -margin:])
+    edge = np.unique(np.concatenate([strip.ravel() for strip in strips]))
     return edge[edge > 0]
 
 

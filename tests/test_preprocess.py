@@ -2068,3 +2068,24 @@ def test_what_is_not_an_image_source_is_a_one_line_image_error(tmp_path):
     with pytest.raises(ImageError, match="int is not an image") as caught:
         preprocess_view(7)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "index, longer, left, top", [(1472, 105, 7, 32), (2532, 136, 125, 144), (3967, 98, 70, 4), (6561, 191, 94, 82), (6568, 233, 114, 3), (6596, 189, 186, 14)]
+)
+def test_the_grey_rim_of_a_large_blurred_digit_is_no_cast_shadow(real_root, index, longer, left, top):
+    # MNIST test digits drawn large (benchmarks/preprocess_agreement.py's drawn style: dark on a
+    # white 280x280 canvas, JPEG q75), some at the canvas's edge. Upscaled, MNIST's antialiased edge
+    # is a wide grey rim; _shadow_bands took parts of it for a cast shadow and lightened them away
+    # (similarity to the digit's own view 0.11-0.65 before). A shadow is a plateau; a rim is a ramp.
+    from digitsum.data import load_split
+
+    image = load_split("test", real_root, limit=index + 1).images[index].numpy()
+    rows, cols = np.nonzero(image.any(axis=1))[0], np.nonzero(image.any(axis=0))[0]
+    digit = Image.fromarray(255 - image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    scale = longer / max(digit.size)
+    digit = digit.resize((max(1, round(digit.width * scale)), max(1, round(digit.height * scale))), Image.Resampling.BICUBIC)
+    canvas = Image.new("L", (280, 280), 255)
+    canvas.paste(digit, (left, top))
+    view = preprocess_view(encoded(canvas.convert("RGB"), "JPEG", quality=75))
+    assert similar(view, preprocess_view(encoded(Image.fromarray(image), "PNG"))) > 0.8

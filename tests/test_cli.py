@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
 import sys
 
 import pytest
+from budget import examples  # fewer examples in the fast subset
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from digitsum import cli, mnist
 
@@ -112,6 +116,23 @@ def test_number_outside_0_to_9_or_not_an_integer_is_rejected():
     for bad in ("10", "-1", "3.5", "seven"):
         with pytest.raises(Exception, match="number must be"):
             cli._number(bad)
+
+
+@given(st.text(max_size=8) | st.from_regex(r"\s*[+-]?[0-9٣³_]{1,3}\s*", fullmatch=True))
+@settings(max_examples=examples(300), deadline=None)
+def test_the_cli_and_the_http_api_accept_the_same_numbers(text):
+    # Before, the CLI's int() took '٣' (an Arabic-Indic 3) and '0_3', which the API refuses.
+    from digitsum.serve import BadInput, _parse_number
+
+    try:
+        expected = _parse_number(text)
+    except BadInput:
+        expected = None
+    try:
+        got = cli._number(text)
+    except argparse.ArgumentTypeError:
+        got = None
+    assert got == expected
 
 
 def test_evaluate_a_missing_checkpoint_exits_2(capsys, tmp_path):

@@ -237,3 +237,23 @@ def test_a_view_that_cannot_be_written_is_that_image_s_error_and_every_predictio
     errors = captured.err.strip().splitlines()
     assert len(errors) == 1 and "x.png: cannot write its 28x28 view" in errors[0]
     assert (tmp_path / "y.png.28x28.png").is_file()
+
+
+def test_a_symbolic_link_where_a_view_goes_is_replaced_not_written_through(tmp_path, model_path):
+    # An old link in the views folder named like x.png's view, pointing at another file (here an
+    # input image elsewhere): the view replaces the link; the file it pointed at is untouched.
+    # Before, Pillow's save followed the link and overwrote that file with the 28x28 view.
+    (tmp_path / "photos").mkdir()
+    drawn_seven().save(tmp_path / "photos" / "x.png")
+    kept = tmp_path / "photos" / "keep.png"
+    drawn_seven().rotate(90).save(kept)
+    before = kept.read_bytes()
+    views = tmp_path / "views"
+    views.mkdir()
+    (views / "x.png.28x28.png").symlink_to(kept)
+    args = ["predict", str(tmp_path / "photos" / "x.png"), "--number", "1", "--show-dir", str(views), "--checkpoint", str(model_path)]
+    assert cli.main(args) == 0
+    assert kept.read_bytes() == before
+    view = views / "x.png.28x28.png"
+    assert not view.is_symlink() and np.array_equal(np.asarray(Image.open(view)), preprocess(tmp_path / "photos" / "x.png")[1])
+    assert [p.name for p in views.iterdir()] == ["x.png.28x28.png"]  # no temporary file left behind

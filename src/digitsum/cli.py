@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -21,6 +22,18 @@ LATEST_MODEL = Path("runs") / "latest" / "model.pt"
 
 def _data_root_help() -> str:
     return "where MNIST lives (default: $DIGITSUM_DATA or ./data)"
+
+
+_ASCII_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _ascii_int(text: str) -> int:
+    """int(text) for ASCII digits with an optional sign only (ValueError otherwise): Python's int()
+    also takes other scripts' digits ('٣') and underscores ('1_0'), which the HTTP API refuses
+    (serve._parse_number): the CLI and the API accept the same numbers."""
+    if not _ASCII_INTEGER.fullmatch(text.strip()):
+        raise ValueError(f"not an integer written with ASCII digits: {text!r}")
+    return int(text.strip())  # (int() itself strips less than str.strip: not '\x1f')
 
 
 def _checked(convert, accept, expected: str):
@@ -38,10 +51,10 @@ def _checked(convert, accept, expected: str):
     return parse
 
 
-_number = _checked(int, lambda v: 0 <= v <= 9, "number must be an integer in 0..9")
-_port = _checked(int, lambda v: 0 <= v <= 65535, "port must be an integer in 0..65535 (0 = any free port)")
+_number = _checked(_ascii_int, lambda v: 0 <= v <= 9, "number must be an integer in 0..9")
+_port = _checked(_ascii_int, lambda v: 0 <= v <= 65535, "port must be an integer in 0..65535 (0 = any free port)")
 # 64 = serve.MAX_WORKERS (serve is imported only to run)
-_workers = _checked(int, lambda v: 1 <= v <= 64, "workers must be an integer in 1..64")
+_workers = _checked(_ascii_int, lambda v: 1 <= v <= 64, "workers must be an integer in 1..64")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,7 +88,7 @@ NOT_FLAGS = {"preset", "model"}
 
 def _integer(text: str) -> int:
     try:
-        return int(text)
+        return _ascii_int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text}") from None
 
@@ -89,7 +102,7 @@ def _decimal(text: str) -> float:
 
 def _integers(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in text.split(","))
+        return tuple(_ascii_int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas (e.g. 16,32,64), got {text}") from None
 
@@ -248,7 +261,7 @@ def cmd_evaluate(args) -> int:
 def _numbers_list(text: str) -> list[int]:
     """argparse type for --numbers 3,7,...: integers (their range is checked per image)."""
     try:
-        return [int(part) for part in text.split(",")]
+        return [_ascii_int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--numbers takes integers separated by commas, got {text!r}") from None
 
@@ -298,14 +311,22 @@ def _view_paths(images: list[str], show_dir: str | None) -> list[Path]:
 
 
 def _save_view(view, path: Path) -> str | None:
-    """Write one 28x28 view; the reason as one line if that fails (the prediction is kept)."""
+    """Write one 28x28 view; the reason as one line if that fails (the prediction is kept).
+    Written whole and then renamed into place (files.write_atomic): an interruption leaves no
+    half-written view, and a symbolic link already at `path` is replaced, not written through
+    (an old link there may point at anything, an input image included)."""
+    import io
+
     from PIL import Image
 
+    from digitsum.files import WriteError, write_atomic
+
+    buffer = io.BytesIO()
+    Image.fromarray(view).save(buffer, format="PNG")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(view).save(path, format="PNG")
-    except (OSError, ValueError) as error:
-        return f"cannot write its 28x28 view to {path} ({getattr(error, 'strerror', None) or error})"
+        write_atomic(path, buffer.getvalue())
+    except WriteError as error:
+        return f"cannot write its 28x28 view to {path} ({error.reason})"
     return None
 
 

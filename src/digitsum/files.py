@@ -17,7 +17,9 @@ class WriteError(DigitsumError):
 def write_error(path: str | os.PathLike, error: OSError) -> WriteError:
     """One line naming the file and the reason, e.g. 'cannot write runs/x/last.pt: No space left on device'."""
     reason = error.strerror or str(error) or type(error).__name__
-    return WriteError(f"cannot write {path}: {reason} (any previous version of it is unchanged)")
+    failure = WriteError(f"cannot write {path}: {reason} (any previous version of it is unchanged)")
+    failure.reason = reason
+    return failure
 
 
 def write_atomic(path: Path, data: bytes) -> None:

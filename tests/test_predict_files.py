@@ -251,7 +251,16 @@ def test_a_symbolic_link_where_a_view_goes_is_replaced_not_written_through(tmp_p
     views = tmp_path / "views"
     views.mkdir()
     (views / "x.png.28x28.png").symlink_to(kept)
-    args = ["predict", str(tmp_path / "photos" / "x.png"), "--number", "1", "--show-dir", str(views), "--checkpoint", str(model_path)]
+    args = [
+        "predict",
+        str(tmp_path / "photos" / "x.png"),
+        "--number",
+        "1",
+        "--show-dir",
+        str(views),
+        "--checkpoint",
+        str(model_path),
+    ]
     assert cli.main(args) == 0
     assert kept.read_bytes() == before
     view = views / "x.png.28x28.png"

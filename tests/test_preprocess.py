@@ -2071,7 +2071,15 @@ def test_what_is_not_an_image_source_is_a_one_line_image_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "index, longer, left, top", [(1472, 105, 7, 32), (2532, 136, 125, 144), (3967, 98, 70, 4), (6561, 191, 94, 82), (6568, 233, 114, 3), (6596, 189, 186, 14)]
+    "index, longer, left, top",
+    [
+        (1472, 105, 7, 32),
+        (2532, 136, 125, 144),
+        (3967, 98, 70, 4),
+        (6561, 191, 94, 82),
+        (6568, 233, 114, 3),
+        (6596, 189, 186, 14),
+    ],
 )
 def test_the_grey_rim_of_a_large_blurred_digit_is_no_cast_shadow(real_root, index, longer, left, top):
     # MNIST test digits drawn large (benchmarks/preprocess_agreement.py's drawn style: dark on a

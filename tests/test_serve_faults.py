@@ -188,6 +188,29 @@ def test_a_half_sent_body_gets_408_and_the_connection_is_closed(server):
     assert closed_after < READ_TIMEOUT + 3
 
 
+def test_a_body_trickled_in_slower_than_the_minimum_rate_gets_408_and_the_connection_is_closed(server):
+    # A byte every READ_TIMEOUT / 3 s: each chunk is in time, the body as a whole far too slow
+    # (serve.MIN_BODY_BYTES_PER_S). Before, such a client held its connection for as long as it liked.
+    host, port = address(server)
+    head = (
+        f"POST /api/predict HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, port), timeout=0.1) as connection:
+        connection.sendall(head)
+        start, received = time.monotonic(), b""
+        while time.monotonic() - start < 4 * READ_TIMEOUT + 3 and not received:
+            try:
+                connection.sendall(b" ")
+            except OSError:  # closed by the server after its 408
+                pass
+            with contextlib.suppress(socket.timeout, OSError):
+                received += connection.recv(65536)
+            time.sleep(READ_TIMEOUT / 3)
+        took = time.monotonic() - start
+    assert received.startswith(b"HTTP/1.1 408") and b"slower than" in received
+    assert took < READ_TIMEOUT + 2
+
+
 @pytest.mark.parametrize("data", [b"", b"GET /api/health HTTP/1.1\r\nHost: x\r\n"], ids=["nothing", "half a head"])
 def test_a_connection_that_never_finishes_its_request_head_is_closed(server, data):
     _, closed_after = raw_exchange(server, data, wait=10)
@@ -201,9 +224,12 @@ def test_an_idle_keep_alive_connection_is_closed(server):
 
 
 def test_a_slow_but_steady_body_is_not_cut_off(server):
-    """The deadline is per chunk: a body that keeps coming, however slowly overall, is read."""
+    """A body that keeps coming at the minimum rate is read, even when it takes longer in total than
+    the per-chunk deadline (READ_TIMEOUT_S is no deadline for the whole body)."""
     host, port = address(server)
     body = json.dumps({"number": 2, "image_png_base64": base64.b64encode(SEVEN).decode()}).encode()
+    # trailing JSON whitespace: 3 pieces of >= 0.6 s worth of serve.MIN_BODY_BYTES_PER_S each
+    body += b" " * max(0, int(3 * READ_TIMEOUT * 0.6 * serve.MIN_BODY_BYTES_PER_S) + 3000 - len(body))
     with socket.create_connection((host, port), timeout=10) as connection:
         connection.sendall(
             f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"

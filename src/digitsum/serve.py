@@ -11,7 +11,8 @@ Bad input is the client's fault and never a 500: 422 names the field (bad number
 truncated, oversized or blank image, JSON nested too deep), 413 for bodies over 20 MB (32 MB for
 the batch route) or batches over MAX_BATCH_ITEMS items, 415 for
 content that is not an image (or a request that is neither multipart nor JSON), 408 for a body
-that stops arriving (READ_TIMEOUT_S per chunk), 503 when preprocessing is busier than QUEUE_WAIT_S.
+that stops arriving (READ_TIMEOUT_S per chunk) or trickles in (under MIN_BODY_BYTES_PER_S), 503
+when preprocessing is busier than QUEUE_WAIT_S.
 
 Images are preprocessed in worker threads, in two lanes (large images over LARGE_IMAGE_PIXELS,
 and the rest) with a bounded number in flight each, so the event loop keeps answering
@@ -89,6 +90,10 @@ MAX_NUMBER_CHARS = 8  # "number" as text: ASCII digits with an optional sign, no
 MAX_JSON_INT_DIGITS = 32  # longer JSON integers are refused while parsing (Python caps int() at 4,300 digits)
 MAX_JSON_DEPTH = 32  # the body is one flat object; deeper nesting is refused before json.loads recurses
 READ_TIMEOUT_S = 10.0  # a request head, or each chunk of a body, must arrive within this (else 408 / closed)
+# ... and a body as a whole at this rate, READ_TIMEOUT_S of grace added (Apache mod_reqtimeout's
+# MinRate): a client trickling a byte every few seconds held its connection (one of MAX_CONNECTIONS)
+# for as long as it liked. 8 KiB/s (64 kbit/s) lets a 20 MB photo take 43 minutes.
+MIN_BODY_BYTES_PER_S = 8 * 1024
 KEEP_ALIVE_S = 5.0  # an idle keep-alive connection is closed after this
 MAX_CONNECTIONS = 64  # uvicorn answers 503 to requests beyond this many connections or tasks
 LARGE_IMAGE_PIXELS = 1024 * 1024  # images with more pixels are preprocessed in the "large" lane
@@ -243,13 +248,19 @@ def _error(status: int, field: str, message: str) -> "JSONResponse":
 class BodyLimit:
     """ASGI middleware: 413 for request bodies over `limit` bytes (declared or streamed; paths in
     `path_limits` have their own cap), and 408 (connection closed) when the next chunk of a body
-    takes over `read_timeout` seconds to arrive: uvicorn itself has no body timeout, so a half-sent
-    body would hold its connection forever."""
+    takes over `read_timeout` seconds to arrive, or the body as a whole arrives slower than
+    `min_rate` bytes/s (after `read_timeout` s of grace): uvicorn itself has no body timeout, so
+    a half-sent or trickled body would hold its connection forever."""
 
     def __init__(
-        self, app, limit: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT_S, path_limits: dict[str, int] | None = None
+        self,
+        app,
+        limit: int = MAX_BODY_BYTES,
+        read_timeout: float = READ_TIMEOUT_S,
+        path_limits: dict[str, int] | None = None,
+        min_rate: float = MIN_BODY_BYTES_PER_S,
     ):
-        self.app, self.limit, self.read_timeout = app, limit, read_timeout
+        self.app, self.limit, self.read_timeout, self.min_rate = app, limit, read_timeout, min_rate
         self.path_limits = path_limits or {}
 
     async def __call__(self, scope, receive, send):
@@ -261,13 +272,19 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await self._reply(413, too_large, scope, receive, send)
         received, complete, started = 0, False, False
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
 
         async def guarded_receive():
             nonlocal received, complete
             if complete:  # after the body, receive() waits for a disconnect: no deadline there
                 return await receive()
+            # the next chunk within read_timeout, and the body so far at min_rate (grace included)
+            left = begun + self.read_timeout + received / self.min_rate - loop.time()
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout)
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                message = await asyncio.wait_for(receive(), min(self.read_timeout, left))
             except asyncio.TimeoutError:
                 raise _ReadTimeout() from None
             if message["type"] == "http.request":
@@ -291,7 +308,8 @@ class BodyLimit:
             if not started:
                 await self._reply(
                     408,
-                    f"the request body stopped arriving (nothing for {self.read_timeout:g} s)",
+                    f"the request body stopped arriving (nothing for {self.read_timeout:g} s) "
+                    f"or arrived slower than {self.min_rate / 1024:g} KB/s",
                     scope,
                     receive,
                     send,

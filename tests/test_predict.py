@@ -264,11 +264,26 @@ def test_the_command_prints_one_line_per_image(model_path, tmp_path, capsys):
     assert line.startswith(f"{tmp_path / 'seven.png'}: digit ") and " + 3 = " in line
 
 
-@pytest.mark.slow  # a fresh interpreter (pytest records warnings itself, so only a real process shows them)
-def test_a_truncated_tiff_is_one_line_on_stderr_without_the_decoders_warnings(model_path, tmp_path):
+def _cut_tiff() -> bytes:  # Pillow warns "Corrupt EXIF data" (twice), then fails
     buffer = io.BytesIO()
     Image.new("L", (40, 30), 200).save(buffer, format="TIFF")
-    (tmp_path / "cut.tif").write_bytes(buffer.getvalue()[:100])  # Pillow warns "Corrupt EXIF data" (twice), then fails
+    return buffer.getvalue()[:100]
+
+
+def _damaged_deflate_tiff() -> bytes:  # libtiff printed "ZIPDecode: Decoding error at scanline 0, ..."
+    buffer = io.BytesIO()
+    Image.fromarray((np.arange(300 * 300) % 251).astype(np.uint8).reshape(300, 300)).save(
+        buffer, format="TIFF", compression="tiff_deflate"
+    )
+    data = bytearray(buffer.getvalue())
+    data[40:60] = bytes(byte ^ 0x55 for byte in data[40:60])  # inside the strip's deflate stream
+    return bytes(data)
+
+
+@pytest.mark.slow  # a fresh interpreter (pytest records warnings itself, so only a real process shows them)
+@pytest.mark.parametrize("damaged", [_cut_tiff, _damaged_deflate_tiff], ids=["pillow-warns", "libtiff-prints"])
+def test_a_damaged_tiff_is_one_line_on_stderr_without_the_decoders_warnings(model_path, tmp_path, damaged):
+    (tmp_path / "cut.tif").write_bytes(damaged())
     drawn_seven().save(tmp_path / "seven.png")
     files = [str(tmp_path / "cut.tif"), str(tmp_path / "seven.png")]
     env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}

@@ -27,7 +27,7 @@ def quiet_libtiff() -> bool:
 
     A damaged compressed TIFF printed a line such as "ZIPDecode: Decoding error at scanline 0,
     incorrect data check." or "Fax4Decode: Bad code word at line 96 of strip 0" next to the
-    one-line error (fuzzing: about 1 in 2 LZW or Deflate TIFFs with a few bytes changed), and into
+    one-line error (fuzzing: every Deflate and 1 in 2 LZW TIFFs with a few bytes changed), and into
     the server's log. Pillow turns every libtiff failure into an OSError, which preprocess words as
     one line, so the handlers are set to none (libtiff calls a handler only where one is set).
     Pillow offers no way to do this, so it is done through ctypes on the libtiff that Pillow's

@@ -2126,3 +2126,23 @@ def test_a_bold_digit_cropped_to_its_edges_is_dark_ink_on_paper(margin):
     # The counterpart: the same light on a dark ground with a 1 px margin stays light ink. (With
     # none, the thin-structure test reads it as dark ink, before and after: not handled.)
     assert not preprocess._ink_is_dark(np.asarray(_bold_seven_cropped(1, ink=240, paper=20), np.float32) / 255)
+
+
+@pytest.mark.parametrize("side", ["left", "right", "bottom"])
+def test_a_thumb_coming_in_from_the_edge_is_not_the_digit(side):
+    # A dark thumb holding the paper, its visible part about 11% of the side: narrower than the
+    # lighting window, it was one solid blob of ink, heavier than the thin pen's 7, and taken for
+    # the digit (an independent generator: 3 of 250). Shaded, brighter towards its middle.
+    width, height = 504, 672
+    page = np.asarray(seven((width, height), ink=25, paper=235, width=9), np.float64)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    if side == "bottom":
+        r = np.hypot((x - 0.5 * width) / 80, (y - height) / 56)
+    else:
+        r = np.hypot((x - (0 if side == "left" else width)) / 56, (y - 0.82 * height) / 80)
+    thumb = np.clip((1 - r) * 25, 0, 1)
+    skin = 100 * (0.55 + 0.45 * np.sqrt(np.clip(1 - r, 0, 1)))
+    page = page * (1 - thumb) + skin * thumb
+    gray = np.clip(page + np.random.default_rng(1).normal(0, 2, page.shape), 0, 255).round().astype(np.uint8)
+    view = preprocess_view(encoded(Image.fromarray(gray), "JPEG", quality=90))
+    assert similar(view, preprocess_view(seven((width, height), ink=25, paper=235, width=9))) > 0.85

@@ -117,29 +117,20 @@ def test_show_gives_x_png_and_x_jpg_their_own_views(tmp_path, model_path, capsys
     )
 
 
+def predict_with_views(images, views, checkpoint, *extra: str) -> int:
+    """`digitsum predict IMAGES --number 1 --show-dir VIEWS [EXTRA] --checkpoint CHECKPOINT`'s exit code."""
+    return cli.main(
+        ["predict", *map(str, images), "--number", "1", "--show-dir", str(views), *extra, "--checkpoint", str(checkpoint)]
+    )
+
+
 def test_show_dir_numbers_views_of_same_named_images_from_different_folders(tmp_path, model_path, capsys):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     drawn_seven().save(tmp_path / "a" / "x.png")
     drawn_seven().rotate(90).save(tmp_path / "b" / "x.png")
     views = tmp_path / "views"
-    assert (
-        cli.main(
-            [
-                "predict",
-                str(tmp_path / "a" / "x.png"),
-                str(tmp_path / "b" / "x.png"),
-                "--number",
-                "1",
-                "--show-dir",
-                str(views),
-                "--json",
-                "--checkpoint",
-                str(model_path),
-            ]
-        )
-        == 0
-    )
+    assert predict_with_views([tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"], views, model_path, "--json") == 0
     results = json.loads(capsys.readouterr().out)
     assert [Path(result["view"]).name for result in results] == ["x.png.28x28.png", "x.png-2.28x28.png"]
     assert np.array_equal(np.asarray(Image.open(views / "x.png-2.28x28.png")), preprocess(tmp_path / "b" / "x.png")[1])
@@ -151,22 +142,7 @@ def test_a_view_never_overwrites_an_input_image(tmp_path, model_path):
     drawn_seven().save(views / "x.png.28x28.png")  # an input that sits where x.png's view would go
     drawn_seven().save(tmp_path / "x.png")
     before = (views / "x.png.28x28.png").read_bytes()
-    assert (
-        cli.main(
-            [
-                "predict",
-                str(views / "x.png.28x28.png"),
-                str(tmp_path / "x.png"),
-                "--number",
-                "1",
-                "--show-dir",
-                str(views),
-                "--checkpoint",
-                str(model_path),
-            ]
-        )
-        == 0
-    )
+    assert predict_with_views([views / "x.png.28x28.png", tmp_path / "x.png"], views, model_path) == 0
     assert (views / "x.png.28x28.png").read_bytes() == before
     assert (views / "x.png-2.28x28.png").exists()
 
@@ -181,21 +157,7 @@ def test_a_bad_show_dir_is_one_line_exit_2_before_any_work(tmp_path, model_path,
         "not creatable": Path("/proc/digitsum-views"),
     }[kind]
     # A missing checkpoint would fail the loading: the folder check must come first.
-    assert (
-        cli.main(
-            [
-                "predict",
-                str(tmp_path / "x.png"),
-                "--number",
-                "1",
-                "--show-dir",
-                str(show_dir),
-                "--checkpoint",
-                str(tmp_path / "none.pt"),
-            ]
-        )
-        == 2
-    )
+    assert predict_with_views([tmp_path / "x.png"], show_dir, tmp_path / "none.pt") == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
     assert captured.err.startswith(f"digitsum predict: error: --show-dir {show_dir}")
@@ -206,10 +168,7 @@ def test_a_read_only_show_dir_is_refused_before_any_work(tmp_path, model_path, c
     drawn_seven().save(tmp_path / "x.png")
     views = tmp_path / "views"
     views.mkdir(mode=0o555)
-    assert (
-        cli.main(["predict", str(tmp_path / "x.png"), "--number", "1", "--show-dir", str(views), "--checkpoint", str(model_path)])
-        == 2
-    )
+    assert predict_with_views([tmp_path / "x.png"], views, model_path) == 2
     assert "is not writable" in capsys.readouterr().err
 
 
@@ -251,17 +210,7 @@ def test_a_symbolic_link_where_a_view_goes_is_replaced_not_written_through(tmp_p
     views = tmp_path / "views"
     views.mkdir()
     (views / "x.png.28x28.png").symlink_to(kept)
-    args = [
-        "predict",
-        str(tmp_path / "photos" / "x.png"),
-        "--number",
-        "1",
-        "--show-dir",
-        str(views),
-        "--checkpoint",
-        str(model_path),
-    ]
-    assert cli.main(args) == 0
+    assert predict_with_views([tmp_path / "photos" / "x.png"], views, model_path) == 0
     assert kept.read_bytes() == before
     view = views / "x.png.28x28.png"
     assert not view.is_symlink() and np.array_equal(np.asarray(Image.open(view)), preprocess(tmp_path / "photos" / "x.png")[1])

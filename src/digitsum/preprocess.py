@@ -1819,8 +1819,7 @@ def _ink_is_dark(gray: np.ndarray, smooth: np.ndarray | None = None) -> bool:
     smooth = gray if smooth is None else smooth
     if _ground_says_dark_ink(gray, smooth):
         return True
-    edge = np.concatenate([smooth[0], smooth[-1], smooth[1:-1, 0], smooth[1:-1, -1]])
-    return _lit_beside_dark_ink(smooth, float(np.median(edge)))
+    return _lit_beside_dark_ink(smooth, float(np.median(_outer_ring(smooth))))
 
 
 def _ground_says_dark_ink(gray: np.ndarray, smooth: np.ndarray) -> bool:
@@ -1846,7 +1845,7 @@ def _ground_says_dark_ink(gray: np.ndarray, smooth: np.ndarray) -> bool:
     # wide as its strokes, as the thin structure.
     one_level = high - low < 0.15
     if not one_level:
-        edge = np.concatenate([smooth[0], smooth[-1], smooth[1:-1, 0], smooth[1:-1, -1]])
+        edge = _outer_ring(smooth)
         paper = float(np.median(edge))
         one_level = (np.abs(edge - paper) <= BORDER_PAPER).mean() >= 0.75
     if not one_level:
@@ -1856,8 +1855,7 @@ def _ground_says_dark_ink(gray: np.ndarray, smooth: np.ndarray) -> bool:
         # would have to cover most of the ring; a shadow over less than half of it is dark ink on
         # the lit rest.) real_world's "cropped to the digit": 11 misreads in 500, 8 of them read
         # as light ink; 7 of the 11 are read right now.
-        raw = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
-        for ring in (raw, np.concatenate([smooth[0], smooth[-1], smooth[1:-1, 0], smooth[1:-1, -1]])):
+        for ring in (_outer_ring(gray), _outer_ring(smooth)):
             lit = ring[ring >= 0.6]
             if lit.size and (np.abs(ring - float(np.median(lit))) <= BORDER_PAPER).mean() >= CROPPED_PAPER:
                 one_level, paper = True, float(np.median(lit))
@@ -1877,6 +1875,11 @@ def _ground_says_dark_ink(gray: np.ndarray, smooth: np.ndarray) -> bool:
     if darker == lighter:  # no thin structure at all: the median pixel is the paper
         return float(np.median(gray)) >= 0.5
     return darker > lighter
+
+
+def _outer_ring(values: np.ndarray) -> np.ndarray:
+    """The image's outermost ring of pixels, each once (top and bottom rows, then the columns between)."""
+    return np.concatenate([values[0], values[-1], values[1:-1, 0], values[1:-1, -1]])
 
 
 def _lit_beside_dark_ink(smooth: np.ndarray, level: float) -> bool:

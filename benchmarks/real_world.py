@@ -224,6 +224,36 @@ def squared_paper(rng, digit):
     return encode(np.clip(pixels * 255, 0, 255).astype(np.uint8), "JPEG", quality=90)
 
 
+def notebook_askew(rng, digit):
+    """Ruled or squared paper photographed askew (lines 2-10 degrees off the image's axes, the digit
+    as written), half of them with a notebook's red margin line 2-5 px wide a little to the left of
+    the digit (3-35% of its height from its ink): the margin line must not be taken for a stroke."""
+    size = (int(rng.integers(360, 720)), int(rng.integers(360, 720)))
+    height = int(rng.integers(100, min(size) * 2 // 3))
+    cover = coverage(digit, height, rng, rng.uniform(0, 0.6))
+    top = int(rng.integers(0, size[0] - cover.shape[0]))
+    left = int(rng.integers(int(0.4 * height), max(int(0.4 * height) + 1, size[1] - cover.shape[1])))
+    layer = paste(np.zeros(size), cover, top, left)
+    tilt = np.tan(np.radians(rng.uniform(2, 10))) * rng.choice([-1, 1])
+    spacing = height / rng.uniform(1.2, 2.2)
+    lines = _lines(size, spacing, rng.uniform(1, 3), tilt, rng.uniform(0, spacing))
+    if rng.random() < 0.4:  # squared: the grid's other lines, perpendicular
+        spacing = height / rng.uniform(3, 6)
+        lines = np.maximum(_lines(size, spacing, rng.uniform(1, 2), tilt, 0), _lines(size, spacing, 1.5, -tilt, 0, vertical=True))
+    colour = np.array([[0.55, 0.7, 0.95], [0.6, 0.6, 0.62]][rng.integers(2)], np.float32)
+    paper = np.ones(size + (3,), np.float32) * (1 - lines[..., None]) + colour * lines[..., None]
+    if rng.random() < 0.5:
+        ink_columns = np.flatnonzero(cover.max(axis=0) > 0.5)
+        middle = top + cover.shape[0] / 2
+        x = left + ink_columns[0] - rng.uniform(0.03, 0.35) * height
+        margin = _lines(size, 100_000, rng.uniform(2, 5), -tilt, x - tilt * middle, vertical=True)
+        paper = paper * (1 - margin[..., None]) + np.array([0.9, 0.4, 0.42], np.float32) * margin[..., None]
+    pen = np.asarray(PENS[rng.integers(len(PENS))], np.float32) / 255
+    pixels = paper * (1 - layer[..., None]) + pen * layer[..., None]
+    pixels = pixels * gradient(rng, size, rng.uniform(0, 0.2))[..., None] + rng.normal(0, 0.015, pixels.shape)
+    return encode(np.clip(pixels * 255, 0, 255).astype(np.uint8), "JPEG", quality=int(rng.integers(75, 95)))
+
+
 def specks(rng, digit):
     """Dust and stray marks: 20-80 dark specks of 1-5 px anywhere, none touching the digit."""
     size = (400, 400)
@@ -494,6 +524,7 @@ MORE_CONDITIONS = {
     "chalk on a board": chalkboard,
     "white digit on black": white_on_black,
     "circled, boxed or underlined": marked,
+    "notebook askew, margin line by the digit": notebook_askew,
 }
 
 

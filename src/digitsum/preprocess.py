@@ -1851,14 +1851,21 @@ def _ground_says_dark_ink(gray: np.ndarray, smooth: np.ndarray) -> bool:
     if not one_level:
         # A bold digit cropped to its edges (0-1 px of paper) crosses up to 40% of the ring, and
         # the 3x3 mean smears it further: most of the ring (the ring as it is, or smoothed against
-        # noise) at one light level is paper with dark ink. (Light ink this bold on a dark ground
-        # would have to cover most of the ring; a shadow over less than half of it is dark ink on
-        # the lit rest.) real_world's "cropped to the digit": 11 misreads in 500, 8 of them read
+        # noise) at one light level is paper with dark ink. (A shadow over less than half of it is
+        # dark ink on the lit rest.) real_world's "cropped to the digit": 11 misreads in 500, 8 of them read
         # as light ink; 7 of the 11 are read right now.
+        # The same holds for a bold light digit on a dark ground (chalk, a dark-mode canvas)
+        # cropped to its edges: most of the ring at one dark level is the ground (the dark-paper
+        # test below still tells white paper in a dim room). Light bold digits cropped with no
+        # margin (a generator of this session's, 120-400 px, the seed-0 model): 53 of 200 misread
+        # before (the ground between the strokes taken for thin dark ink), 14 after - 7 of them 1s,
+        # whose crop is mostly ink, so no ring level is the ground.
         for ring in (_outer_ring(gray), _outer_ring(smooth)):
-            lit = ring[ring >= 0.6]
-            if lit.size and (np.abs(ring - float(np.median(lit))) <= BORDER_PAPER).mean() >= CROPPED_PAPER:
-                one_level, paper = True, float(np.median(lit))
+            for side in (ring[ring >= 0.6], ring[ring <= 0.4]):
+                if side.size and (np.abs(ring - float(np.median(side))) <= BORDER_PAPER).mean() >= CROPPED_PAPER:
+                    one_level, paper = True, float(np.median(side))
+                    break
+            if one_level:
                 break
     if one_level:
         below, above = paper - float(smooth.min()), float(smooth.max()) - paper
@@ -2004,19 +2011,13 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
     """bool (H, W): the digit's strokes and their antialiased edges; lines, borders and specks dropped."""
     height, width = ink.shape
     strong = ink >= STRONG_INK
-    lines = _straight_lines(ink >= FAINT_INK)  # (faint ruling breaks up at the strokes' threshold)
+    lines, count = _counted_lines(ink >= FAINT_INK)  # (faint ruling breaks up at the strokes' threshold)
     # One straight line and next to no other ink is a thin '1' from edge to edge, not ruled paper
     # (which has several lines, or a digit beside its margin line) - unless it hugs an edge of the
-    # image (within 5%): a scanner's dark margin beside a small digit.
+    # image (within 5%): a scanner's dark margin beside a small digit. (One line, not one connected
+    # piece of lines: a grid, or ruling crossed by a margin line, is one piece.)
     rest = float(ink[strong & ~lines].sum())
-    if lines.any() and (
-        rest == 0
-        or (
-            rest < 0.25 * float(ink[lines].sum())
-            and ndimage.label(lines, structure=np.ones((3, 3), bool))[1] == 1
-            and not _hugs_an_edge(lines)
-        )
-    ):
+    if lines.any() and (rest == 0 or (rest < 0.25 * float(ink[lines].sum()) and count == 1 and not _hugs_an_edge(lines))):
         lines[:] = False
     strong &= ~lines
     labels, count, mass, boxes = _components(strong, ink)
@@ -2048,6 +2049,7 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
     keep = ~(edge_to_edge & band) if min(height, width) >= 40 else np.ones(count, bool)
     if not keep.any():
         keep[:] = True  # only lines: better the lines than nothing (the user sees the view)
+    keep &= ~_round_blobs(labels, boxes, mass, keep)  # (first: a ring's content must not be a hole)
     keep &= ~_rings(labels, boxes, mass, keep)
     keep &= ~_underlines(boxes, mass, keep)
     # Furniture along an edge: ink lying wholly within 5% of one edge of the image, or within 10%
@@ -2119,6 +2121,51 @@ def _solid_objects(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, keep
     return found
 
 
+BLOB_FILL = 0.7  # a component covering this share of its box (a disc: 0.79), about as wide as tall, ...
+BLOB_BOLDER = 2.0  # ... and this many times bolder than a stroke elsewhere is a round blob, no digit
+
+
+def _solid_round(labels: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """bool (count,): the components that are solid and round (_round_blobs): no holes either (a
+    dark note round a light digit read with the wrong polarity fills its box as well)."""
+    top, left, bottom, right = boxes.T
+    tall, wide = bottom - top, right - left
+    area = np.bincount(labels.ravel(), minlength=len(boxes) + 1)[1:]
+    solid = (area >= BLOB_FILL * tall * wide) & (np.minimum(tall, wide) >= 5)
+    solid &= (tall <= 1.5 * wide) & (wide <= 1.5 * tall)
+    for i in np.flatnonzero(solid):
+        blob = labels[top[i] : bottom[i], left[i] : right[i]] == i + 1
+        solid[i] = ndimage.binary_fill_holes(blob).sum() <= 1.02 * area[i]
+    return solid
+
+
+def _round_blobs(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """bool (count,): kept components that are solid round blobs - a binder's punched holes on a
+    scanned page (the scanner's black lid seen through them), a magnet, a sticker - rather than a
+    digit: filling BLOB_FILL of their box, its sides within 1.5x of each other, at least 5 px, and
+    BLOB_BOLDER times as wide in their "strokes" (_stroke_width) as the heaviest kept component that
+    is no such blob (away from the image's edge, where there is one), which has at least a tenth of
+    their ink. A digit is strokes: even a marker's
+    filled loop comes with its stem or tail in one piece. Darker and heavier than a fine pen's
+    digit, a hole was taken for it (an independent generator's binder scans: 9 of 60 read as 0)."""
+    top, left, bottom, right = boxes.T
+    solid = keep & _solid_round(labels, boxes)
+    found = np.zeros(len(mass), bool)
+    strokes = keep & ~solid
+    height, width = labels.shape
+    inner = strokes & (top > 0) & (left > 0) & (bottom < height) & (right < width)
+    strokes = inner if inner.any() else strokes  # (the scan's dark edges are no strokes to compare with)
+    if not solid.any() or not strokes.any():
+        return found
+    other = int(np.flatnonzero(strokes)[np.argmax(mass[strokes])])
+    if mass[other] < 0.1 * mass[solid].max():
+        return found
+    stroke = _stroke_width(labels[top[other] : bottom[other], left[other] : right[other]] == other + 1)
+    for i in np.flatnonzero(solid):
+        found[i] = _stroke_width(labels[top[i] : bottom[i], left[i] : right[i]] == i + 1) >= BLOB_BOLDER * stroke
+    return found
+
+
 RING_CONTENT = 0.25  # a ring's content spans at least this share of the ring's longer side ...
 RING_MASS = 0.03  # ... and has at least this share of its ink (a dotted zero's dot: 0.03-0.09, its extent guards it) ...
 RING_AROUND = 0.75  # ... and the ring lies in this share of the directions from the content's centre ...
@@ -2141,7 +2188,12 @@ def _rings(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, keep: np.nda
     of what it holds (RING_GAP): a fine pen's 8 broken into its two sides and its middle, or a dark
     note around a light digit, is none.
     """
-    significant = keep & (mass >= 0.01 * mass[keep].max())
+    # A solid round blob is neither a ring nor what one holds: a scanned page's binder holes are
+    # no digit that the real digit and the scan's dark edges ring round (_round_blobs; an
+    # independent generator's binder scans: 8 of 60 read as a hole that way).
+    significant = keep & (mass >= 0.01 * mass[keep].max()) & ~_solid_round(labels, boxes)
+    if not significant.any():
+        return np.zeros(len(boxes), bool)
     rings = np.zeros(len(boxes), bool)
     found = []  # (the ring's pieces, the box of the ink it holds)
     # A ring holds a digit: it is among the few largest boxes (bounded work on a page of noise).
@@ -2380,68 +2432,131 @@ def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def _straight_lines(mask: np.ndarray) -> np.ndarray:
-    """bool (H, W): the pixels of `mask` on thin straight lines that run (nearly) horizontally or
-    vertically across the image - ruled and squared paper, page borders.
+    """bool (H, W): the pixels of `mask` on thin straight lines across the image (_counted_lines)."""
+    return _counted_lines(mask)[0]
 
-    Thin: what survives an opening with a small square is a stroke, not a line. A directional
-    opening (erosion then dilation with a 1 x L line, L a third of the image, by _extreme_filter's min/max
+
+def _counted_lines(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """(bool (H, W): the pixels of `mask` on thin straight lines that run across the image, within
+    LINE_TILT of horizontal or vertical - ruled and squared paper, a notebook's margin line, page
+    borders.
+
+    Thin: what survives an opening with a small square is a stroke, not a line. The lines' tilt
+    (a notebook photographed askew) is measured first (_tilt) and sheared out (_sheared), so that
+    they run along the rows (or, for the vertical ones, the columns). Then a directional opening
+    (erosion then dilation with a 1 x L line, L a third of the image, by _extreme_filter's min/max
     filters) finds runs of at least L pixels after the thin mask is thickened across the run by
-    LINE_BAND px each way, so a line tilted by a degree or two in a photo still forms runs. A digit
-    crossing a line cuts it into pieces: collinear pieces that together cover LINE_SPAN of the
-    image are a line.
+    LINE_BAND px each way (what is left of the tilt, a slight curve). A digit crossing a line cuts
+    it into pieces: collinear pieces that together cover LINE_SPAN of the image are a line.
     """
     height, width = mask.shape
-    found = np.zeros_like(mask)
+    found, count = np.zeros_like(mask), 0
     if min(height, width) < 40:
-        return found
-    values = mask.astype(np.uint8)
+        return found, count
+    thin = None
+    for vertical in (False, True):  # (the vertical lines: the horizontal ones of the transposed image)
+        lines = mask.T if vertical else mask
+        if lines.any(axis=0).mean() < LINE_SPAN:  # (no line across the columns at any tilt: most images)
+            continue
+        slope = _tilt(lines)
+        sheared, rows = _sheared(lines, slope)
+        # Cheap first: no band of rows holds LINE_SPAN of a line - no line (most images).
+        band = _extreme_filter(sheared.astype(np.uint8), (2 * LINE_BAND + 1, 1), maximum=True)
+        if band.sum(axis=1).max() < LINE_SPAN * lines.shape[1]:
+            continue
+        if thin is None:
+            values = mask.astype(np.uint8)
+            square = max(7, round(min(height, width) / 50)) | 1
+            eroded = _extreme_filter(values, (square, square), maximum=False, mode="constant")
+            opened = _extreme_filter(eroded, (square, square), maximum=True, mode="constant")
+            thin = mask & (opened == 0)
+        on, lines_found = _row_lines(_sheared(thin.T if vertical else thin, slope)[0])
+        count += lines_found
+        at, columns = np.nonzero(on)
+        unsheared = np.zeros_like(lines)
+        unsheared[at - rows[columns], columns] = True
+        found |= unsheared.T if vertical else unsheared
+    return found & mask, count
+
+
+LINE_TILT = 0.18  # ruled lines are looked for up to this slope off the image's axes (about 10 degrees) ...
+LINE_TILT_STEP = 0.01  # ... in these steps (the rest: LINE_BAND's tolerance)
+
+
+def _tilt(mask: np.ndarray) -> float:
+    """The slope (rows per column) of the long, nearly horizontal lines in `mask`, if any: the shear
+    whose row profile is the most peaked (sum of squares: the projection-profile skew estimate of
+    document imaging), on a copy max-pooled to ~128 px. 0 where that is within LINE_TILT_STEP of it
+    (a tilt LINE_BAND takes up, so that straight ruling is read exactly as before)."""
+    blocks, factor = _blocks(mask, 128)
+    if factor == 1:
+        pooled = mask
+    elif _cv2 is not None:  # (the mean of each block, > 0 where any pixel is set: 0.14 vs 1.5 ms at 512 px)
+        whole = np.ascontiguousarray(mask[: blocks.shape[0] * factor, : blocks.shape[2] * factor], np.float32)
+        pooled = _cv2.resize(whole, (blocks.shape[2], blocks.shape[0]), interpolation=_cv2.INTER_AREA) > 0
+    else:
+        pooled = blocks.any(axis=3).any(axis=1)
+    ys, xs = np.nonzero(pooled)
+    if ys.size < 2:
+        return 0.0
+    slopes = np.arange(-LINE_TILT, LINE_TILT + LINE_TILT_STEP / 2, LINE_TILT_STEP)
+    shifted = ys[None, :] - np.round(slopes[:, None] * xs[None, :]).astype(np.int64)
+    shifted -= shifted.min(axis=1, keepdims=True)
+    span = int(shifted.max()) + 1  # (every slope's row profile in one bincount)
+    profiles = np.bincount((shifted + span * np.arange(len(slopes))[:, None]).ravel(), minlength=span * len(slopes))
+    peaked = np.square(profiles.reshape(len(slopes), span).astype(np.float64)).sum(axis=1)
+    best = float(slopes[int(np.argmax(peaked))])
+    return 0.0 if abs(best) <= LINE_TILT_STEP * 1.5 else best
+
+
+def _sheared(mask: np.ndarray, slope: float) -> tuple[np.ndarray, np.ndarray]:
+    """(`mask` with column x moved up by slope * x rows - lines of that slope become rows -, each
+    column's offset: pixel (y, x) goes to (y + offsets[x], x)). The image grows by the shear's span."""
+    shift = np.round(slope * np.arange(mask.shape[1])).astype(np.int64)
+    offsets = shift.max() - shift
+    if not offsets.any():
+        return mask, offsets
+    sheared = np.zeros((mask.shape[0] + int(offsets.max()), mask.shape[1]), mask.dtype)
+    ys, xs = np.nonzero(mask)
+    sheared[ys + offsets[xs], xs] = mask[ys, xs]
+    return sheared, offsets
+
+
+def _row_lines(thin: np.ndarray) -> tuple[np.ndarray, int]:
+    """(bool: the pixels of `thin` on straight lines along the rows that reach both side edges and
+    cover LINE_SPAN of the width (see _straight_lines), how many such lines)."""
+    height, width = thin.shape
+    found, count = np.zeros_like(thin), 0
     band = 2 * LINE_BAND + 1
-    bands = {axis: _extreme_filter(values, (1, band) if axis == 0 else (band, 1), maximum=True) for axis in (0, 1)}
-    # Cheap first: no band of rows (columns) holds LINE_SPAN of a line - no line (most images).
-    possible = [axis for axis, extent in ((1, width), (0, height)) if bands[axis].sum(axis=axis).max() >= LINE_SPAN * extent]
-    if not possible:
-        return found
-    square = max(5, round(min(height, width) / 100)) | 1
-    eroded = _extreme_filter(values, (square, square), maximum=False, mode="constant")
-    opened = _extreme_filter(eroded, (square, square), maximum=True, mode="constant")
-    thin = mask & (opened == 0)
-    values = thin.astype(np.uint8)
-    for axis, extent in ((1, width), (0, height)):
-        if axis not in possible:
-            continue
-        across = 1 - axis
-        thick = _extreme_filter(values, (band, 1) if across == 0 else (1, band), maximum=True)
-        length = max(3, extent // 3)
-        along = (length, 1) if axis == 0 else (1, length)
-        runs = _extreme_filter(_extreme_filter(thick, along, maximum=False), along, maximum=True)
-        if not runs.any():
-            continue
-        labels, count = ndimage.label(runs)
-        pieces = [
-            (s[across].start, s[across].stop, s[axis].stop - s[axis].start, i)
-            for i, s in enumerate(ndimage.find_objects(labels), start=1)
-        ]
-        pieces.sort()
-        tolerance = LINE_BAND  # the pieces of one tilted line, cut by a digit, sit a few px apart
-        thin_along, thin_across = (np.nonzero(thin)[axis], np.nonzero(thin)[across])
-        group: list = []
-        for piece in pieces + [None]:
-            if group and (piece is None or piece[0] > group[-1][1] + tolerance):
-                # The whole line, also its short pieces next to the digit: the thin pixels within
-                # LINE_BAND of the straight line fitted through its long runs. It must reach
-                # both edges of the image and cover LINE_SPAN of it (a thin '1' ends inside).
-                member = np.isin(labels, [p[3] for p in group]) & thin
-                along, across_at = np.nonzero(member)[axis], np.nonzero(member)[across]
-                if along.size and np.ptp(along) > 0:
-                    slope, offset = _line_fit(along, across_at)
-                    near = np.abs(thin_across - (slope * thin_along + offset)) <= LINE_BAND + 1
-                    covered = np.unique(thin_along[near])
-                    if covered.size >= LINE_SPAN * extent and covered[0] <= 0.05 * extent and covered[-1] >= 0.95 * extent - 1:
-                        found[(thin_along[near], thin_across[near])[:: 1 if axis == 0 else -1]] = True  # (rows, cols)
-                group = []
-            if piece is not None:
-                group.append(piece)
-    return found & mask
+    thick = _extreme_filter(thin.astype(np.uint8), (band, 1), maximum=True)
+    length = max(3, width // 3)
+    runs = _extreme_filter(_extreme_filter(thick, (1, length), maximum=False), (1, length), maximum=True)
+    if not runs.any():
+        return found, count
+    labels, _ = ndimage.label(runs)
+    pieces = [(s[0].start, s[0].stop, s[1].stop - s[1].start, i) for i, s in enumerate(ndimage.find_objects(labels), start=1)]
+    pieces.sort()
+    tolerance = LINE_BAND  # the pieces of one tilted line, cut by a digit, sit a few px apart
+    thin_rows, thin_columns = np.nonzero(thin)
+    group: list = []
+    for piece in pieces + [None]:
+        if group and (piece is None or piece[0] > group[-1][1] + tolerance):
+            # The whole line, also its short pieces next to the digit: the thin pixels within
+            # LINE_BAND of the straight line fitted through its long runs. It must reach both
+            # edges of the image and cover LINE_SPAN of it (a thin '1' ends inside).
+            member = np.isin(labels, [p[3] for p in group]) & thin
+            rows, columns = np.nonzero(member)
+            if columns.size and np.ptp(columns) > 0:
+                slope, offset = _line_fit(columns, rows)
+                near = np.abs(thin_rows - (slope * thin_columns + offset)) <= LINE_BAND + 1
+                covered = np.unique(thin_columns[near])
+                if covered.size >= LINE_SPAN * width and covered[0] <= 0.05 * width and covered[-1] >= 0.95 * width - 1:
+                    found[thin_rows[near], thin_columns[near]] = True
+                    count += 1
+            group = []
+        if piece is not None:
+            group.append(piece)
+    return found, count
 
 
 def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

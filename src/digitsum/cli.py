@@ -477,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="predict the digit and the sum for image files",
         description="Read each image (PNG, JPEG, HEIC, BMP, GIF, WebP, TIFF), turn it into an "
         "MNIST-style 28x28 digit (EXIF orientation, polarity, uneven light and shadows removed, ruled "
-        "lines, specks and a circle, box or underline drawn around the digit ignored, ink bounding box "
+        "lines and a margin line (also askew), specks, binder holes and a circle, box or underline drawn "
+        "around the digit ignored, ink bounding box "
         "scaled to 20 px, centre of mass "
         "centred) and print the predicted digit and digit + number with their "
         "probabilities. Images that cannot be used are reported one line each (exit "

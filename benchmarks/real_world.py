@@ -11,7 +11,8 @@ as `digitsum evaluate` runs it).
 Targets (issue 10): >= 97% in every condition, and overall within 1.5 points of the tensor path.
 A second table runs the same way over conditions beyond the issue's list (a sheet or a sticky
 note photographed on a desk, a fine brush on a large canvas, a digit cropped to its edges, a dim
-noisy photo, chalk on a board, white on black, a digit circled, boxed or underlined), found by
+noisy photo, chalk on a board, white on black, a digit circled, boxed or underlined, a notebook
+photographed askew with its margin line by the digit), found by
 trying what users send; `--only` picks from both tables.
 """
 

@@ -2145,9 +2145,9 @@ def _round_blobs(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, keep: 
     digit: filling BLOB_FILL of their box, its sides within 1.5x of each other, at least 5 px, and
     BLOB_BOLDER times as wide in their "strokes" (_stroke_width) as the heaviest kept component that
     is no such blob (away from the image's edge, where there is one), which has at least a tenth of
-    their ink. A digit is strokes: even a marker's
-    filled loop comes with its stem or tail in one piece. Darker and heavier than a fine pen's
-    digit, a hole was taken for it (an independent generator's binder scans: 9 of 60 read as 0)."""
+    their ink. A digit is strokes: even a marker's filled loop comes with its stem or tail in one
+    piece. Darker and heavier than a fine pen's digit, a hole was taken for it (an independent
+    generator's binder scans: 9 of 60 read as 0, with _rings' part below)."""
     top, left, bottom, right = boxes.T
     solid = keep & _solid_round(labels, boxes)
     found = np.zeros(len(mass), bool)
@@ -2486,7 +2486,7 @@ LINE_TILT_STEP = 0.01  # ... in these steps (the rest: LINE_BAND's tolerance)
 def _tilt(mask: np.ndarray) -> float:
     """The slope (rows per column) of the long, nearly horizontal lines in `mask`, if any: the shear
     whose row profile is the most peaked (sum of squares: the projection-profile skew estimate of
-    document imaging), on a copy max-pooled to ~128 px. 0 where that is within LINE_TILT_STEP of it
+    document imaging), on a copy max-pooled to ~128 px. 0 where the best is within 1.5 steps of 0
     (a tilt LINE_BAND takes up, so that straight ruling is read exactly as before)."""
     blocks, factor = _blocks(mask, 128)
     if factor == 1:

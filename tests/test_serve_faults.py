@@ -306,10 +306,11 @@ def test_health_answers_quickly_while_large_images_are_preprocessed(server, http
     Image.fromarray(page.astype(np.uint8)).save(buffer, format="PNG")
     big = buffer.getvalue()
     assert len(big) < serve.MAX_BODY_BYTES
-    # Each upload's preprocessing holds on for 1 s besides its real work: run on the event loop, it
-    # would hold a health check for up to that long. (Against the real work alone, 60-80 ms, a
-    # health check's own scheduling hiccups on a busy 2-core machine made this flaky.)
-    slow_down_preprocessing_of(big, monkeypatch, seconds=1.0)
+    # Each upload's preprocessing holds on for 2 s besides its real work: run on the event loop, it
+    # would hold a health check for at least that long. (Against the real work alone, 60-80 ms, a
+    # health check's own scheduling hiccups on a busy 2-core machine made this flaky; so did 1 s
+    # against a 0.5 s bound: 0.89 s once, in CI with the browser tests on the other core.)
+    slow_down_preprocessing_of(big, monkeypatch, seconds=2.0)
 
     def upload():
         with httpx.Client(base_url=server, timeout=120) as client:
@@ -326,7 +327,7 @@ def test_health_answers_quickly_while_large_images_are_preprocessed(server, http
             time.sleep(0.01)
         assert [future.result() for future in uploads] == [200] * 4
     assert len(health) >= 5
-    assert max(health) < 0.5, max(health)
+    assert max(health) < 1.0, max(health)
 
 
 def slow_down_preprocessing_of(big: bytes, monkeypatch, seconds: float = 1.0) -> None:

@@ -2112,13 +2112,16 @@ def _solid_objects(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, keep
     if mass[other] < 0.1 * mass[edge].max():
         return found
 
-    def bold(i: int) -> float:  # (the component's own stroke width, in its box)
-        return _stroke_width(labels[top[i] : bottom[i], left[i] : right[i]] == i + 1)
-
-    stroke = bold(other)
+    stroke = _stroke_width(_component(labels, boxes, other))
     for i in np.flatnonzero(edge):
-        found[i] = bold(int(i)) >= OBJECT_BOLDER * stroke
+        found[i] = _stroke_width(_component(labels, boxes, int(i))) >= OBJECT_BOLDER * stroke
     return found
+
+
+def _component(labels: np.ndarray, boxes: np.ndarray, i: int) -> np.ndarray:
+    """bool: component `i` (0-based, as in `boxes`) alone, in its bounding box."""
+    top, left, bottom, right = boxes[i]
+    return labels[top:bottom, left:right] == i + 1
 
 
 BLOB_FILL = 0.7  # a component covering this share of its box (a disc: 0.79), about as wide as tall, ...
@@ -2134,8 +2137,7 @@ def _solid_round(labels: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     solid = (area >= BLOB_FILL * tall * wide) & (np.minimum(tall, wide) >= 5)
     solid &= (tall <= 1.5 * wide) & (wide <= 1.5 * tall)
     for i in np.flatnonzero(solid):
-        blob = labels[top[i] : bottom[i], left[i] : right[i]] == i + 1
-        solid[i] = ndimage.binary_fill_holes(blob).sum() <= 1.02 * area[i]
+        solid[i] = ndimage.binary_fill_holes(_component(labels, boxes, int(i))).sum() <= 1.02 * area[i]
     return solid
 
 
@@ -2160,9 +2162,9 @@ def _round_blobs(labels: np.ndarray, boxes: np.ndarray, mass: np.ndarray, keep: 
     other = int(np.flatnonzero(strokes)[np.argmax(mass[strokes])])
     if mass[other] < 0.1 * mass[solid].max():
         return found
-    stroke = _stroke_width(labels[top[other] : bottom[other], left[other] : right[other]] == other + 1)
+    stroke = _stroke_width(_component(labels, boxes, other))
     for i in np.flatnonzero(solid):
-        found[i] = _stroke_width(labels[top[i] : bottom[i], left[i] : right[i]] == i + 1) >= BLOB_BOLDER * stroke
+        found[i] = _stroke_width(_component(labels, boxes, int(i))) >= BLOB_BOLDER * stroke
     return found
 
 

@@ -116,6 +116,12 @@ CROPPED_PAPER = 0.55  # where this share of the outermost ring is one light leve
 # room (an independent generator's underexposed photos, paper at 20-40% grey: 26% right before).
 DIM_INK_CONTRAST = 0.1
 DIM_INK_MARGIN = 2.0
+# The same with the sensor's noise taken off both sides (how far the border's own pixels stray
+# below and above its level, where they stray about as far both ways): a dark, noisy photo's
+# lightest noise reaches as far above the paper as its ink below it minus the noise (an independent
+# generator's low-light photos, paper at 15-25% grey, heavy colour noise: 5 of 60 read as light
+# ink). The ink must still lie this far below the paper's darkest noise.
+DIM_INK_BEYOND_NOISE = 0.04
 STRONG_INK = 0.4  # ink at >= this fraction of the strongest ink is a stroke; fainter is an edge, a ruled line or shading
 LINE_SPAN = 0.6  # a thin straight line from edge to edge covering this fraction of the image is ruled paper
 FAINT_INK = 0.15  # ruled lines are looked for down to this (they are often fainter than the pen)
@@ -1417,11 +1423,21 @@ def _screen_canvas(gray: np.ndarray) -> tuple[slice, slice] | None:
     region = gray == level
     if region.mean() < 0.4:
         return None
+    # The box found below runs the image's whole width (or height) with its border all at the
+    # level, so one whole row (or column) is the level: without one, no labelling (a grainy photo's
+    # one-level specks took 10-20 ms to label at 1024 px).
+    if not (region.all(axis=1).any() or region.all(axis=0).any()):
+        return None
     labels, count = ndimage.label(region)
     if count == 0:
         return None
     largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
-    rows, columns = ndimage.find_objects(labels, max_label=largest)[largest - 1]
+    # Its box from the rows and columns it occupies: ndimage.find_objects took 120 ms here for a
+    # grainy 4096x4096 JPEG (tens of thousands of one-level specks labelled), this 2-3 ms.
+    region = labels == largest
+    occupied_rows, occupied_columns = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    rows = slice(int(occupied_rows[0]), int(occupied_rows[-1]) + 1)
+    columns = slice(int(occupied_columns[0]), int(occupied_columns[-1]) + 1)
     height, width = gray.shape
     full_width = columns.start == 0 and columns.stop == width
     full_height = rows.start == 0 and rows.stop == height
@@ -1872,7 +1888,13 @@ def _ground_says_dark_ink(gray: np.ndarray, smooth: np.ndarray) -> bool:
         if 0.4 < paper < 0.6:
             return below > above
         if paper <= 0.4:  # dark ground, or white paper photographed in a dim room (underexposed)
-            return below >= DIM_INK_CONTRAST and below > DIM_INK_MARGIN * above
+            if below < DIM_INK_CONTRAST:
+                return False
+            if below > DIM_INK_MARGIN * above:
+                return True
+            down, up = paper - float(border.min()), float(border.max()) - paper
+            beyond = below - down  # (a light object crossing the border - a sheet, chalk - is no noise)
+            return up <= 2 * down and beyond >= DIM_INK_BEYOND_NOISE and beyond > DIM_INK_MARGIN * (above - up)
         return True
     blocks, factor = _blocks(gray, 48)
     darkest, lightest = (blocks.min(axis=(1, 3)), blocks.max(axis=(1, 3))) if factor > 1 else (gray, gray)

@@ -916,6 +916,34 @@ def test_noisy_light_chalk_on_a_dark_board_stays_light_ink(crossing):
     assert not preprocess._ink_is_dark(gray, ndimage.uniform_filter(gray, 3))
 
 
+@pytest.mark.parametrize(("across", "strength"), [(200, 160), (280, 160), (280, 190)])
+def test_glare_over_part_of_a_stroke_keeps_the_stroke(across, strength):
+    # A lamp's or a whiteboard's reflection: a bright spot added over the 7's bar (the paper clipped
+    # to white), the bar still visible but fainter than STRONG_INK: it was dropped, or kept as a
+    # far piece too small to join, and the 7 read as a 1 (similarity 0.73-0.74 here; a fifth
+    # generator's glare centred on the digit: 78.3% right).
+    y, x = np.mgrid[0:400, 0:400].astype(np.float64)
+    page = np.asarray(seven((400, 400), ink=40, paper=215, width=20), np.float64)
+    page += strength * np.exp(-(((y - 86) / 40.0) ** 2 + ((x - across) / 90.0) ** 2))
+    gray = Image.fromarray(np.clip(page, 0, 255).round().astype(np.uint8))
+    assert similar(preprocess_view(encoded(gray, "JPEG", quality=90)), preprocess_view(seven(width=14))) > 0.82
+
+
+def test_glare_is_only_where_the_page_is_lit_beyond_its_paper():
+    # A white page evenly lit (a scan) has no glare; a spot 30% brighter than the rest has.
+    page = np.full((300, 300), 0.95, np.float32)
+    no_ink = np.zeros_like(page)
+    assert preprocess._lit(page, no_ink) is None
+    page[:] = 0.7
+    page[100:140, 100:160] = 1.0
+    lit = preprocess._lit(page, no_ink)
+    assert lit is not None and lit[120, 130] and not lit[10, 10]
+    # ... but a light digit on a dark ground is ink, not a lit spot; and a lit half is no spot
+    assert preprocess._lit(page, (page > 0.8).astype(np.float32)) is None
+    page[:, :160] = 1.0
+    assert preprocess._lit(page, no_ink) is None
+
+
 @pytest.mark.parametrize(("chalk", "width", "smudge"), [(180, 22, 0), (102, 10, 36)])
 def test_light_chalk_on_a_dark_board_stays_light_ink(chalk, width, smudge):
     # The counterpart: a board at 30% grey with light strokes, bold, or faint (0.1 above the board)

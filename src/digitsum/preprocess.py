@@ -122,6 +122,9 @@ DIM_INK_MARGIN = 2.0
 # generator's low-light photos, paper at 15-25% grey, heavy colour noise: 5 of 60 read as light
 # ink). The ink must still lie this far below the paper's darkest noise.
 DIM_INK_BEYOND_NOISE = 0.04
+GLARE_INK = 0.12  # where glare lit the page (_lit), ink this faint still joins strokes (digit_mask)
+GLARE_LIFT = 0.08  # glare: the page this much brighter than its median pixel (and near white, 0.9) ...
+GLARE_SHARE = 0.35  # ... over at most this share of the image
 STRONG_INK = 0.4  # ink at >= this fraction of the strongest ink is a stroke; fainter is an edge, a ruled line or shading
 LINE_SPAN = 0.6  # a thin straight line from edge to edge covering this fraction of the image is ruled paper
 FAINT_INK = 0.15  # ruled lines are looked for down to this (they are often fainter than the pen)
@@ -1397,7 +1400,25 @@ def ink_map(gray: np.ndarray, name: str = "image") -> np.ndarray:
         ink[canvas] = _cropped_digit_ink(gray[canvas], name)
         return ink
     ink = flat_field(gray, name)
-    return ink * digit_mask(ink)
+    return ink * digit_mask(ink, _lit(gray, ink))
+
+
+def _lit(gray: np.ndarray, ink: np.ndarray) -> np.ndarray | None:
+    """Where glare or a flash lit the paper beyond the rest of the page: paper (no ink) whose 3x3
+    mean is at least GLARE_LIFT above the median pixel - most of a page is paper - and near white
+    (0.9), over at most GLARE_SHARE of the image (a spot, not a sheet on a desk nor the bright side
+    of a gradient), grown by 5% of the image over the strokes it holds. A stroke there is visible
+    but faint: the light is added to it and the paper clipped (an independent generator's glare
+    centred on the digit: 78.3% right before, the faded part dropped as a separate piece or as no
+    stroke at all). None where there is no such spot (a light digit is ink, not lit paper)."""
+    level = max(0.9, float(np.median(gray[::4, ::4])) + GLARE_LIFT)  # (every 16th pixel: 0.1 vs 1.8 ms)
+    if not (gray >= level).any():  # (a 3x3 mean reaches the level only where a pixel does)
+        return None
+    smooth = ndimage.uniform_filter(gray, 3, mode="nearest")
+    bright = (smooth >= level) & (ink < GLARE_INK)
+    if not bright.any() or bright.mean() > GLARE_SHARE:
+        return None
+    return _dilate(bright, max(2, min(gray.shape) // 20))
 
 
 def _screen_canvas(gray: np.ndarray) -> tuple[slice, slice] | None:
@@ -2029,8 +2050,12 @@ def _strong_level(ink: np.ndarray) -> float:
     return float(np.partition(flat, flat.size - k)[flat.size - k])
 
 
-def digit_mask(ink: np.ndarray) -> np.ndarray:
-    """bool (H, W): the digit's strokes and their antialiased edges; lines, borders and specks dropped."""
+def digit_mask(ink: np.ndarray, lit: np.ndarray | None = None) -> np.ndarray:
+    """bool (H, W): the digit's strokes and their antialiased edges; lines, borders and specks dropped.
+
+    `lit` (optional, bool like `ink`): where glare lit the page (_lit). There, a stroke faded below
+    STRONG_INK still belongs to the strokes it joins at GLARE_INK (hysteresis, as in Canny's edge
+    linking): it joins pieces of the digit however far apart, and its faint ink is kept."""
     height, width = ink.shape
     strong = ink >= STRONG_INK
     lines, count = _counted_lines(ink >= FAINT_INK)  # (faint ruling breaks up at the strokes' threshold)
@@ -2089,6 +2114,12 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
     # Pieces of the digit: a broken stroke's fragments right next to it, or a real stroke (a 4's
     # or 5's second stroke) a little further. Not specks, nor a chain of them.
     candidates = np.flatnonzero(keep & (mass >= 0.01 * mass[main]))
+    group = np.zeros(count, np.int64)
+    if lit is not None:
+        # (on a 5x5 mean too: grain at that level is no link; a faded stroke is)
+        faint = (ink >= GLARE_INK) & (ndimage.uniform_filter(ink, 5, mode="nearest") >= GLARE_INK) & ~lines
+        faint_labels = ndimage.label((faint & lit) | strong, structure=np.ones((3, 3), bool))[0]
+        group = np.asarray(ndimage.maximum(faint_labels, labels, np.arange(1, count + 1)), np.int64).reshape(-1)
     chosen = {int(main)}
     box = list(boxes[main])
     grown = True
@@ -2100,11 +2131,16 @@ def digit_mask(ink: np.ndarray) -> np.ndarray:
                 continue
             c_top, c_left, c_bottom, c_right = boxes[i]
             gap = max(c_top - box[2], box[0] - c_bottom, c_left - box[3], box[1] - c_right, 0)
-            if gap <= max(2.0, 0.06 * size) or (gap <= 0.3 * size and mass[i] >= 0.04 * mass[main]):
+            linked = lit is not None and mass[i] >= 0.04 * mass[main] and group[i] in {int(group[j]) for j in chosen}
+            if gap <= max(2.0, 0.06 * size) or (gap <= 0.3 * size and mass[i] >= 0.04 * mass[main]) or linked:
                 chosen.add(int(i))
                 box = [min(box[0], c_top), min(box[1], c_left), max(box[2], c_bottom), max(box[3], c_right)]
                 grown = True
     strokes = np.isin(labels, np.array(sorted(chosen)) + 1)
+    if lit is not None:  # the faded parts under the glare (not the faint edge of ink left out: a ring, a mark)
+        held = np.isin(faint_labels, np.array(sorted({int(group[j]) for j in chosen})))
+        left_out = labels.astype(bool) & ~strokes
+        strokes |= held & lit & (ink < STRONG_INK) & ~_dilate(left_out, 2)
     if lines.any():  # where a stroke crosses a line, the crossing is the stroke's: close the gap
         strokes |= lines & _dilate(strokes, 2 * LINE_BAND)
     # The antialiased edge of a stroke is fainter than STRONG_INK: keep ink touching the strokes.

@@ -1455,8 +1455,8 @@ def _screen_canvas(gray: np.ndarray) -> tuple[slice, slice] | None:
     largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
     # Its box from the rows and columns it occupies: ndimage.find_objects took 120 ms here for a
     # grainy 4096x4096 JPEG (tens of thousands of one-level specks labelled), this 2-3 ms.
-    region = labels == largest
-    occupied_rows, occupied_columns = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    canvas = labels == largest
+    occupied_rows, occupied_columns = np.flatnonzero(canvas.any(axis=1)), np.flatnonzero(canvas.any(axis=0))
     rows = slice(int(occupied_rows[0]), int(occupied_rows[-1]) + 1)
     columns = slice(int(occupied_columns[0]), int(occupied_columns[-1]) + 1)
     height, width = gray.shape
@@ -2114,7 +2114,6 @@ def digit_mask(ink: np.ndarray, lit: np.ndarray | None = None) -> np.ndarray:
     # Pieces of the digit: a broken stroke's fragments right next to it, or a real stroke (a 4's
     # or 5's second stroke) a little further. Not specks, nor a chain of them.
     candidates = np.flatnonzero(keep & (mass >= 0.01 * mass[main]))
-    group = np.zeros(count, np.int64)
     if lit is not None:
         # (on a 5x5 mean too: grain at that level is no link; a faded stroke is)
         faint = (ink >= GLARE_INK) & (ndimage.uniform_filter(ink, 5, mode="nearest") >= GLARE_INK) & ~lines

@@ -448,12 +448,25 @@ class RequestMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), "499"
+        started, status, recorded = time.perf_counter(), "499", False
+
+        def record():
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                route = _route_label(scope["path"])
+                method = scope["method"] if scope["method"] in _METHOD_LABELS else "other"
+                self.metrics.requests.labels(route, method, status).inc()
+                self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
         async def recording_send(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = str(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Counted before the last byte goes out: a client that has its answer finds it in
+                # /metrics, even when the worker dies right after (counting it afterwards raced that).
+                record()
             await send(message)
 
         try:
@@ -462,10 +475,7 @@ class RequestMetrics:
             status = "500" if status == "499" else status
             raise
         finally:
-            route = _route_label(scope["path"])
-            method = scope["method"] if scope["method"] in _METHOD_LABELS else "other"
-            self.metrics.requests.labels(route, method, status).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            record()
 
 
 # Images up to this many pixels (300x300) are preprocessed on the event loop itself: at most a few
